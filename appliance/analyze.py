@@ -1,0 +1,252 @@
+"""One-shot analysis of a folder: discover files → read headers → group series → analyse → reports.
+
+Used by `ctriage analyze`, `evaluate`, `bench` and `demo`. Pixel data is decoded batch by batch (the next batch
+is decoded while the current one is in the models) and dropped once analysed, so memory stays flat.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from appliance.domain import SeriesVerdict, SliceFinding, SliceImage
+from appliance.ingest.dicom_reader import Rejected, load_pixels, read_slice
+from appliance.ingest.image_reader import image_series, is_image_file, natural_key
+from appliance.ingest.series import group_series, sort_key
+from appliance.pipeline.analyzer import Analyzer, stage_summary
+from appliance.privacy import pseudonym
+from appliance.publish.overlays import render, slice_grey
+
+
+@dataclass
+class SeriesReport:
+    kind: str  # "dicom" | "images"
+    source: str  # folder holding the series' files
+    series_key: str
+    study_key: str
+    description: str
+    verdict: SeriesVerdict
+    findings: list[SliceFinding]
+    slices: list[SliceImage]  # headers only (pixels dropped), series order
+    rejected: list[dict] = field(default_factory=list)
+    timings_ms: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+    spacing_mm: float = 0.0
+    thickness_mm: float | None = None
+
+    def as_dict(self, analyzer: Analyzer) -> dict:
+        v = self.verdict
+        return {
+            "schema": "ctriage.analysis/1",
+            "kind": self.kind,
+            "source": self.source,
+            "study_key": self.study_key,
+            "series_key": self.series_key,
+            "description": self.description,
+            "result": v.result,
+            "state": v.state,
+            "evidence": v.evidence.as_dict() if v.evidence else None,
+            "reason": v.reason,
+            "slices": v.slices,
+            "lung_slices": v.lung_slices,
+            "lesion_slices": v.lesion_slices,
+            "gaps": v.gaps,
+            "spacing_mm": round(self.spacing_mm, 3),
+            "thickness_mm": self.thickness_mm,
+            "key_slices": key_slices(self.findings),
+            "rejected": self.rejected,
+            "bundles": analyzer.bundles,
+            "backend": analyzer.backend,
+            "device": analyzer.device,
+            "precision": analyzer.precision,
+            "timings": {"ms_per_slice": self.timings_ms, "total_s": round(self.seconds, 3)},
+        }
+
+
+def key_slices(findings: list[SliceFinding], limit: int = 12) -> list[dict]:
+    """Slices with lesion (series index, quadrants, boxes normalised to [0, 1], best score), best first."""
+    out = []
+    for i, f in enumerate(findings):
+        if f.boxes:
+            out.append({"index": i, "quadrants": sorted(f.quadrants), "score": round(max(b.score for b in f.boxes), 4),
+                        "boxes": [{"box": b.normalised(f.shape), "quadrant": b.quadrant, "score": b.score,
+                                   "area_px512": b.area_512} for b in f.boxes]})
+    out.sort(key=lambda d: -d["score"])
+    return out[:limit]
+
+
+def discover(path: Path) -> tuple[list[Path], dict[Path, list[Path]]]:
+    """Files under path (recursively, hidden ones skipped): DICOM candidates, and image files grouped by folder."""
+    if path.is_file():
+        files = [path]
+    else:
+        files = sorted((p for p in path.rglob("*") if p.is_file() and not any(
+            part.startswith(".") for part in p.relative_to(path).parts)), key=lambda p: natural_key(str(p)))
+    images: dict[Path, list[Path]] = {}
+    others = []
+    for p in files:
+        if is_image_file(p):
+            images.setdefault(p.parent, []).append(p)
+        else:
+            others.append(p)
+    return others, images
+
+
+def read_headers(files: list[Path], max_tilt_deg: float) -> tuple[list[SliceImage], list[dict]]:
+    slices, rejected = [], []
+    for p in files:
+        try:
+            slices.append(read_slice(p, max_tilt_deg=max_tilt_deg, with_pixels=False))
+        except Rejected as e:
+            rejected.append({"file": str(p), "reason": e.reason, "series_uid": getattr(e, "series_uid", "")})
+    return slices, rejected
+
+
+def _decode(batch: list[SliceImage], max_tilt_deg: float) -> tuple[list[SliceImage], list[dict], float]:
+    t = time.perf_counter()
+    ok, bad = [], []
+    for s in batch:
+        try:
+            load_pixels(s, max_tilt_deg)
+            ok.append(s)
+        except Rejected as e:
+            bad.append({"file": s.key, "reason": e.reason})
+    return ok, bad, time.perf_counter() - t
+
+
+def _batches(items: list, n: int) -> Iterator[list]:
+    for i in range(0, len(items), n):
+        yield items[i:i + n]
+
+
+def analyze_series(series: Series, analyzer: Analyzer, max_tilt_deg: float,
+                   progress: Callable[[int], None] | None = None) -> tuple[list[SliceImage], list[SliceFinding], list[dict], float]:
+    """Decode and analyse a DICOM series batch by batch, decoding the next batch while the models run."""
+    slices = list(series.slices)
+    kept: list[SliceImage] = []
+    findings: list[SliceFinding] = []
+    rejected: list[dict] = []
+    decode_s = 0.0
+    chunks = list(_batches(slices, analyzer.config.batch))
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode") as pool:
+        fut = pool.submit(_decode, chunks[0], max_tilt_deg) if chunks else None
+        for k in range(len(chunks)):
+            ok, bad, dt = fut.result()  # type: ignore[union-attr]
+            fut = pool.submit(_decode, chunks[k + 1], max_tilt_deg) if k + 1 < len(chunks) else None
+            decode_s += dt
+            rejected += bad
+            fs = analyzer.findings(ok)
+            for s in ok:
+                s.hu = None  # drop pixels once analysed
+            kept += ok
+            findings += fs
+            if progress:
+                progress(len(chunks[k]))
+    return kept, findings, rejected, decode_s
+
+
+def analyze_path(path: Path, analyzer: Analyzer, secret: bytes, max_tilt_deg: float = 10.0,
+                 overlays: Path | None = None, progress: Callable[[int], None] | None = None,
+                 on_total: Callable[[int], None] | None = None) -> tuple[list[SeriesReport], list[dict]]:
+    """Analyse every series found under `path`. Returns (reports, rejected files not tied to a report)."""
+    dicom_files, image_groups = discover(path)
+    headers, rejected = read_headers(dicom_files, max_tilt_deg)
+    series_list = group_series(headers)
+    if on_total:
+        on_total(len(headers) + sum(len(v) for v in image_groups.values()))
+    reports: list[SeriesReport] = []
+    uid_report: dict[str, SeriesReport] = {}
+    for ser in series_list:
+        t0 = time.perf_counter()
+        kept, findings, bad, decode_s = analyze_series(ser, analyzer, max_tilt_deg, progress)
+        verdict, ordered = analyzer.verdict(kept, findings)
+        order = sorted(range(len(kept)), key=lambda i: sort_key(kept[i]))
+        ordered_slices = [kept[i] for i in order]
+        folder = _common_folder([s.key for s in ser.slices])
+        timings = stage_summary(ordered)
+        timings = {"decode": round(decode_s * 1000 / max(1, len(ser.slices)), 3), **timings}
+        rep = SeriesReport("dicom", folder, pseudonym(secret, ser.uid), pseudonym(secret, ser.study_uid),
+                           ser.description, verdict, ordered, ordered_slices, bad, timings,
+                           time.perf_counter() - t0, ser.spacing, ordered_slices[0].thickness if ordered_slices else None)
+        reports.append(rep)
+        uid_report[ser.uid] = rep
+    for folder, files in sorted(image_groups.items(), key=lambda kv: natural_key(str(kv[0]))):
+        t0 = time.perf_counter()
+        slices, bad = image_series(folder, files)
+        if not slices:
+            rejected += bad
+            continue
+        t1 = time.perf_counter()
+        findings = analyzer.findings(slices)
+        if progress:
+            progress(len(files))
+        verdict, ordered = analyzer.verdict(slices, findings, min_slices=1)
+        ordered_slices = sorted(slices, key=sort_key)
+        timings = {"decode": round((t1 - t0) * 1000 / len(slices), 3), **stage_summary(ordered)}
+        key = pseudonym(secret, str(folder.resolve()))
+        rep = SeriesReport("images", str(folder), key, key, folder.name, verdict, ordered, ordered_slices, bad,
+                           timings, time.perf_counter() - t0, 1.0, None)
+        reports.append(rep)
+    loose = attribute_rejections(rejected, reports, uid_report)
+    if overlays is not None:
+        for rep in reports:
+            write_overlays(rep, overlays, max_tilt_deg)
+    return reports, loose
+
+
+def attribute_rejections(rejected: list[dict], reports: list[SeriesReport],
+                         uid_report: dict[str, SeriesReport]) -> list[dict]:
+    """Attach each rejected file to its series' report (same SeriesInstanceUID), else to the report whose folder
+    holds it (deepest first); return those that belong to no report."""
+    loose = []
+    for r in rejected:
+        uid = r.pop("series_uid", "")
+        rep = uid_report.get(uid) if uid else None
+        if rep is None:
+            holders = [x for x in reports if x.source and (r["file"].startswith(x.source.rstrip("/") + "/"))]
+            rep = max(holders, key=lambda x: len(x.source)) if holders else None
+        if rep is None:
+            loose.append(r)
+        else:
+            rep.rejected.append(r)
+    return loose
+
+
+def _common_folder(keys: list[str]) -> str:
+    import os
+
+    if not keys:
+        return ""
+    try:
+        return os.path.commonpath([str(Path(k).parent) for k in keys])
+    except ValueError:
+        return str(Path(keys[0]).parent)
+
+
+def write_overlays(rep: SeriesReport, out: Path, max_tilt_deg: float = 10.0) -> list[Path]:
+    """One PNG per slice with lesion: lung window, lung box, lesion boxes, quadrant and score."""
+    d = out / rep.series_key
+    written = []
+    n = len(rep.findings)
+    for i, (s, f) in enumerate(zip(rep.slices, rep.findings)):
+        if not f.boxes:
+            continue
+        if rep.kind == "dicom":
+            img = read_slice(s.key, max_tilt_deg=max_tilt_deg)
+            grey = slice_grey(img.hu, None)
+        else:
+            from appliance.ingest.image_reader import read_image
+
+            grey = read_image(Path(s.key), i, rep.source).window01
+        in_run = rep.verdict.evidence is not None and rep.verdict.evidence.first_slice <= i <= rep.verdict.evidence.last_slice
+        title = f"{rep.series_key[:8]}  slice {i + 1}/{n}  {rep.verdict.result.upper()}{'  [run]' if in_run else ''}"
+        im = render(np.asarray(grey), f, title=title, max_size=0)
+        d.mkdir(parents=True, exist_ok=True)
+        p = d / f"slice_{i + 1:04d}.png"
+        im.save(p)
+        written.append(p)
+    return written

@@ -1,0 +1,75 @@
+"""Analyse a folder once: DICOM files (one or more series, nested folders) or lung-window crop images.
+
+Exit status: 0 when at least one series was analysed, 2 when nothing usable was found (one line says why).
+--json prints one JSON object per series (JSON Lines).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+
+from appliance.commands.common import (add_backend_arguments, add_config_argument, load_config, make_analyzer,
+                                       progress_bar, table)
+from appliance.cli import UsageError
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("path", metavar="PATH", help="folder (or file) of DICOM slices or lung-window crop images")
+    p.add_argument("--json", action="store_true", help="JSON Lines: one object per series")
+    p.add_argument("--overlays", metavar="DIR", help="write a PNG per slice with lesion (boxes, quadrant) here")
+    p.add_argument("--progress", action="store_true", default=None, help="force a progress bar on stderr")
+    add_backend_arguments(p)
+    add_config_argument(p)
+
+
+def run(args: argparse.Namespace) -> int:
+    from appliance.analyze import analyze_path
+    from appliance.privacy import load_secret
+
+    path = Path(args.path)
+    if not path.exists():
+        raise UsageError(f"{path}: no such file or folder")
+    cfg = load_config(args)
+    analyzer = make_analyzer(cfg)
+    secret = load_secret(cfg.privacy.study_key_secret_file, cfg.state_path)
+    bar = progress_bar(None, "analysing", args.progress)
+    reports, loose = analyze_path(path, analyzer, secret, cfg.analysis.max_tilt_deg,
+                                  Path(args.overlays) if args.overlays else None,
+                                  progress=bar.update, on_total=lambda n: setattr(bar, "total", n))
+    bar.close()
+    if not reports:
+        reasons = Counter(r["reason"] for r in loose)
+        top = "; ".join(f"{n} × {r}" for r, n in reasons.most_common(3))
+        msg = f"no usable CT series in {path}" + (f": {len(loose)} file(s) rejected ({top})" if loose else ": no files found")
+        if args.json:
+            print(json.dumps({"error": msg, "rejected": loose}))
+        raise UsageError(msg)
+    if loose:  # files tied to no series: listed with the first report so nothing goes unmentioned
+        reports[0].rejected.extend(loose)
+    if args.json:
+        for rep in reports:
+            print(json.dumps(rep.as_dict(analyzer)))
+        return 0
+    rows = []
+    for rep in reports:
+        v = rep.verdict
+        ev = v.evidence
+        evtxt = f"{ev.quadrant} slices {ev.first_slice + 1}-{ev.last_slice + 1} (run {ev.run})" if ev else (v.reason or "-")
+        rows.append([rep.series_key[:10], (rep.description or Path(rep.source).name)[:28], str(v.slices),
+                     str(v.lung_slices), str(v.lesion_slices), v.result.upper(), evtxt])
+    print(table(rows, ["series", "description", "slices", "lung", "lesion", "result", "evidence"]))
+    print(f"\nbackend {analyzer.backend} ({analyzer.precision}) on {analyzer.device}; models "
+          + ", ".join(f"{b['name']} {b['version']}" for b in analyzer.bundles))
+    rejected = [r for rep in reports for r in rep.rejected]
+    if rejected:
+        print(f"\n{len(rejected)} file(s) rejected:")
+        for r in rejected[:50]:
+            print(f"  {r['file']}: {r['reason']}")
+        if len(rejected) > 50:
+            print(f"  … and {len(rejected) - 50} more (use --json for all)")
+    if args.overlays:
+        print(f"\noverlays written to {args.overlays}", file=sys.stderr)
+    return 0

@@ -1,0 +1,75 @@
+"""Helpers shared by subcommands: config loading, analyzer construction, progress bars, tables."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from appliance import config as config_mod
+from appliance.config import Config
+
+
+def add_config_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE", help="TOML configuration (default: built-in defaults or $CTRIAGE_CONFIG)")
+
+
+def add_backend_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", choices=["auto", "openvino", "onnxruntime"], help="inference runtime (default: config, auto)")
+    p.add_argument("--precision", choices=["int8", "fp32"], help="model precision (default: config, int8)")
+    p.add_argument("--bundles", metavar="DIR", help="directory holding the model bundles (default: the shipped ones)")
+    p.add_argument("--threads", type=int, help="inference threads (default: all cores)")
+
+
+def load_config(args: argparse.Namespace) -> Config:
+    cfg = config_mod.load(getattr(args, "config", None))
+    if getattr(args, "backend", None):
+        cfg.analysis.backend = args.backend
+    if getattr(args, "precision", None):
+        cfg.analysis.precision = args.precision
+    if getattr(args, "bundles", None):
+        cfg.analysis.bundle_dir = args.bundles
+    if getattr(args, "threads", None):
+        cfg.analysis.threads = args.threads
+    if getattr(args, "state_dir", None):
+        cfg.state_dir = args.state_dir
+    return cfg
+
+
+def make_analyzer(cfg: Config, backend: str | None = None):
+    from appliance.pipeline.analyzer import Analyzer
+
+    a = cfg.analysis
+    if backend:
+        from dataclasses import replace
+
+        a = replace(a, backend=backend)
+    bundle_dir = a.bundle_dir or _state_bundles(cfg)
+    return Analyzer.load(a, Path(bundle_dir) if bundle_dir else None)
+
+
+def _state_bundles(cfg: Config) -> str:
+    """Bundles installed by the fleet updater in the state directory take precedence over the shipped ones."""
+    active = cfg.state_path / "bundles" / "active"
+    return str(active) if active.is_dir() and any(active.iterdir()) else ""
+
+
+def progress_bar(total: int | None, desc: str, enabled: bool | None = None):
+    """A tqdm bar on stderr when it is a terminal (or when forced); a no-op object otherwise."""
+    if enabled is None:
+        enabled = sys.stderr.isatty()
+    if not enabled:
+        class _Null:
+            def update(self, n: int = 1) -> None: ...
+            def close(self) -> None: ...
+            total = None
+
+        return _Null()
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="slice", file=sys.stderr, leave=False, dynamic_ncols=True)
+
+
+def table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
+    line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
+    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])

@@ -1,0 +1,283 @@
+"""Typed configuration from TOML (config/ctriage.toml): one dataclass per concern, defaults, clear errors.
+
+Errors name the key and what is wrong: `[mqtt] port: expected an integer, got 'abc'`. Unknown keys are errors
+too (with a suggestion), so a typo never silently falls back to a default. Secrets are never written in the TOML:
+use `*_file` keys or environment variables (CTRIAGE_MQTT_PASSWORD, CTRIAGE_STUDY_KEY_SECRET).
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """Invalid configuration; the message names the key."""
+
+
+@dataclass
+class AnalysisConfig:
+    backend: str = "auto"  # auto | openvino | onnxruntime
+    precision: str = "int8"  # int8 | fp32
+    threads: int = 0  # 0: all cores this process may use
+    batch: int = 8
+    min_run: int = 3  # consecutive slices with lesion in one quadrant for a positive
+    min_slices: int = 20  # a series needs this many axial slices for a negative
+    gap_factor: float = 1.5  # a gap > factor × median spacing breaks a run
+    max_tilt_deg: float = 10.0  # slices tilted more than this from axial are rejected
+    bundle_dir: str = ""  # empty: <state_dir>/bundles when it has bundles, else the shipped ones
+
+    def validate(self, where: str) -> None:
+        _choice(where, "backend", self.backend, ("auto", "openvino", "onnxruntime"))
+        _choice(where, "precision", self.precision, ("int8", "fp32"))
+        _range(where, "threads", self.threads, 0, 256)
+        _range(where, "batch", self.batch, 1, 256)
+        _range(where, "min_run", self.min_run, 1, 100)
+        _range(where, "min_slices", self.min_slices, 1, 10000)
+        _range(where, "gap_factor", self.gap_factor, 1.0, 10.0)
+        _range(where, "max_tilt_deg", self.max_tilt_deg, 0.0, 45.0)
+
+
+@dataclass
+class WatchConfig:
+    dir: str = ""  # the export folder; empty disables the watch folder
+    rescan_seconds: float = 5.0  # periodic rescan (network shares often send no file events)
+    stable_seconds: float = 1.0  # a file is taken when its size has not changed for this long
+    min_free_mb: int = 500  # stop taking files when the state disk has less free space than this
+
+    def validate(self, where: str) -> None:
+        _range(where, "rescan_seconds", self.rescan_seconds, 0.2, 3600)
+        _range(where, "stable_seconds", self.stable_seconds, 0.0, 600)
+        _range(where, "min_free_mb", self.min_free_mb, 0, 10**7)
+
+
+@dataclass
+class SeriesConfig:
+    quiet_seconds: float = 5.0  # a series is complete after this long without a new slice
+    max_open_series: int = 16
+
+    def validate(self, where: str) -> None:
+        _range(where, "quiet_seconds", self.quiet_seconds, 0.1, 3600)
+        _range(where, "max_open_series", self.max_open_series, 1, 1000)
+
+
+@dataclass
+class MQTTConfig:
+    url: str = "mqtt://127.0.0.1:1883"  # mqtt[s]://[user:pass@]host:port
+    prefix: str = "ctriage"
+    qos: int = 1
+    keepalive: int = 30
+    client_id: str = ""  # empty: ctriage-<device id>
+    username: str = ""
+    password_file: str = ""  # or CTRIAGE_MQTT_PASSWORD
+    ca_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
+    tls_insecure: bool = False  # skip hostname check (test labs only)
+    verdict_expiry_seconds: int = 86400  # retained verdicts/overlays expire (MQTT 5 message expiry)
+    stats_interval_seconds: float = 10.0
+    key_images: bool = True  # attach a small PNG key image to overlays
+
+    def validate(self, where: str) -> None:
+        if not self.url.startswith(("mqtt://", "mqtts://")):
+            raise ConfigError(f"{where} url: must start with mqtt:// or mqtts://, got {self.url!r}")
+        _range(where, "qos", self.qos, 0, 2)
+        _range(where, "keepalive", self.keepalive, 5, 3600)
+        _range(where, "verdict_expiry_seconds", self.verdict_expiry_seconds, 0, 10**8)
+        for k in ("password_file", "ca_file", "cert_file", "key_file"):
+            v = getattr(self, k)
+            if v and not Path(v).expanduser().is_file():
+                raise ConfigError(f"{where} {k}: file not found: {v}")
+
+
+@dataclass
+class PrivacyConfig:
+    study_key_secret_file: str = ""  # site secret for study keys; or CTRIAGE_STUDY_KEY_SECRET; else generated
+    send_patient_labels: bool = False  # when true, patient name/ID go into payloads (site decision)
+
+
+@dataclass
+class DicomConfig:
+    enabled: bool = False
+    port: int = 11112
+    ae_title: str = "CTRIAGE"
+    allowed_callers: list[str] = field(default_factory=list)  # AE titles (or AE@host); empty: any
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    tls_ca_file: str = ""
+
+    def validate(self, where: str) -> None:
+        _range(where, "port", self.port, 1, 65535)
+        if not (1 <= len(self.ae_title) <= 16):
+            raise ConfigError(f"{where} ae_title: 1 to 16 characters, got {self.ae_title!r}")
+
+
+@dataclass
+class PacsConfig:
+    destinations: list[str] = field(default_factory=list)  # AET@host:port
+    send_key_images: bool = True
+    retry_seconds: float = 30.0
+
+
+@dataclass
+class FleetConfig:
+    trust_keys: list[str] = field(default_factory=list)  # Ed25519 public keys (PEM files) trusted for bundles
+    auto_install: bool = True
+    groups: list[str] = field(default_factory=list)  # rollout groups this device belongs to
+
+
+@dataclass
+class DisplayConfig:
+    bind: str = "127.0.0.1"
+    port: int = 8080
+    expire_minutes: int = 720
+    sound: bool = False
+
+    def validate(self, where: str) -> None:
+        _range(where, "port", self.port, 1, 65535)
+
+
+@dataclass
+class Config:
+    device_id: str = "ct-room-1"
+    state_dir: str = "~/.local/state/ctriage"
+    log_level: str = "INFO"
+    log_json: bool = False
+    analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
+    watch: WatchConfig = field(default_factory=WatchConfig)
+    series: SeriesConfig = field(default_factory=SeriesConfig)
+    mqtt: MQTTConfig = field(default_factory=MQTTConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    dicom: DicomConfig = field(default_factory=DicomConfig)
+    pacs: PacsConfig = field(default_factory=PacsConfig)
+    fleet: FleetConfig = field(default_factory=FleetConfig)
+    display: DisplayConfig = field(default_factory=DisplayConfig)
+
+    def validate(self, where: str = "") -> None:
+        import re
+
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", self.device_id):
+            raise ConfigError(f"device_id: letters, digits, '-', '_' and '.' only (it is an MQTT topic level), "
+                              f"got {self.device_id!r}")
+        _choice("", "log_level", self.log_level.upper(), ("DEBUG", "INFO", "WARNING", "ERROR"))
+
+    @property
+    def state_path(self) -> Path:
+        return Path(os.path.expandvars(self.state_dir)).expanduser()
+
+
+def _choice(where: str, key: str, value: Any, options: tuple) -> None:
+    if value not in options:
+        raise ConfigError(f"{where} {key}: must be one of {', '.join(map(str, options))}, got {value!r}".strip())
+
+
+def _range(where: str, key: str, value: float, lo: float, hi: float) -> None:
+    if not (lo <= value <= hi):
+        raise ConfigError(f"{where} {key}: must be between {lo:g} and {hi:g}, got {value!r}".strip())
+
+
+def _coerce(where: str, key: str, tp: Any, value: Any) -> Any:
+    origin = typing.get_origin(tp)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} {key}: expected true or false, got {value!r}".strip())
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where} {key}: expected an integer, got {value!r}".strip())
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where} {key}: expected a number, got {value!r}".strip())
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where} {key}: expected a string, got {value!r}".strip())
+        return value
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where} {key}: expected a list, got {value!r}".strip())
+        return [_coerce(where, f"{key}[{i}]", item, v) for i, v in enumerate(value)]
+    if isinstance(tp, types.UnionType):
+        return value
+    raise ConfigError(f"{where} {key}: unsupported type")  # pragma: no cover
+
+
+def _build(cls: type, data: dict[str, Any], where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            near = difflib.get_close_matches(key, names, n=1)
+            hint = f" (did you mean {near[0]!r}?)" if near else ""
+            raise ConfigError(f"{where} unknown key {key!r}{hint}".strip())
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise ConfigError(f"[{key}]: expected a table")
+            kwargs[key] = _build(tp, value, f"[{key}]")
+        else:
+            kwargs[key] = _coerce(where, key, tp, value)
+    obj = cls(**kwargs)
+    if hasattr(obj, "validate"):
+        obj.validate(where)
+    return obj
+
+
+def from_dict(data: dict[str, Any]) -> Config:
+    cfg = _build(Config, data, "")
+    for f in dataclasses.fields(cfg):
+        sub = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(sub) and f.name not in data and hasattr(sub, "validate"):
+            sub.validate(f"[{f.name}]")
+    return cfg
+
+
+def load(path: str | Path | None = None) -> Config:
+    """Load TOML (or defaults when path is None); raise ConfigError with the key on any problem."""
+    if path is None:
+        env = os.environ.get("CTRIAGE_CONFIG")
+        path = env if env else None
+    if path is None:
+        return from_dict({})
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        data = tomllib.loads(p.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{p}: invalid TOML: {e}") from None
+    return from_dict(data)
+
+
+def to_toml(cfg: Config) -> str:
+    """Render a Config as TOML (for `ctriage config --show`)."""
+    def val(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (int, float)):
+            return repr(v)
+        if isinstance(v, list):
+            return "[" + ", ".join(val(x) for x in v) + "]"
+        return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+    lines, tables = [], []
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(v):
+            tables.append((f.name, v))
+        else:
+            lines.append(f"{f.name} = {val(v)}")
+    for name, sub in tables:
+        lines.append(f"\n[{name}]")
+        for f in dataclasses.fields(sub):
+            lines.append(f"{f.name} = {val(getattr(sub, f.name))}")
+    return "\n".join(lines) + "\n"

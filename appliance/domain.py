@@ -1,0 +1,135 @@
+"""Domain objects of the data path: plain dataclasses, no I/O.
+
+SliceImage (one decoded axial slice in display orientation) → SliceFinding (lung box, lesion boxes) →
+SeriesVerdict (the case rule applied to a series' findings).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+
+Quadrant = Literal["upper-left", "upper-right", "lower-left", "lower-right"]
+QUADRANTS: tuple[Quadrant, ...] = ("upper-left", "upper-right", "lower-left", "lower-right")
+Result = Literal["positive", "negative", "indeterminate"]
+State = Literal["provisional", "final"]
+
+
+@dataclass(frozen=True)
+class Rect:
+    """Axis-aligned rectangle in pixel coordinates: rows y0..y1, columns x0..x1 (end exclusive)."""
+
+    y0: int
+    x0: int
+    y1: int
+    x1: int
+
+    @property
+    def height(self) -> int:
+        return self.y1 - self.y0
+
+    @property
+    def width(self) -> int:
+        return self.x1 - self.x0
+
+    @property
+    def center(self) -> tuple[float, float]:
+        return (self.y0 + self.y1) / 2.0, (self.x0 + self.x1) / 2.0
+
+    def as_list(self) -> list[int]:
+        return [self.y0, self.x0, self.y1, self.x1]
+
+
+@dataclass
+class SliceImage:
+    """One axial slice: HU in radiological display orientation (anterior up, patient right on image left).
+
+    For lung-window crop images (no HU), `hu` is None and `window01` holds the [0, 1] crop; the lung box is then
+    the whole image.
+    """
+
+    key: str  # file path or SOPInstanceUID: unique within the run
+    series_uid: str
+    study_uid: str
+    position: float  # mm along the slice normal (or the natural order index for images)
+    hu: np.ndarray | None = None
+    window01: np.ndarray | None = None
+    pixel_spacing: tuple[float, float] = (1.0, 1.0)
+    thickness: float | None = None
+    instance: int | None = None
+    sop_uid: str | None = None
+    series_description: str = ""
+    manufacturer: str = ""
+    transfer_syntax: str = ""
+    expected_count: int | None = None  # from ImagesInAcquisition / NumberOfSlices when present
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        a = self.hu if self.hu is not None else self.window01
+        assert a is not None
+        return a.shape  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class Box:
+    """A lesion component: rectangle in slice pixels, area at 512² scale, score (max probability), quadrant."""
+
+    rect: Rect
+    area_512: float
+    score: float
+    quadrant: Quadrant
+
+    def normalised(self, shape: tuple[int, int]) -> list[float]:
+        """[y0, x0, y1, x1] in [0, 1] of the slice."""
+        h, w = shape
+        r = self.rect
+        return [round(r.y0 / h, 4), round(r.x0 / w, 4), round(r.y1 / h, 4), round(r.x1 / w, 4)]
+
+
+@dataclass
+class SliceFinding:
+    """What the pipeline found on one slice."""
+
+    key: str
+    position: float
+    shape: tuple[int, int]
+    lung: Rect | None  # None: no lung on this slice (skipped, counts as negative)
+    boxes: list[Box] = field(default_factory=list)
+    max_prob: float = 0.0
+    lesion_fraction: float = 0.0  # lesion pixels / lung-box pixels
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def has_lesion(self) -> bool:
+        return bool(self.boxes)
+
+    @property
+    def quadrants(self) -> set[Quadrant]:
+        return {b.quadrant for b in self.boxes}
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """The run that made a series positive: slice indices are 0-based positions in the sorted series."""
+
+    quadrant: Quadrant
+    first_slice: int
+    last_slice: int
+    run: int
+
+    def as_dict(self) -> dict:
+        return {"quadrant": self.quadrant, "first_slice": self.first_slice, "last_slice": self.last_slice,
+                "run": self.run}
+
+
+@dataclass
+class SeriesVerdict:
+    result: Result
+    state: State
+    evidence: Evidence | None
+    slices: int
+    lung_slices: int
+    lesion_slices: int
+    reason: str | None = None  # why indeterminate, if it is
+    gaps: int = 0  # breaks in the slice sequence (missing slices)

@@ -1,0 +1,79 @@
+"""One inference interface; one implementation per runtime (OpenVINO, ONNX Runtime).
+
+An adapter takes a float32 NCHW batch in [0, 1] and returns the model's probability map with the same layout.
+It says which backend, device and precision it really runs on, so verdicts can report it honestly.
+"""
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+import numpy as np
+
+BACKENDS = ("openvino", "onnxruntime")
+
+
+class AdapterError(RuntimeError):
+    """A model could not be loaded or run."""
+
+
+class InferenceAdapter(ABC):
+    backend: str = ""
+    device: str = ""  # what the runtime reports it runs on, e.g. "CPU: AMD EPYC (f32)"
+    precision: str = ""  # "int8" or "fp32" model file; the runtime's own compute precision is in `device`
+
+    @abstractmethod
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        """(N, 1, H, W) float32 in [0, 1] → (N, 1, H, W) float32 probabilities."""
+
+    def describe(self) -> dict[str, str]:
+        return {"backend": self.backend, "device": self.device, "precision": self.precision}
+
+
+def available_backends() -> list[str]:
+    out = []
+    try:
+        import openvino  # noqa: F401
+
+        out.append("openvino")
+    except ImportError:
+        pass
+    try:
+        import onnxruntime  # noqa: F401
+
+        out.append("onnxruntime")
+    except ImportError:
+        pass
+    return out
+
+
+def default_threads() -> int:
+    return int(os.environ.get("CTRIAGE_THREADS", 0)) or max(1, len(os.sched_getaffinity(0)))
+
+
+def create_adapter(backend: str, model_files: dict[str, Path], precision: str = "int8",
+                   threads: int | None = None) -> InferenceAdapter:
+    """Build the adapter for `backend` ("auto" picks OpenVINO when installed, else ONNX Runtime).
+
+    model_files: {"onnx": FP32 ONNX, "onnx_int8": INT8 QDQ ONNX, "openvino_int8": IR .xml}.
+    """
+    avail = available_backends()
+    if backend == "auto":
+        if not avail:
+            raise AdapterError("no inference runtime installed: install openvino or onnxruntime")
+        backend = avail[0]
+    if backend not in BACKENDS:
+        raise AdapterError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)} or auto")
+    if backend not in avail:
+        raise AdapterError(f"backend {backend} is not installed (available: {', '.join(avail) or 'none'})")
+    threads = threads or default_threads()
+    if backend == "openvino":
+        from appliance.inference.openvino_adapter import OpenVINOAdapter
+
+        path = model_files["openvino_int8"] if precision == "int8" else model_files["onnx"]
+        return OpenVINOAdapter(path, precision=precision, threads=threads)
+    from appliance.inference.onnxruntime_adapter import OnnxRuntimeAdapter
+
+    path = model_files["onnx_int8"] if precision == "int8" else model_files["onnx"]
+    return OnnxRuntimeAdapter(path, precision=precision, threads=threads)

@@ -1,0 +1,48 @@
+"""OpenVINO runtime adapter (CPU by default; GPU/NPU where the device string asks for it)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from appliance.inference.adapter import AdapterError, InferenceAdapter
+
+
+class OpenVINOAdapter(InferenceAdapter):
+    backend = "openvino"
+
+    def __init__(self, model: Path, precision: str = "int8", threads: int = 2, device: str = "CPU") -> None:
+        import openvino as ov
+
+        self.precision = precision
+        core = ov.Core()
+        config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": int(threads), "NUM_STREAMS": 1}
+        if device == "CPU":
+            # FP32 models would otherwise run in BF16 on AMX CPUs: keep f32 so FP32 means FP32.
+            config["INFERENCE_PRECISION_HINT"] = "f32"
+        try:
+            net = core.read_model(str(model))
+            self._compiled = core.compile_model(net, device, config)
+        except Exception as e:  # openvino raises RuntimeError subclasses with long messages
+            raise AdapterError(f"OpenVINO could not load {model}: {str(e).splitlines()[0]}") from None
+        self._request = self._compiled.create_infer_request()
+        self._input = self._compiled.input(0)
+        try:
+            name = core.get_property(device, "FULL_DEVICE_NAME")
+        except Exception:
+            name = device
+        try:
+            used = self._compiled.get_property("EXECUTION_DEVICES")
+            used = ",".join(used) if isinstance(used, (list, tuple)) else str(used)
+        except Exception:
+            used = device
+        try:
+            prec = str(self._compiled.get_property("INFERENCE_PRECISION_HINT"))
+        except Exception:
+            prec = "?"
+        self.device = f"{used}: {name} ({prec}, {threads} threads)"
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        batch = np.ascontiguousarray(batch, dtype=np.float32)
+        res = self._request.infer({0: batch}, share_inputs=True)
+        return np.asarray(next(iter(res.values())), dtype=np.float32)

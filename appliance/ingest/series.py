@@ -1,0 +1,83 @@
+"""Series assembly: group slices by SeriesInstanceUID, order along the slice normal, find gaps.
+
+Order is head → feet (descending position along a head-pointing normal), never InstanceNumber alone.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from appliance.domain import SliceImage
+
+GAP_FACTOR = 1.5
+
+
+def sort_key(s: SliceImage) -> tuple:
+    return (-s.position, s.instance if s.instance is not None else 0, s.key)
+
+
+def median_spacing(positions: list[float] | np.ndarray) -> float:
+    """Median distance between neighbouring distinct positions (0 when fewer than two)."""
+    p = np.unique(np.asarray(positions, dtype=float))
+    if p.size < 2:
+        return 0.0
+    return float(np.median(np.diff(p)))
+
+
+def links(positions: list[float] | np.ndarray, gap_factor: float = GAP_FACTOR) -> np.ndarray:
+    """For sorted positions, links[i] is True when slice i and i+1 are neighbours (gap ≤ factor × median)."""
+    p = np.asarray(positions, dtype=float)
+    if p.size < 2:
+        return np.zeros(0, dtype=bool)
+    d = np.abs(np.diff(p))
+    med = median_spacing(p)
+    if med <= 0:
+        return np.ones(d.size, dtype=bool)
+    return d <= gap_factor * med + 1e-6
+
+
+@dataclass
+class Series:
+    """The slices of one series, kept sorted; duplicates (same SOP instance or same position) are dropped."""
+
+    uid: str
+    study_uid: str
+    slices: list[SliceImage] = field(default_factory=list)
+    duplicates: int = 0
+
+    def add(self, s: SliceImage) -> bool:
+        """Insert in order; False when it duplicates a slice already held."""
+        for o in self.slices:
+            if (s.sop_uid and o.sop_uid == s.sop_uid) or (o.position == s.position and o.key == s.key):
+                self.duplicates += 1
+                return False
+        self.slices.append(s)
+        self.slices.sort(key=sort_key)
+        return True
+
+    @property
+    def positions(self) -> list[float]:
+        return [s.position for s in self.slices]
+
+    @property
+    def gaps(self) -> int:
+        """Number of breaks in the sequence (missing slices)."""
+        return int((~links(self.positions)).sum())
+
+    @property
+    def spacing(self) -> float:
+        return median_spacing(self.positions)
+
+    @property
+    def description(self) -> str:
+        return self.slices[0].series_description if self.slices else ""
+
+
+def group_series(slices: list[SliceImage]) -> list[Series]:
+    """Group by SeriesInstanceUID (first-seen order), each sorted head → feet."""
+    out: dict[str, Series] = {}
+    for s in slices:
+        ser = out.setdefault(s.series_uid, Series(s.series_uid, s.study_uid))
+        ser.add(s)
+    return list(out.values())

@@ -1,0 +1,147 @@
+"""A synthetic chest CT phantom written as a DICOM series — for the demo, the self-tests and the tests.
+
+It is synthetic: ellipses for body, lungs, heart and spine, random vessels, and (optionally) patchy ground-glass
+opacities in one quadrant over consecutive slices. It resembles a chest CT closely enough to exercise every
+stage; it is not a patient and says so in its headers (PatientName "PHANTOM^SYNTHETIC").
+"""
+from __future__ import annotations
+
+import datetime as _dt
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from scipy import ndimage as ndi
+
+
+@dataclass
+class PhantomSpec:
+    slices: int = 60
+    size: int = 512
+    spacing_mm: float = 0.7
+    thickness_mm: float = 5.0
+    lesion: bool = True
+    lesion_side: str = "right"  # image side (display): "right" = patient's left
+    lesion_slices: tuple[float, float] = (0.45, 0.75)  # fraction of the series (head → feet) with lesions
+    seed: int = 7
+    patient_name: str = "PHANTOM^SYNTHETIC"
+    patient_id: str = "SYNTH-0001"
+
+
+def _ellipse(shape: tuple[int, int], cy: float, cx: float, ry: float, rx: float) -> np.ndarray:
+    y, x = np.ogrid[: shape[0], : shape[1]]
+    return ((y - cy) / max(ry, 1e-3)) ** 2 + ((x - cx) / max(rx, 1e-3)) ** 2 <= 1.0
+
+
+def phantom_slice(spec: PhantomSpec, k: int, rng: np.random.Generator) -> np.ndarray:
+    """HU of slice k (0 = most superior), display orientation."""
+    n, s = spec.slices, spec.size
+    t = (k + 0.5) / n  # 0 head … 1 feet
+    hu = np.full((s, s), -1000.0, np.float32)
+    c = s / 2
+    body = _ellipse(hu.shape, c, c, s * 0.27, s * 0.36)
+    hu[body] = -90.0  # fat
+    hu[_ellipse(hu.shape, c, c, s * 0.25, s * 0.34)] = 40.0  # muscle / soft tissue
+    # lungs exist for t in [0.1, 0.9], largest mid-series
+    prof = np.sin(np.clip((t - 0.1) / 0.8, 0, 1) * np.pi)
+    lung = np.zeros_like(body)
+    if prof > 0.15:
+        for side in (-1, 1):
+            lung |= _ellipse(hu.shape, c - s * 0.01, c + side * s * 0.155, s * 0.2 * prof ** 0.5, s * 0.12 * prof ** 0.5)
+        hu[lung] = -860.0
+        # vessels: small dense dots, denser near the hila
+        m = int(160 * prof)
+        ys = rng.normal(c, s * 0.12, m)
+        xs = c + rng.choice([-1, 1], m) * np.abs(rng.normal(s * 0.1, s * 0.06, m))
+        for y, x, r in zip(ys, xs, rng.uniform(1.0, 3.5, m)):
+            v = _ellipse(hu.shape, y, x, r, r) & lung
+            hu[v] = 30.0
+        # heart / mediastinum between the lungs
+        hu[_ellipse(hu.shape, c + s * 0.03, c + s * 0.02, s * 0.11 * prof ** 0.3, s * 0.09 * prof ** 0.3)] = 45.0
+    else:
+        hu[_ellipse(hu.shape, c - s * 0.02, c + s * 0.05, s * 0.16, s * 0.2)] = 55.0  # liver / abdomen organs
+    # spine and ribs
+    hu[_ellipse(hu.shape, c + s * 0.2, c, s * 0.045, s * 0.045)] = 450.0
+    ring = _ellipse(hu.shape, c, c, s * 0.255, s * 0.345) & ~_ellipse(hu.shape, c, c, s * 0.245, s * 0.335)
+    ang = np.arctan2(*np.mgrid[-c:c, -c:c])
+    hu[ring & (np.sin(ang * 9) > 0.5)] = 400.0
+    # table
+    hu[int(c + s * 0.32):int(c + s * 0.33), int(s * 0.1):int(s * 0.9)] = 200.0
+    lo, hi = spec.lesion_slices
+    if spec.lesion and lung.any() and lo <= t <= hi:
+        side = 1 if spec.lesion_side == "right" else -1
+        cy, cx = c + s * 0.09, c + side * s * 0.2
+        blob = np.zeros_like(hu)
+        for _ in range(6):
+            y, x = cy + rng.normal(0, s * 0.035), cx + rng.normal(0, s * 0.03)
+            r = rng.uniform(s * 0.025, s * 0.05)
+            blob += _ellipse(hu.shape, y, x, r, r * 1.3)
+        blob = ndi.gaussian_filter((blob > 0).astype(np.float32), 3.0) * lung
+        tex = ndi.gaussian_filter(rng.normal(0, 1, hu.shape).astype(np.float32), 2.0) * 60
+        hu = np.where(blob > 0.3, np.maximum(hu, -420.0 + tex + 150 * (blob - 0.3)), hu)
+    hu += rng.normal(0, 12, hu.shape).astype(np.float32) * body
+    return hu
+
+
+def phantom_series(spec: PhantomSpec) -> list[np.ndarray]:
+    rng = np.random.default_rng(spec.seed)
+    return [phantom_slice(spec, k, rng) for k in range(spec.slices)]
+
+
+def write_phantom(out_dir: str | Path, spec: PhantomSpec | None = None, transfer_syntax: str = ExplicitVRLittleEndian,
+                  study_uid: str | None = None, series_number: int = 1) -> list[Path]:
+    """Write the phantom as single-frame CT DICOM files; returns the paths (head → feet)."""
+    spec = spec or PhantomSpec()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    study_uid = study_uid or generate_uid()
+    series_uid = generate_uid()
+    frame_uid = generate_uid()
+    now = _dt.datetime.now()
+    paths = []
+    for k, hu in enumerate(phantom_series(spec)):
+        stored = np.clip(np.round(hu + 1024.0), 0, 4095).astype(np.uint16)
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = CTImageStorage
+        meta.MediaStorageSOPInstanceUID = generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = Dataset()
+        ds.file_meta = meta
+        ds.SOPClassUID = CTImageStorage
+        ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+        ds.Modality = "CT"
+        ds.Manufacturer = "ctriage synthetic phantom"
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+        ds.PatientName = spec.patient_name
+        ds.PatientID = spec.patient_id
+        ds.PatientBirthDate = "19700101"
+        ds.AccessionNumber = "SYNTH-ACC-1"
+        ds.StudyInstanceUID = study_uid
+        ds.SeriesInstanceUID = series_uid
+        ds.FrameOfReferenceUID = frame_uid
+        ds.StudyDate = ds.SeriesDate = now.strftime("%Y%m%d")
+        ds.StudyTime = ds.SeriesTime = now.strftime("%H%M%S")
+        ds.SeriesNumber = series_number
+        ds.InstanceNumber = k + 1
+        ds.SeriesDescription = "SYNTHETIC PHANTOM - NOT A PATIENT"
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        half = spec.size * spec.spacing_mm / 2
+        ds.ImagePositionPatient = [-half, -half, -k * spec.thickness_mm]
+        ds.SliceLocation = -k * spec.thickness_mm
+        ds.SliceThickness = spec.thickness_mm
+        ds.PixelSpacing = [spec.spacing_mm, spec.spacing_mm]
+        ds.Rows = ds.Columns = spec.size
+        ds.SamplesPerPixel = 1
+        ds.PhotometricInterpretation = "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+        ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = -1024, 1, "HU"
+        ds.WindowCenter, ds.WindowWidth = -600, 1500
+        ds.PixelData = stored.tobytes()
+        if transfer_syntax != ExplicitVRLittleEndian:
+            ds.compress(transfer_syntax, stored)
+        p = out / f"IM{k + 1:04d}.dcm"
+        ds.save_as(p, enforce_file_format=True)
+        paths.append(p)
+    return paths

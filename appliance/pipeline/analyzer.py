@@ -1,0 +1,132 @@
+"""Composes the stages for a batch of slices: valid area → lesion crop → lesion model → boxes → case rule."""
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from appliance.config import AnalysisConfig
+from appliance.domain import Rect, SeriesVerdict, SliceFinding, SliceImage
+from appliance.inference.bundle import Bundle, BundleError, default_bundle_dir, find_bundles
+from appliance.ingest.series import sort_key
+from appliance.pipeline.case_logic import decide
+from appliance.pipeline.lesions import LesionDetector
+from appliance.pipeline.valid_area import ValidArea
+
+STAGES = ("valid_area", "lesion_pre", "lesion_infer", "boxes")
+
+
+class Analyzer:
+    def __init__(self, lesion: LesionDetector, valid_area: ValidArea | None, config: AnalysisConfig | None = None) -> None:
+        self.lesion, self.valid_area = lesion, valid_area
+        self.config = config or AnalysisConfig()
+
+    @classmethod
+    def load(cls, config: AnalysisConfig | None = None, bundle_dir: Path | None = None) -> "Analyzer":
+        """Load the newest `valid-area` and `lesion` bundles (default: the shipped ones) on the configured backend."""
+        config = config or AnalysisConfig()
+        backend, precision, threads = config.backend, config.precision, config.threads or None
+        root = Path(bundle_dir or config.bundle_dir or default_bundle_dir())
+        found = find_bundles(root)
+        missing = [n for n in ("valid-area", "lesion") if n not in found]
+        if missing:
+            raise BundleError(f"no {' or '.join(missing)} bundle under {root}")
+        bundles: dict[str, Bundle] = {}
+        for name in ("valid-area", "lesion"):
+            found[name].verify_files()
+            bundles[name] = found[name]
+        va = ValidArea(bundles["valid-area"], bundles["valid-area"].adapter(backend, precision, threads))
+        le = LesionDetector(bundles["lesion"], bundles["lesion"].adapter(backend, precision, threads))
+        return cls(le, va, config)
+
+    @property
+    def bundles(self) -> list[dict[str, str]]:
+        out = [self.valid_area.bundle.ref()] if self.valid_area else []
+        return out + [self.lesion.bundle.ref()]
+
+    @property
+    def backend(self) -> str:
+        return self.lesion.adapter.backend
+
+    @property
+    def device(self) -> str:
+        return self.lesion.adapter.device
+
+    @property
+    def precision(self) -> str:
+        return self.lesion.adapter.precision
+
+    def findings(self, slices: Sequence[SliceImage]) -> list[SliceFinding]:
+        """Analyse slices (any order) in batches; results in the same order as given."""
+        out: list[SliceFinding] = []
+        b = max(1, self.config.batch)
+        for i in range(0, len(slices), b):
+            out.extend(self._batch(slices[i:i + b]))
+        return out
+
+    def _batch(self, slices: Sequence[SliceImage]) -> list[SliceFinding]:
+        n = len(slices)
+        t = {k: 0.0 for k in STAGES}
+        t0 = time.perf_counter()
+        hu_idx = [i for i, s in enumerate(slices) if s.hu is not None]
+        areas = [None] * n
+        if hu_idx and self.valid_area is not None:
+            res = self.valid_area([slices[i].hu for i in hu_idx], [slices[i].pixel_spacing for i in hu_idx])  # type: ignore[misc]
+            for i, a in zip(hu_idx, res):
+                areas[i] = a
+        t1 = time.perf_counter()
+        t["valid_area"] = t1 - t0
+        crops, which, rects = [], [], []
+        for i, s in enumerate(slices):
+            if s.hu is not None:
+                if areas[i] is None:
+                    continue
+                rect = areas[i].box  # type: ignore[union-attr]
+                crops.append(self.lesion.crop_hu(s.hu, rect))
+            else:
+                h, w = s.shape
+                rect = Rect(0, 0, h, w)
+                crops.append(self.lesion.crop_image(s.window01))  # type: ignore[arg-type]
+            which.append(i)
+            rects.append(rect)
+        t2 = time.perf_counter()
+        t["lesion_pre"] = t2 - t1
+        probs = self.lesion.infer(crops)
+        t3 = time.perf_counter()
+        t["lesion_infer"] = t3 - t2
+        found: dict[int, SliceFinding] = {}
+        for j, i in enumerate(which):
+            s, rect, prob = slices[i], rects[j], probs[j]
+            area = areas[i]
+            boxes = self.lesion.boxes(prob, rect, s.shape, rect.center,
+                                      inside=area.contains if area is not None else None,
+                                      crop_is_slice=s.hu is None)
+            frac = float((prob >= self.lesion.threshold).mean())
+            found[i] = SliceFinding(s.key, s.position, s.shape, rect, boxes, float(prob.max()), frac)
+        t["boxes"] = time.perf_counter() - t3
+        per = {k: round(v * 1000.0 / n, 3) for k, v in t.items()}
+        out = []
+        for i, s in enumerate(slices):
+            f = found.get(i) or SliceFinding(s.key, s.position, s.shape, None)
+            f.timings_ms = per
+            out.append(f)
+        return out
+
+    def verdict(self, slices: Sequence[SliceImage], findings: Sequence[SliceFinding], final: bool = True,
+                min_slices: int | None = None) -> tuple[SeriesVerdict, list[SliceFinding]]:
+        """Sort (slices, findings) into series order and apply the case rule."""
+        order = sorted(range(len(slices)), key=lambda i: sort_key(slices[i]))
+        ordered = [findings[i] for i in order]
+        v = decide(ordered, final=final, min_run=self.config.min_run,
+                   min_slices=self.config.min_slices if min_slices is None else min_slices,
+                   gap_factor=self.config.gap_factor)
+        return v, ordered
+
+
+def stage_summary(findings: Sequence[SliceFinding]) -> dict[str, float]:
+    """Mean ms per slice and stage over findings."""
+    if not findings:
+        return {k: 0.0 for k in STAGES}
+    return {k: round(float(np.mean([f.timings_ms.get(k, 0.0) for f in findings])), 3) for k in STAGES}

@@ -1,0 +1,69 @@
+"""Lesion model (UNet++ #2) on the lung-window lung-box crop → probability map → boxes.
+
+Boxes: probability ≥ threshold, connected components, area > min_area_px measured at 512² slice scale, inside
+the lung (component centroid in the dilated lung region when one is known), quadrant by the lung-box centre.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from appliance.domain import Box, Rect
+from appliance.imaging import resize, window
+from appliance.inference.adapter import InferenceAdapter
+from appliance.inference.bundle import Bundle
+from appliance.pipeline.case_logic import quadrant_of
+
+AREA_SCALE = 512
+
+
+class LesionDetector:
+    def __init__(self, bundle: Bundle, adapter: InferenceAdapter) -> None:
+        self.bundle, self.adapter = bundle, adapter
+        self.size = bundle.input_size
+        lo, hi = bundle.manifest["input"].get("window", [-1350, 150])
+        self.window = (float(lo), float(hi))
+        out = bundle.output
+        self.threshold = float(out.get("threshold", 0.5))
+        self.min_area = float(out.get("min_area_px", 25))
+        self.min_score = float(out.get("min_score", self.threshold))
+
+    def crop_hu(self, hu: np.ndarray, box: Rect) -> np.ndarray:
+        return resize(window(hu[box.y0:box.y1, box.x0:box.x1], *self.window), self.size)
+
+    def crop_image(self, img01: np.ndarray) -> np.ndarray:
+        return resize(img01.astype(np.float32, copy=False), self.size)
+
+    def infer(self, crops: list[np.ndarray]) -> np.ndarray:
+        if not crops:
+            return np.zeros((0,) + self.size, np.float32)
+        return self.adapter.infer(np.stack(crops)[:, None])[:, 0]
+
+    def boxes(self, prob: np.ndarray, crop: Rect, slice_shape: tuple[int, int], lung_center: tuple[float, float],
+              inside: Callable[[float, float], bool] | None = None, crop_is_slice: bool = False) -> list[Box]:
+        """Components of `prob` (model scale) → Boxes in slice pixels."""
+        mask = prob >= self.threshold
+        if not mask.any():
+            return []
+        lab, n = ndi.label(mask)
+        sy, sx = crop.height / self.size[0], crop.width / self.size[1]
+        to512 = 1.0 if crop_is_slice else (AREA_SCALE / slice_shape[0]) * (AREA_SCALE / slice_shape[1])
+        sizes = np.bincount(lab.ravel(), minlength=n + 1)
+        maxp = ndi.maximum(prob, lab, index=np.arange(1, n + 1))
+        objs = ndi.find_objects(lab)
+        com = ndi.center_of_mass(mask, lab, index=np.arange(1, n + 1))
+        out: list[Box] = []
+        for i, sl in enumerate(objs, start=1):
+            area = sizes[i] * sy * sx * to512
+            score = float(maxp[i - 1])
+            if area <= self.min_area or score < self.min_score:
+                continue
+            cy, cx = crop.y0 + (com[i - 1][0] + 0.5) * sy, crop.x0 + (com[i - 1][1] + 0.5) * sx
+            if inside is not None and not inside(cy, cx):
+                continue
+            rect = Rect(int(crop.y0 + sl[0].start * sy), int(crop.x0 + sl[1].start * sx),
+                        int(np.ceil(crop.y0 + sl[0].stop * sy)), int(np.ceil(crop.x0 + sl[1].stop * sx)))
+            out.append(Box(rect, round(float(area), 1), round(score, 4), quadrant_of(cy, cx, *lung_center)))  # type: ignore[arg-type]
+        return out

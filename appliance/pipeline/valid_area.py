@@ -1,0 +1,92 @@
+"""Valid area (UNet++ #1): full slice → lung mask → lung box, or None when the slice shows no lung."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from appliance.domain import Rect
+from appliance.imaging import resize, window
+from appliance.inference.adapter import InferenceAdapter
+from appliance.inference.bundle import Bundle
+
+
+@dataclass
+class LungArea:
+    """Lung box in slice pixels plus the low-resolution lung region used to keep lesions inside the lung."""
+
+    box: Rect
+    region: np.ndarray  # bool, model resolution, square-padded frame; dilated and hole-filled
+    offset: tuple[int, int]  # (oy, ox) padding added to make the slice square
+    scale: float  # slice pixels per model pixel
+
+    def contains(self, y: float, x: float) -> bool:
+        """Is the slice point (y, x) inside the (dilated) lung region?"""
+        r = int((y + self.offset[0]) / self.scale)
+        c = int((x + self.offset[1]) / self.scale)
+        h, w = self.region.shape
+        return 0 <= r < h and 0 <= c < w and bool(self.region[r, c])
+
+
+def square_pad(hu: np.ndarray, fill: float = -1024.0) -> tuple[np.ndarray, tuple[int, int]]:
+    r, c = hu.shape
+    if r == c:
+        return hu, (0, 0)
+    n = max(r, c)
+    out = np.full((n, n), fill, np.float32)
+    oy, ox = (n - r) // 2, (n - c) // 2
+    out[oy:oy + r, ox:ox + c] = hu
+    return out, (oy, ox)
+
+
+class ValidArea:
+    """Preprocess → infer → postprocess for the lung valid-area model."""
+
+    def __init__(self, bundle: Bundle, adapter: InferenceAdapter) -> None:
+        self.bundle, self.adapter = bundle, adapter
+        self.size = bundle.input_size
+        lo, hi = bundle.manifest["input"].get("window", [-1350, 150])
+        self.window = (float(lo), float(hi))
+        out = bundle.output
+        self.threshold = float(out.get("threshold", 0.5))
+        self.min_lung_cm2 = float(out.get("min_lung_cm2", 6.0))
+        self.margin = float(out.get("box_margin", 0.03))
+        self.region_dilate = int(out.get("region_dilate_px", 3))
+
+    def preprocess(self, hu: np.ndarray) -> tuple[np.ndarray, tuple[int, int], float]:
+        sq, off = square_pad(hu)
+        x = resize(window(sq, *self.window), self.size)
+        return x, off, sq.shape[0] / self.size[0]
+
+    def postprocess(self, prob: np.ndarray, shape: tuple[int, int], offset: tuple[int, int], scale: float,
+                    spacing: tuple[float, float]) -> LungArea | None:
+        mask = prob >= self.threshold
+        lab, n = ndi.label(mask)
+        if n == 0:
+            return None
+        sizes = np.bincount(lab.ravel())[1:]
+        px_cm2 = spacing[0] * spacing[1] * scale * scale / 100.0
+        keep = np.flatnonzero(sizes * px_cm2 >= self.min_lung_cm2) + 1
+        if keep.size == 0:
+            return None
+        lung = np.isin(lab, keep)
+        rows = np.flatnonzero(lung.any(1))
+        cols = np.flatnonzero(lung.any(0))
+        y0, y1 = rows[0] * scale - offset[0], (rows[-1] + 1) * scale - offset[0]
+        x0, x1 = cols[0] * scale - offset[1], (cols[-1] + 1) * scale - offset[1]
+        dy, dx = (y1 - y0) * self.margin, (x1 - x0) * self.margin
+        h, w = shape
+        box = Rect(max(0, int(y0 - dy)), max(0, int(x0 - dx)), min(h, int(np.ceil(y1 + dy))), min(w, int(np.ceil(x1 + dx))))
+        if box.height < 8 or box.width < 8:
+            return None
+        region = ndi.binary_fill_holes(ndi.binary_dilation(lung, iterations=self.region_dilate))
+        return LungArea(box, region, offset, scale)
+
+    def __call__(self, hus: list[np.ndarray], spacings: list[tuple[float, float]]) -> list[LungArea | None]:
+        if not hus:
+            return []
+        pre = [self.preprocess(h) for h in hus]
+        batch = np.stack([p[0] for p in pre])[:, None]
+        prob = self.adapter.infer(batch)[:, 0]
+        return [self.postprocess(prob[i], hus[i].shape, pre[i][1], pre[i][2], spacings[i]) for i in range(len(hus))]

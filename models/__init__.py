@@ -1,0 +1,1 @@
+"""Training, export and quantization of the appliance's UNet++ models (needs the `train` extra)."""

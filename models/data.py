@@ -1,0 +1,247 @@
+"""Training data for both models, built from ../shared/data (never copied into the project).
+
+`prepare_lesion()` and `prepare_valid_area()` turn the raw sources into compact uint8 arrays cached outside the
+repository (default ~/.cache/ctriage-train), with a fixed, seeded split recorded next to them.
+
+Lesion sources and how they are used:
+  doctor   50 radiologist-labelled MedSeg crops (hard masks)           → 40 train / 10 validation
+  pseudo   1189 consecutive crops, 14 patients, Semi-Inf-Net soft labels → 12 patients train / 2 validation
+  noncovid 700 real non-COVID lung crops (SARS-CoV-2 CT-scan set)        → 560 train / 140 validation
+  hu-neg   lung-box crops made by *our* pipeline from real HU slices without COVID (Lung-PET-CT-Dx A0001 with its
+           tumour, TotalSegmentator chest and abdomen volumes, lungmask and NEMA slices, NY-SBU abdomen-level
+           slices): negatives in the exact domain the appliance sees
+The three crop sources use different display windows; each is remapped to the appliance's lung window
+[-1350, 150] HU by two landmarks (parenchyma and soft-tissue histogram peaks) so that the window itself cannot
+become a shortcut for "COVID".
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from appliance.imaging import resize, to_uint8, window
+from appliance.pipeline.classic_lung import lung_mask, mask_box
+
+DATA = Path(os.environ.get("CTRIAGE_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+CACHE = Path(os.environ.get("CTRIAGE_TRAIN_CACHE", Path.home() / ".cache" / "ctriage-train"))
+SEMI = DATA / "covid-semiseg" / "TrainingSet" / "LungInfection-Train"
+
+LESION_SIZE = 256
+VALID_SIZE = 128
+CROP_MARGIN = 0.03  # the lung box is grown by this fraction of its size on each side (same as the appliance)
+
+# Where lung parenchyma and soft tissue land in [0, 255] under the appliance's lung window.
+CANON_LUNG, CANON_SOFT = 82.0, 234.0
+NYSBU_ABDOMEN = ("A027284", "A058062", "A062055", "A067967")
+VAL_PSEUDO_PATIENTS = ("coronacases_org_002", "radiopaedia_org_covid-19-pneumonia-27_86410_0-dcm")
+
+
+def _grey(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("L"), dtype=np.float32)
+
+
+def histogram_landmarks(images: list[np.ndarray]) -> tuple[float, float]:
+    """Parenchyma peak (dark half) and soft-tissue peak (bright half) of a set of 8-bit crops."""
+    h = np.zeros(256)
+    for a in images:
+        h += np.bincount(a.astype(np.uint8).ravel(), minlength=256)
+    h = np.convolve(h, np.ones(5) / 5, "same")
+    return float(np.argmax(h[5:128]) + 5), float(np.argmax(h[128:250]) + 128)
+
+
+def remap(a: np.ndarray, lung: float, soft: float) -> np.ndarray:
+    """Linear grey remap putting the landmarks at the canonical lung-window positions."""
+    k = (CANON_SOFT - CANON_LUNG) / (soft - lung)
+    return np.clip(CANON_LUNG + (a - lung) * k, 0, 255)
+
+
+def _fit(a: np.ndarray, size: int = LESION_SIZE) -> np.ndarray:
+    return resize(a.astype(np.float32), (size, size))
+
+
+def read_hu(path: str | Path) -> tuple[np.ndarray, float]:
+    """A DICOM slice as HU (padding clamped) and its pixel area in mm² — training-side helper."""
+    import pydicom
+
+    d = pydicom.dcmread(str(path))
+    hu = d.pixel_array.astype(np.float32) * float(d.get("RescaleSlope", 1) or 1) + float(d.get("RescaleIntercept", 0) or 0)
+    hu[hu < -1024] = -1024
+    ps = [float(v) for v in d.get("PixelSpacing", [0.7, 0.7])]
+    return hu, ps[0] * ps[1]
+
+
+def nifti_slices(path: Path) -> tuple[list[np.ndarray], float]:
+    import nibabel as nib
+
+    img = nib.as_closest_canonical(nib.load(str(path)))
+    vol = np.asarray(img.get_fdata(), dtype=np.float32)
+    zx, zy = img.header.get_zooms()[:2]
+    # RAS canonical: rotate so anterior is up (display orientation); orientation is augmented anyway.
+    return [np.rot90(vol[:, :, k]) for k in range(vol.shape[2])], float(zx * zy)
+
+
+def hu_crop(hu: np.ndarray, pixel_area: float, field_inside_body: bool = False) -> np.ndarray | None:
+    """Lung-window lung-box crop of an HU slice, as the appliance makes it; None when no lung.
+
+    `field_inside_body`: the field of view is a crop inside the chest (no outside air to find the body by).
+    """
+    if field_inside_body:
+        from scipy import ndimage as ndi
+
+        m = ndi.binary_opening(hu < -320, iterations=1)
+        if m.sum() * pixel_area / 100.0 < 6.0:
+            return None
+    else:
+        m = lung_mask(hu, pixel_area)
+    box = mask_box(m, CROP_MARGIN)
+    if box is None:
+        return None
+    y0, x0, y1, x1 = box
+    if (y1 - y0) < 24 or (x1 - x0) < 24:
+        return None
+    return window(hu[y0:y1, x0:x1]) * 255.0
+
+
+@dataclass
+class HUSlice:
+    source: str
+    hu: np.ndarray
+    pixel_area: float
+
+
+def hu_negative_slices() -> list[HUSlice]:
+    """Real HU slices without COVID (the NY-SBU ones only at abdomen level)."""
+    out: list[HUSlice] = []
+    for f in sorted(glob.glob(str(DATA / "lung-pet-ct-dx-A0001" / "**" / "*.dcm"), recursive=True)):
+        hu, pa = read_hu(f)
+        out.append(HUSlice("a0001", hu, pa))
+    for name in ("lungmask-testdata/tests/testdata/0.dcm", "lungmask-testdata/tests/testdata/1.dcm",
+                 "dwv-testdata/tests/data/nema-ct1_jpll.dcm"):
+        hu, pa = read_hu(DATA / "dicom-ct-zoo" / name)
+        out.append(HUSlice("zoo", hu, pa))
+    for f in sorted(glob.glob(str(DATA / "dicom-ct-zoo" / "totalsegmentator-example_ct_dicom" / "**" / "CT*"), recursive=True)):
+        hu, pa = read_hu(f)
+        out.append(HUSlice("zoo-ts", hu, pa))
+    for sub in ("tests/reference_files/pulmonary_report/models/ct_cropped.nii.gz", "tests/reference_files/example_ct.nii.gz"):
+        sl, pa = nifti_slices(DATA / "totalsegmentator-ct-nifti" / sub)
+        tag = "ts-chest" if "cropped" in sub else "ts-abdomen"
+        out += [HUSlice(tag, s, pa) for s in sl[::2]]
+    # NY-SBU patients have COVID: only their abdomen-level slices (checked by eye) are negatives. A small lung
+    # area alone is not enough: a consolidated COVID lung also has little air.
+    for patient in NYSBU_ABDOMEN:
+        for f in sorted(glob.glob(str(DATA / "covid19-ny-sbu-dicom" / "data-sample" / patient / "axial" / "*.dcm"))):
+            out.append(HUSlice("nysbu-abdomen", *read_hu(f)))
+    return out
+
+
+def _natural_key(p: str) -> list:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", p)]
+
+
+def prepare_lesion(cache: Path = CACHE, seed: int = 0) -> Path:
+    """Build (or reuse) the lesion training cache; returns the .npz path."""
+    out = cache / f"lesion_{LESION_SIZE}.npz"
+    if out.exists():
+        return out
+    cache.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    X, Y, src, split, group = [], [], [], [], []
+
+    def add(img, mask, s, sp, g):
+        X.append(to_uint8(_fit(img) / 255.0))
+        Y.append(to_uint8(_fit(mask) / 255.0) if mask is not None else np.zeros((LESION_SIZE,) * 2, np.uint8))
+        src.append(s), split.append(sp), group.append(g)
+
+    doc = sorted(glob.glob(str(SEMI / "Doctor-label" / "Imgs" / "*.jpg")), key=_natural_key)
+    imgs = [_grey(Path(p)) for p in doc]
+    lm = histogram_landmarks(imgs)
+    val_idx = set(rng.choice(len(doc), 10, replace=False).tolist())
+    for i, (p, a) in enumerate(zip(doc, imgs)):
+        gt = _grey(SEMI / "Doctor-label" / "GT" / (Path(p).stem + ".png"))
+        add(remap(a, *lm), (gt > 127) * 255.0, "doctor", "val" if i in val_idx else "train", Path(p).stem)
+
+    pseudo = sorted(glob.glob(str(SEMI / "Pseudo-label" / "Imgs" / "*.jpg")), key=_natural_key)
+    imgs = [_grey(Path(p)) for p in pseudo]
+    lm = histogram_landmarks(imgs[::4])
+    for p, a in zip(pseudo, imgs):
+        patient = re.sub(r"^Data-1_|_\d+\.jpg$", "", Path(p).name)
+        gt = _grey(SEMI / "Pseudo-label" / "GT" / (Path(p).stem + ".png"))
+        add(remap(a, *lm), gt, "pseudo", "val" if patient in VAL_PSEUDO_PATIENTS else "train", Path(p).stem)
+
+    non = sorted(glob.glob(str(DATA / "sarscov2-ct-noncovid" / "*.png")), key=_natural_key)
+    imgs = [_grey(Path(p)) for p in non]
+    lm = histogram_landmarks(imgs[::3])
+    val_idx = set(rng.choice(len(non), len(non) // 5, replace=False).tolist())
+    for i, (p, a) in enumerate(zip(non, imgs)):
+        add(remap(a, *lm), None, "noncovid", "val" if i in val_idx else "train", Path(p).stem)
+
+    for k, s in enumerate(hu_negative_slices()):
+        crop = hu_crop(s.hu, s.pixel_area, field_inside_body=s.source == "ts-chest")
+        if crop is None:
+            continue
+        sp = "val" if (s.source == "ts-chest" and k % 3 == 0) else "train"
+        add(crop, None, "hu-" + s.source, sp, f"{s.source}-{k}")
+
+    np.savez_compressed(out, x=np.stack(X), y=np.stack(Y), src=np.array(src), split=np.array(split),
+                        group=np.array(group))
+    summary: dict[str, int] = {}
+    for s, sp in zip(src, split):
+        summary[f"{s}/{sp}"] = summary.get(f"{s}/{sp}", 0) + 1
+    (cache / f"lesion_{LESION_SIZE}.json").write_text(json.dumps(summary, indent=1, sort_keys=True))
+    return out
+
+
+def valid_area_slices() -> list[HUSlice]:
+    """Real full slices for the valid-area model: chest, neck and abdomen levels."""
+    out: list[HUSlice] = []
+    for f in sorted(glob.glob(str(DATA / "lung-pet-ct-dx-A0001" / "**" / "*.dcm"), recursive=True)):
+        out.append(HUSlice("a0001", *read_hu(f)))
+    for f in sorted(glob.glob(str(DATA / "covid19-ny-sbu-dicom" / "**" / "axial" / "*.dcm"), recursive=True)):
+        out.append(HUSlice("nysbu", *read_hu(f)))
+    for name in ("lungmask-testdata/tests/testdata/0.dcm", "lungmask-testdata/tests/testdata/1.dcm",
+                 "dwv-testdata/tests/data/nema-ct1_jpll.dcm", "dwv-testdata/tests/data/dicompyler-ct.0.dcm"):
+        out.append(HUSlice("zoo", *read_hu(DATA / "dicom-ct-zoo" / name)))
+    for f in sorted(glob.glob(str(DATA / "dicom-ct-zoo" / "totalsegmentator-example_ct_dicom" / "**" / "CT*"), recursive=True)):
+        out.append(HUSlice("zoo-ts", *read_hu(f)))
+    for f in sorted(glob.glob(str(DATA / "dicom-ct-zoo" / "dcm_qa_ct" / "In" / "**" / "*"), recursive=True)):
+        if os.path.isfile(f):
+            out.append(HUSlice("zoo-head", *read_hu(f)))
+    for sub in ("tests/reference_files/pulmonary_report/models/ct_cropped.nii.gz", "tests/reference_files/example_ct.nii.gz"):
+        sl, pa = nifti_slices(DATA / "totalsegmentator-ct-nifti" / sub)
+        out += [HUSlice("ts-chest" if "cropped" in sub else "ts-abdomen", s, pa) for s in sl[::2]]
+    zen = DATA / "zenodo-coronacases001-hu-slices" / "notebooks" / "data"
+    for k in (98, 122):
+        hu = np.load(zen / f"coronacases_001_image_slice_{k}.npy").astype(np.float32)
+        out.append(HUSlice("zenodo", np.rot90(hu, -1).copy(), 0.5))
+    return out
+
+
+def prepare_valid_area(cache: Path = CACHE) -> Path:
+    """Full slices (lung window, VALID_SIZE²) with classical lung masks as labels."""
+    out = cache / f"valid_area_{VALID_SIZE}.npz"
+    if out.exists():
+        return out
+    cache.mkdir(parents=True, exist_ok=True)
+    X, Y, src, split = [], [], [], []
+    for k, s in enumerate(valid_area_slices()):
+        hu = s.hu
+        r, c = hu.shape
+        if r != c:  # pad to square with air so aspect is kept, as the appliance does
+            n = max(r, c)
+            pad = np.full((n, n), -1024.0, np.float32)
+            pad[(n - r) // 2:(n - r) // 2 + r, (n - c) // 2:(n - c) // 2 + c] = hu
+            hu = pad
+        m = lung_mask(hu, s.pixel_area)
+        X.append(to_uint8(resize(window(hu), (VALID_SIZE, VALID_SIZE))))
+        Y.append((resize(m.astype(np.float32), (VALID_SIZE, VALID_SIZE)) > 0.5).astype(np.uint8) * 255)
+        src.append(s.source)
+        split.append("val" if k % 5 == 0 else "train")
+    np.savez_compressed(out, x=np.stack(X), y=np.stack(Y), src=np.array(src), split=np.array(split))
+    return out

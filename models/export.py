@@ -1,0 +1,201 @@
+"""Export a trained checkpoint as an appliance bundle: ONNX FP32, ONNX INT8 (QDQ), OpenVINO INT8 IR (NNCF),
+a self-test with golden inputs and outputs, and manifest.json with every file's sha256.
+
+    python -m models.export --run lesion-w8-a --name lesion --version 1.0.0
+
+Calibration uses real training slices (from the local training cache, never shipped). The self-test inputs are
+synthetic phantom slices (appliance.phantom), so the bundle carries no patient data.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from appliance.imaging import resize, window
+from appliance.inference.bundle import sha256_file
+from appliance.phantom import PhantomSpec, phantom_series
+from appliance.pipeline.classic_lung import lung_mask, mask_box
+from models.data import CROP_MARGIN, prepare_lesion, prepare_valid_area
+from models.train import RUNS, dice_np
+from models.unetpp import UNetPP, count_params
+
+BUNDLES = Path(__file__).resolve().parent / "bundles"
+LICENCE = (
+    "Trained on public research data under non-commercial licences (COVID-SemiSeg / MedSeg, SARS-CoV-2 CT-scan "
+    "dataset CC BY-NC-SA 4.0, TCIA collections, TotalSegmentator and lungmask test data). Research and evaluation "
+    "use only; not for commercial use; not a certified medical device."
+)
+
+
+def load_model(run: str) -> tuple[UNetPP, dict]:
+    ck = torch.load(RUNS / run / "best.pt", map_location="cpu", weights_only=False)
+    cfg = ck["config"]
+    m = UNetPP(cfg["width"], cfg["levels"], with_sigmoid=True)
+    m.load_state_dict(ck["state_dict"])
+    return m.eval(), ck
+
+
+def calibration(task: str, n: int = 64, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    if task == "lesion":
+        d = np.load(prepare_lesion())
+        tr = d["split"] == "train"
+        idx = rng.choice(np.flatnonzero(tr), n, replace=False)
+    else:
+        d = np.load(prepare_valid_area())
+        idx = rng.choice(len(d["x"]), min(n, len(d["x"])), replace=False)
+    return (d["x"][idx].astype(np.float32) / 255.0)[:, None]
+
+
+def selftest_inputs(task: str, size: int) -> np.ndarray:
+    """Synthetic phantom inputs in the exact form the stage feeds the model."""
+    spec = PhantomSpec(slices=12, seed=11)
+    out = []
+    for hu in phantom_series(spec)[2:10]:
+        if task == "lesion":
+            box = mask_box(lung_mask(hu, spec.spacing_mm**2), CROP_MARGIN)
+            if box is None:
+                continue
+            y0, x0, y1, x1 = box
+            out.append(resize(window(hu[y0:y1, x0:x1]), (size, size)))
+        else:
+            out.append(resize(window(hu), (size, size)))
+    return np.stack(out)[:, None].astype(np.float32)
+
+
+def export_onnx(model: UNetPP, size: int, path: Path) -> None:
+    torch.onnx.export(model, torch.zeros(1, 1, size, size), str(path), input_names=["image"], output_names=["prob"],
+                      dynamic_axes={"image": {0: "batch"}, "prob": {0: "batch"}}, opset_version=17, dynamo=False)
+
+
+def quantize_ort(fp32: Path, out: Path, calib: np.ndarray) -> None:
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.it = iter(calib[i:i + 1] for i in range(len(calib)))
+
+        def get_next(self):
+            x = next(self.it, None)
+            return None if x is None else {"image": x}
+
+    pre = out.with_suffix(".pre.onnx")
+    quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
+    quantize_static(str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    pre.unlink()
+
+
+def quantize_ov(fp32: Path, out_xml: Path, calib: np.ndarray) -> None:
+    import nncf
+    import openvino as ov
+
+    model = ov.convert_model(str(fp32))
+    q = nncf.quantize(model, nncf.Dataset([calib[i:i + 1] for i in range(len(calib))]),
+                      subset_size=len(calib), preset=nncf.QuantizationPreset.MIXED)
+    out_xml.parent.mkdir(parents=True, exist_ok=True)
+    ov.save_model(q, str(out_xml), compress_to_fp16=False)
+
+
+def run_all(paths: dict[str, Path], x: np.ndarray) -> dict[str, np.ndarray]:
+    from appliance.inference.onnxruntime_adapter import OnnxRuntimeAdapter
+    from appliance.inference.openvino_adapter import OpenVINOAdapter
+
+    return {
+        "fp32": OnnxRuntimeAdapter(paths["onnx"], "fp32").infer(x),
+        "fp32_openvino": OpenVINOAdapter(paths["onnx"], "fp32").infer(x),
+        "int8_onnxruntime": OnnxRuntimeAdapter(paths["onnx_int8"], "int8").infer(x),
+        "int8_openvino": OpenVINOAdapter(paths["openvino_int8"], "int8").infer(x),
+    }
+
+
+def agreement(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean mask Dice between two probability batches at 0.5 (empty vs empty counts as 1)."""
+    return float(np.mean([dice_np(p >= 0.5, q >= 0.5) for p, q in zip(a[:, 0], b[:, 0])]))
+
+
+def build(run: str, name: str, version: str, output: dict, metrics: dict | None = None,
+          notes: dict | None = None) -> Path:
+    model, ck = load_model(run)
+    cfg = ck["config"]
+    size = int(cfg["size"])
+    task = cfg["task"]
+    out = BUNDLES / f"{name}-{version}"
+    if out.exists():
+        shutil.rmtree(out)
+    (out / "openvino").mkdir(parents=True)
+    paths = {"onnx": out / "model.onnx", "onnx_int8": out / "model.int8.onnx",
+             "openvino_int8": out / "openvino" / "model.xml"}
+    export_onnx(model, size, paths["onnx"])
+    calib = calibration(task)
+    quantize_ort(paths["onnx"], paths["onnx_int8"], calib)
+    quantize_ov(paths["onnx"], paths["openvino_int8"], calib)
+
+    # FP32 vs INT8 agreement on held-back real inputs (computed here, recorded in the manifest)
+    held = calibration(task, n=48, seed=1)
+    outs = run_all(paths, held)
+    with torch.no_grad():
+        torch_ref = model(torch.from_numpy(held)).numpy()
+    agree = {
+        "torch_vs_onnx_fp32_max_abs": float(np.abs(torch_ref - outs["fp32"]).max()),
+        "fp32_vs_int8_onnxruntime_mask_dice": agreement(outs["fp32"], outs["int8_onnxruntime"]),
+        "fp32_vs_int8_openvino_mask_dice": agreement(outs["fp32"], outs["int8_openvino"]),
+        "n_inputs": int(len(held)),
+    }
+
+    st_in = selftest_inputs(task, size)
+    st = run_all(paths, st_in)
+    np.savez_compressed(out / "selftest.npz", inputs=st_in, expected_fp32=st["fp32"],
+                        expected_int8_onnxruntime=st["int8_onnxruntime"], expected_int8_openvino=st["int8_openvino"])
+
+    files = sorted(p for p in out.rglob("*") if p.is_file())
+    manifest = {
+        "schema": "ctriage.bundle/1",
+        "name": name,
+        "version": version,
+        "created": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "task": task,
+        "arch": {"type": "unet++", "width": cfg["width"], "levels": cfg["levels"], "params": count_params(model)},
+        "input": {"size": [size, size], "window": [-1350, 150], "layout": "NCHW", "range": [0, 1],
+                  "content": "lung-window lung-box crop" if task == "lesion" else "lung-window full slice, square-padded"},
+        "output": output,
+        "runtime_files": {"onnx": "model.onnx", "onnx_int8": "model.int8.onnx", "openvino_int8": "openvino/model.xml"},
+        "files": {str(p.relative_to(out)): sha256_file(p) for p in files},
+        "selftest": {"atol": 0.08, "inputs": "synthetic phantom (appliance.phantom)"},
+        "training": {"run": run, "best_step": ck["step"], "config": cfg, "validation": ck["metrics"], **(notes or {})},
+        "quantization": agree,
+        "metrics": metrics or {},
+        "licence": LICENCE,
+    }
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    print(json.dumps({"bundle": str(out), "quantization": agree, "validation": ck["metrics"]}, indent=1))
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run", required=True)
+    ap.add_argument("--name", required=True, choices=["lesion", "valid-area"])
+    ap.add_argument("--version", required=True)
+    ap.add_argument("--threshold", type=float, default=0.5)
+    ap.add_argument("--min-area", type=float, default=25.0)
+    ap.add_argument("--min-score", type=float, default=None)
+    a = ap.parse_args(argv)
+    if a.name == "lesion":
+        output = {"kind": "probability", "threshold": a.threshold, "min_area_px": a.min_area, "area_scale": 512,
+                  "min_score": a.min_score if a.min_score is not None else a.threshold}
+    else:
+        output = {"kind": "probability", "threshold": a.threshold, "min_lung_cm2": 6.0, "box_margin": CROP_MARGIN,
+                  "region_dilate_px": 3}
+    build(a.run, a.name, a.version, output)
+
+
+if __name__ == "__main__":
+    main()

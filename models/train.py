@@ -1,0 +1,246 @@
+"""Shared training loop for the two UNet++ models (CPU, 2 cores): augmentation, losses, EMA, validation, log.
+
+Used by `models.train_lesion` and `models.train_valid_area`; each run writes to models/runs/<name>/:
+`train.log` (one JSON object per line), `best.pt` / `last.pt` (EMA weights + config) and `summary.json`.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from models.unetpp import UNetPP, count_params
+
+RUNS = Path(__file__).resolve().parent / "runs"
+
+
+@dataclass
+class TrainConfig:
+    name: str
+    task: str  # "lesion" | "valid-area"
+    width: int = 8
+    levels: int = 5
+    size: int = 256
+    steps: int = 2000
+    batch: int = 8
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    warmup: int = 50
+    ema: float = 0.995
+    eval_every: int = 100
+    seed: int = 0
+    threads: int = 2
+    dihedral: bool = True  # all 8 flips/rotations (crops come in every orientation)
+    rotate_deg: float = 12.0
+    scale: tuple[float, float] = (0.85, 1.2)
+    intensity: float = 1.0  # strength of window / gamma / noise / blur / sharpen augmentation
+    mix: dict[str, float] = field(default_factory=dict)  # source group -> share of each batch
+    extra: dict = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------- augmentation (batched, torch)
+
+
+def _gauss_kernel(sigma: float) -> torch.Tensor:
+    r = max(1, int(math.ceil(2 * sigma)))
+    x = torch.arange(-r, r + 1, dtype=torch.float32)
+    k = torch.exp(-(x**2) / (2 * sigma**2))
+    return k / k.sum()
+
+
+def blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    k = _gauss_kernel(sigma)
+    n = k.numel()
+    x = F.conv2d(F.pad(x, (n // 2, n // 2, 0, 0), mode="replicate"), k.view(1, 1, 1, n))
+    return F.conv2d(F.pad(x, (0, 0, n // 2, n // 2), mode="replicate"), k.view(1, 1, n, 1))
+
+
+def augment(x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """x, y: (B, 1, H, W) in [0, 1]. Geometry applies to both, intensity to x only."""
+    B = x.shape[0]
+    u = lambda *s: torch.rand(*s, generator=g)  # noqa: E731
+    if cfg.dihedral:
+        xs, ys = [], []
+        for i in range(B):
+            k = int(u(1) * 4)
+            xi, yi = torch.rot90(x[i], k, (1, 2)), torch.rot90(y[i], k, (1, 2))
+            if u(1) < 0.5:
+                xi, yi = xi.flip(2), yi.flip(2)
+            xs.append(xi), ys.append(yi)
+        x, y = torch.stack(xs), torch.stack(ys)
+    else:
+        flip = u(B) < 0.5
+        x = torch.where(flip.view(B, 1, 1, 1), x.flip(3), x)
+        y = torch.where(flip.view(B, 1, 1, 1), y.flip(3), y)
+    ang = (u(B) * 2 - 1) * math.radians(cfg.rotate_deg)
+    lo, hi = cfg.scale
+    sx = lo + u(B) * (hi - lo)
+    sy = sx * (0.92 + 0.16 * u(B))
+    tx, ty = (u(B) * 2 - 1) * 0.06, (u(B) * 2 - 1) * 0.06
+    cos, sin = torch.cos(ang), torch.sin(ang)
+    theta = torch.stack([torch.stack([cos / sx, -sin / sx, tx], 1), torch.stack([sin / sy, cos / sy, ty], 1)], 1)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    y = F.grid_sample(y, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    s = cfg.intensity
+    if s > 0:
+        a = (u(B) * 2 - 1) * 0.12 * s
+        b = 1 + (u(B) * 2 - 1) * 0.15 * s
+        x = ((x - a.view(B, 1, 1, 1)) / (b - a).view(B, 1, 1, 1)).clamp(0, 1)
+        gam = torch.exp((u(B) * 2 - 1) * 0.35 * s)
+        x = x.clamp_min(1e-4) ** gam.view(B, 1, 1, 1)
+        for i in range(B):
+            r = float(u(1))
+            if r < 0.25 * s:
+                x[i : i + 1] = blur(x[i : i + 1], 0.6 + 1.2 * float(u(1)))
+            elif r < 0.45 * s:
+                k = 0.3 + 0.9 * float(u(1))
+                x[i : i + 1] = x[i : i + 1] + k * (x[i : i + 1] - blur(x[i : i + 1], 1.0))
+        noise = (u(B) < 0.5 * s).float() * u(B) * 0.04 * s
+        x = x + torch.randn(x.shape, generator=g) * noise.view(B, 1, 1, 1)
+        x = x.clamp(0, 1)
+    return x, y.clamp(0, 1)
+
+
+# ---------------------------------------------------------------- losses and metrics
+
+
+def loss_fn(logits: torch.Tensor, y: torch.Tensor, w: torch.Tensor, dice_w: torch.Tensor) -> torch.Tensor:
+    """Per-sample weighted BCE + soft Dice (Dice only on samples whose target has foreground)."""
+    bce = F.binary_cross_entropy_with_logits(logits, y, reduction="none").mean((1, 2, 3))
+    p = torch.sigmoid(logits)
+    inter = (p * y).sum((1, 2, 3))
+    dice = 1 - (2 * inter + 1) / (p.sum((1, 2, 3)) + y.sum((1, 2, 3)) + 1)
+    has = (y.sum((1, 2, 3)) > 4).float() * dice_w
+    return (bce * w).sum() / w.sum() + (dice * has).sum() / has.sum().clamp_min(1)
+
+
+def dice_np(pred: np.ndarray, gt: np.ndarray) -> float:
+    """Dice of two boolean masks; 1.0 when both are empty."""
+    s = pred.sum() + gt.sum()
+    return 1.0 if s == 0 else float(2 * np.logical_and(pred, gt).sum() / s)
+
+
+def largest_component(mask: np.ndarray) -> int:
+    from scipy import ndimage as ndi
+
+    lab, n = ndi.label(mask)
+    return 0 if n == 0 else int(np.bincount(lab.ravel())[1:].max())
+
+
+# ---------------------------------------------------------------- loop
+
+
+class EMA:
+    def __init__(self, model: torch.nn.Module, decay: float) -> None:
+        self.model = copy.deepcopy(model).eval()
+        self.decay = decay
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module, step: int) -> None:
+        d = min(self.decay, (1 + step) / (10 + step))
+        for e, m in zip(self.model.state_dict().values(), model.state_dict().values()):
+            if e.dtype.is_floating_point:
+                e.mul_(d).add_(m.detach(), alpha=1 - d)
+            else:
+                e.copy_(m)
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, x: np.ndarray, batch: int = 16) -> np.ndarray:
+    """x: (N, H, W) uint8 → (N, H, W) float32 probabilities."""
+    out = []
+    for i in range(0, len(x), batch):
+        t = torch.from_numpy(x[i : i + batch].astype(np.float32) / 255.0)[:, None]
+        out.append(torch.sigmoid(model(t))[:, 0].numpy())
+    return np.concatenate(out) if out else np.zeros((0,) + x.shape[1:], np.float32)
+
+
+def run(
+    cfg: TrainConfig,
+    data: dict[str, tuple[np.ndarray, np.ndarray, float, float]],
+    validate: Callable[[torch.nn.Module], dict[str, float]],
+    score: Callable[[dict[str, float]], float],
+) -> Path:
+    """Train. `data`: group -> (x uint8 (N,H,W), y uint8 (N,H,W), bce weight, dice weight).
+
+    Each batch draws from the groups in the proportions of cfg.mix. Returns the run directory.
+    """
+    torch.manual_seed(cfg.seed)
+    torch.set_num_threads(cfg.threads)
+    g = torch.Generator().manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    out = RUNS / cfg.name
+    out.mkdir(parents=True, exist_ok=True)
+    log = (out / "train.log").open("a")
+
+    model = UNetPP(cfg.width, cfg.levels)
+    ema = EMA(model, cfg.ema)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    groups = list(cfg.mix)
+    shares = np.array([cfg.mix[k] for k in groups], dtype=float)
+    counts = np.floor(shares / shares.sum() * cfg.batch).astype(int)
+    while counts.sum() < cfg.batch:
+        counts[int(np.argmax(shares / shares.sum() * cfg.batch - counts))] += 1
+
+    info = {"event": "start", "config": asdict(cfg), "params": count_params(model),
+            "groups": {k: int(len(data[k][0])) for k in groups}, "per_batch": dict(zip(groups, counts.tolist()))}
+    log.write(json.dumps(info) + "\n")
+    log.flush()
+    print(json.dumps(info), flush=True)
+
+    best = -1e9
+    t0 = time.time()
+    for step in range(1, cfg.steps + 1):
+        xs, ys, ws, dws = [], [], [], []
+        for k, n in zip(groups, counts):
+            if n == 0:
+                continue
+            x, y, w, dw = data[k]
+            idx = rng.integers(0, len(x), n)
+            xs.append(x[idx]), ys.append(y[idx])
+            ws += [w] * n
+            dws += [dw] * n
+        xb = torch.from_numpy(np.concatenate(xs).astype(np.float32) / 255.0)[:, None]
+        yb = torch.from_numpy(np.concatenate(ys).astype(np.float32) / 255.0)[:, None]
+        xb, yb = augment(xb, yb, cfg, g)
+        lr = cfg.lr * min(1.0, step / cfg.warmup) * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
+        for pg in opt.param_groups:
+            pg["lr"] = lr
+        model.train()
+        loss = loss_fn(model(xb), yb, torch.tensor(ws), torch.tensor(dws))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        ema.update(model, step)
+        if step % 20 == 0:
+            el = time.time() - t0
+            print(f"step {step}/{cfg.steps} loss {loss.item():.4f} lr {lr:.2e} "
+                  f"{el / step:.2f}s/step eta {el / step * (cfg.steps - step) / 60:.1f} min", flush=True)
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            metrics = validate(ema.model)
+            sc = score(metrics)
+            rec = {"event": "eval", "step": step, "loss": round(loss.item(), 5), "score": round(sc, 5),
+                   "elapsed_min": round((time.time() - t0) / 60, 2), **{k: round(v, 5) for k, v in metrics.items()}}
+            log.write(json.dumps(rec) + "\n")
+            log.flush()
+            print(json.dumps(rec), flush=True)
+            state = {"config": asdict(cfg), "state_dict": ema.model.state_dict(), "step": step, "metrics": metrics}
+            torch.save(state, out / "last.pt")
+            if sc > best:
+                best = sc
+                torch.save(state, out / "best.pt")
+                (out / "summary.json").write_text(json.dumps({"best_step": step, "score": sc, **metrics}, indent=1))
+    log.write(json.dumps({"event": "end", "minutes": round((time.time() - t0) / 60, 2)}) + "\n")
+    log.close()
+    return out

@@ -1,0 +1,61 @@
+"""UNet++ (nested U-Net, Zhou et al. 2018), single channel in, single channel out.
+
+Sized for a 2-core CPU: `width` is the channel count of the first level, doubled per level.
+The exported graph ends in a sigmoid, so runtimes return probabilities.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class ConvBlock(nn.Sequential):
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__(
+            nn.Conv2d(cin, cout, 3, padding=1, bias=False),
+            nn.BatchNorm2d(cout),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(cout, cout, 3, padding=1, bias=False),
+            nn.BatchNorm2d(cout),
+            nn.ReLU(inplace=True),
+        )
+
+
+class UNetPP(nn.Module):
+    """Nested U-Net with `levels` resolution levels.
+
+    Node X[i][j]: level i (downsampling depth), column j. X[i][0] is the encoder; X[i][j] for j > 0 takes
+    every X[i][k<j] plus the upsampled X[i+1][j-1].
+    """
+
+    def __init__(self, width: int = 16, levels: int = 5, with_sigmoid: bool = False) -> None:
+        super().__init__()
+        ch = [width * 2**i for i in range(levels)]
+        self.levels = levels
+        self.width = width
+        self.with_sigmoid = with_sigmoid
+        self.pool = nn.MaxPool2d(2)
+        self.up = nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False)
+        nodes = {}
+        for i in range(levels):
+            nodes[f"x{i}_0"] = ConvBlock(1 if i == 0 else ch[i - 1], ch[i])
+        for j in range(1, levels):
+            for i in range(levels - j):
+                nodes[f"x{i}_{j}"] = ConvBlock(ch[i] * j + ch[i + 1], ch[i])
+        self.nodes = nn.ModuleDict(nodes)
+        self.head = nn.Conv2d(ch[0], 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        X: dict[tuple[int, int], torch.Tensor] = {}
+        for i in range(self.levels):
+            X[i, 0] = self.nodes[f"x{i}_0"](x if i == 0 else self.pool(X[i - 1, 0]))
+        for j in range(1, self.levels):
+            for i in range(self.levels - j):
+                parts = [X[i, k] for k in range(j)] + [self.up(X[i + 1, j - 1])]
+                X[i, j] = self.nodes[f"x{i}_{j}"](torch.cat(parts, 1))
+        out = self.head(X[0, self.levels - 1])
+        return torch.sigmoid(out) if self.with_sigmoid else out
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

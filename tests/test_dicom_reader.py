@@ -1,0 +1,157 @@
+"""The reader on generated series, pydicom's bundled files and (when present) the real vendor zoo."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+from pydicom.uid import JPEG2000Lossless, RLELossless
+
+from appliance.ingest.dicom_reader import Rejected, read_slice, to_display
+from appliance.phantom import PhantomSpec, phantom_series, write_phantom
+
+from .conftest import shared_data
+
+
+@pytest.fixture(scope="module")
+def one(tmp_path_factory) -> tuple[Path, np.ndarray]:
+    d = tmp_path_factory.mktemp("one")
+    spec = PhantomSpec(slices=3, seed=3)
+    paths = write_phantom(d, spec)
+    return paths[1], phantom_series(spec)[1]
+
+
+def _variant(src: Path, dst: Path, **changes) -> Path:
+    ds = pydicom.dcmread(src)
+    for k, v in changes.items():
+        setattr(ds, k, v)
+    ds.save_as(dst)
+    return dst
+
+
+def test_hu_from_generated_slice(one):
+    path, hu = one
+    img = read_slice(path)
+    assert img.hu.shape == (512, 512) and img.hu.dtype == np.float32
+    assert float(np.abs(img.hu - np.clip(hu, -1024, 3071)).max()) <= 0.5 + 1e-3
+    assert img.pixel_spacing == (0.7, 0.7)
+    assert img.series_uid and img.study_uid and img.sop_uid
+
+
+def test_header_only_pass_leaves_pixels(one):
+    path, _ = one
+    img = read_slice(path, with_pixels=False)
+    assert img.hu is None and img.position == pytest.approx(-5.0)
+
+
+@pytest.mark.parametrize("syntax", [JPEG2000Lossless, RLELossless], ids=["jpeg2000-lossless", "rle"])
+def test_compressed_syntaxes_decode_to_same_hu(tmp_path, syntax):
+    spec = PhantomSpec(slices=2, seed=5)
+    plain = write_phantom(tmp_path / "plain", spec)
+    comp = write_phantom(tmp_path / "comp", spec, transfer_syntax=syntax)
+    assert pydicom.dcmread(comp[0]).file_meta.TransferSyntaxUID == syntax
+    np.testing.assert_array_equal(read_slice(plain[0]).hu, read_slice(comp[0]).hu)
+
+
+def test_display_orientation_from_flipped_and_transposed_storage():
+    a = np.arange(12, dtype=np.float32).reshape(3, 4)
+    assert np.array_equal(to_display(a, [1, 0, 0, 0, 1, 0]), a)
+    assert np.array_equal(to_display(a[:, ::-1], [-1, 0, 0, 0, 1, 0]), a)  # stored right-left mirrored
+    assert np.array_equal(to_display(a[::-1, :], [1, 0, 0, 0, -1, 0]), a)  # stored feet-first / prone-like
+    assert np.array_equal(to_display(a.T, [0, 1, 0, 1, 0, 0]), a)  # rows and columns swapped
+
+
+def test_mirrored_file_reads_back_in_display_orientation(one, tmp_path):
+    path, _ = one
+    ds = pydicom.dcmread(path)
+    arr = ds.pixel_array[:, ::-1].copy()
+    ds.PixelData = arr.tobytes()
+    ds.ImageOrientationPatient = [-1, 0, 0, 0, 1, 0]
+    ds.save_as(tmp_path / "m.dcm")
+    np.testing.assert_array_equal(read_slice(tmp_path / "m.dcm").hu, read_slice(path).hu)
+
+
+def test_padding_value_clamped_to_air():
+    img = read_slice(get_testdata_file("CT_small.dcm"))
+    assert img.hu.min() >= -1024
+    raw = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    assert raw.PixelPaddingValue == -2000
+
+
+@pytest.mark.parametrize("name,reason", [
+    ("MR_small.dcm", "modality MR"),
+    ("SC_rgb_jpeg.dcm", "secondary capture"),
+    ("rtdose.dcm", "RT dose"),
+    ("test-SR.dcm", "structured report"),
+])
+def test_pydicom_non_ct_files_rejected_with_reason(name, reason):
+    with pytest.raises(Rejected, match=reason):
+        read_slice(get_testdata_file(name))
+
+
+def test_specific_rejections(one, tmp_path):
+    path, _ = one
+    cases = {
+        "localizer": (dict(ImageType=["ORIGINAL", "PRIMARY", "LOCALIZER"]), "localizer"),
+        "coronal": (dict(ImageOrientationPatient=[1, 0, 0, 0, 0, -1]), "coronal"),
+        "sagittal": (dict(ImageOrientationPatient=[0, 1, 0, 0, 0, -1]), "sagittal"),
+        "tilted": (dict(ImageOrientationPatient=[1, 0, 0, 0, 0.9397, -0.342]), "tilted 20.0"),
+        "noiop": (dict(ImageOrientationPatient=None), "ImageOrientationPatient"),
+        "modality": (dict(Modality="PT"), "modality PT"),
+    }
+    for name, (changes, reason) in cases.items():
+        p = tmp_path / f"{name}.dcm"
+        ds = pydicom.dcmread(path)
+        for k, v in changes.items():
+            if v is None:
+                delattr(ds, k)
+            else:
+                setattr(ds, k, v)
+        ds.save_as(p)
+        with pytest.raises(Rejected, match=reason):
+            read_slice(p)
+
+
+def test_eight_bit_and_garbage_and_truncated(one, tmp_path):
+    path, _ = one
+    ds = pydicom.dcmread(path)
+    small = (ds.pixel_array >> 4).astype(np.uint8)
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
+    ds.PixelData = small.tobytes()
+    ds.save_as(tmp_path / "8bit.dcm")
+    with pytest.raises(Rejected, match="8-bit"):
+        read_slice(tmp_path / "8bit.dcm")
+    (tmp_path / "junk.dcm").write_bytes(b"\x89PNG not dicom at all" * 50)
+    with pytest.raises(Rejected, match="not a DICOM"):
+        read_slice(tmp_path / "junk.dcm")
+    (tmp_path / "empty.dcm").write_bytes(b"")
+    with pytest.raises(Rejected, match="empty file"):
+        read_slice(tmp_path / "empty.dcm")
+    data = Path(path).read_bytes()
+    (tmp_path / "cut.dcm").write_bytes(data[: len(data) // 2])
+    with pytest.raises(Rejected):
+        read_slice(tmp_path / "cut.dcm")
+
+
+def test_real_zoo_every_file_read_or_rejected_with_reason():
+    zoo = shared_data("dicom-ct-zoo")
+    files = [p for p in sorted(zoo.rglob("*")) if p.is_file()]
+    assert len(files) >= 30
+    outcomes = {}
+    for p in files:
+        try:
+            img = read_slice(p)
+            assert img.hu is not None and np.isfinite(img.hu).all() and img.hu.min() >= -1024
+            outcomes[p.name] = "ok"
+        except Rejected as e:
+            assert len(e.reason) > 10
+            outcomes[p.name] = e.reason
+    assert outcomes["nema-ct1_jpll.dcm"] == "ok"  # JPEG Lossless
+    assert outcomes["nema-ct1_j2ki.dcm"] == "ok"  # JPEG 2000
+    assert "localizer" in outcomes["CT_JPEG70.dcm"]
+    assert "secondary capture" in outcomes["gdcm-CT-MONO2-8-abdo.dcm"]
+    assert "tilted" in outcomes["10.dcm"]  # GE head with gantry tilt
+    assert sum(v == "ok" for v in outcomes.values()) >= 25
