@@ -124,8 +124,12 @@ def _batches(items: list, n: int) -> Iterator[list]:
 
 
 def analyze_series(series: Series, analyzer: Analyzer, max_tilt_deg: float,
-                   progress: Callable[[int], None] | None = None) -> tuple[list[SliceImage], list[SliceFinding], list[dict], float]:
-    """Decode and analyse a DICOM series batch by batch, decoding the next batch while the models run."""
+                   progress: Callable[[int], None] | None = None,
+                   keep_prob: bool = False) -> tuple[list[SliceImage], list[SliceFinding], list[dict], float]:
+    """Decode and analyse a DICOM series batch by batch, decoding the next batch while the models run.
+
+    keep_prob: keep each finding's lesion probability map (see Analyzer.findings).
+    """
     slices = list(series.slices)
     kept: list[SliceImage] = []
     findings: list[SliceFinding] = []
@@ -139,7 +143,7 @@ def analyze_series(series: Series, analyzer: Analyzer, max_tilt_deg: float,
             fut = pool.submit(_decode, chunks[k + 1], max_tilt_deg) if k + 1 < len(chunks) else None
             decode_s += dt
             rejected += bad
-            fs = analyzer.findings(ok)
+            fs = analyzer.findings(ok, keep_prob=keep_prob)
             for s in ok:
                 s.hu = None  # drop pixels once analysed
             kept += ok

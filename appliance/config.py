@@ -50,17 +50,23 @@ class WatchConfig:
     rescan_seconds: float = 5.0  # periodic rescan (network shares often send no file events)
     stable_seconds: float = 1.0  # a file is taken when its size has not changed for this long
     min_free_mb: int = 500  # stop taking files when the state disk has less free space than this
+    ignore: list[str] = field(default_factory=lambda: [".*", "*.part", "*.tmp", "*.partial", "*.crdownload", "*~"])
+    incomplete_seconds: float = 30.0  # a stable file that still does not parse is taken (and quarantined) after this
+    end_markers: list[str] = field(default_factory=lambda: ["DICOMDIR", "COMPLETE", "*.done"])  # series-complete signals
+    keep_processed_days: float = 7.0  # processed files are deleted after this many days; 0 keeps them
 
     def validate(self, where: str) -> None:
         _range(where, "rescan_seconds", self.rescan_seconds, 0.2, 3600)
         _range(where, "stable_seconds", self.stable_seconds, 0.0, 600)
         _range(where, "min_free_mb", self.min_free_mb, 0, 10**7)
+        _range(where, "incomplete_seconds", self.incomplete_seconds, 0.0, 86400)
+        _range(where, "keep_processed_days", self.keep_processed_days, 0.0, 3650)
 
 
 @dataclass
 class SeriesConfig:
     quiet_seconds: float = 5.0  # a series is complete after this long without a new slice
-    max_open_series: int = 16
+    max_open_series: int = 16  # beyond this many series in flight, the one quiet the longest is completed
 
     def validate(self, where: str) -> None:
         _range(where, "quiet_seconds", self.quiet_seconds, 0.1, 3600)
@@ -83,6 +89,10 @@ class MQTTConfig:
     verdict_expiry_seconds: int = 86400  # retained verdicts/overlays expire (MQTT 5 message expiry)
     stats_interval_seconds: float = 10.0
     key_images: bool = True  # attach a small PNG key image to overlays
+    protocol: str = "auto"  # auto (MQTT 5, falling back to 3.1.1) | 5 | 3.1.1
+    session_expiry_seconds: int = 604800  # persistent session kept by the broker this long (MQTT 5)
+    reconnect_min_seconds: float = 1.0  # reconnect backoff starts here and doubles ...
+    reconnect_max_seconds: float = 60.0  # ... up to this
 
     def validate(self, where: str) -> None:
         if not self.url.startswith(("mqtt://", "mqtts://")):
@@ -90,6 +100,11 @@ class MQTTConfig:
         _range(where, "qos", self.qos, 0, 2)
         _range(where, "keepalive", self.keepalive, 5, 3600)
         _range(where, "verdict_expiry_seconds", self.verdict_expiry_seconds, 0, 10**8)
+        _range(where, "stats_interval_seconds", self.stats_interval_seconds, 0.5, 86400)
+        _choice(where, "protocol", self.protocol, ("auto", "5", "3.1.1"))
+        _range(where, "session_expiry_seconds", self.session_expiry_seconds, 0, 2**32 - 1)
+        _range(where, "reconnect_min_seconds", self.reconnect_min_seconds, 0.1, 3600)
+        _range(where, "reconnect_max_seconds", self.reconnect_max_seconds, self.reconnect_min_seconds, 86400)
         for k in ("password_file", "ca_file", "cert_file", "key_file"):
             v = getattr(self, k)
             if v and not Path(v).expanduser().is_file():
@@ -136,11 +151,15 @@ class FleetConfig:
 class DisplayConfig:
     bind: str = "127.0.0.1"
     port: int = 8080
-    expire_minutes: int = 720
-    sound: bool = False
+    expire_minutes: int = 720  # studies older than this leave the screen
+    sound: bool = False  # a chime on each new positive (the kiosk browser must allow autoplay)
+    name: str = ""  # this screen in acknowledgements ("seen_by"); empty: display@<hostname>
 
     def validate(self, where: str) -> None:
         _range(where, "port", self.port, 1, 65535)
+        _range(where, "expire_minutes", self.expire_minutes, 1, 7 * 24 * 60)
+        if len(self.name) > 64:
+            raise ConfigError(f"{where} name: at most 64 characters, got {len(self.name)}")
 
 
 @dataclass

@@ -99,6 +99,7 @@ class SliceFinding:
     max_prob: float = 0.0
     lesion_fraction: float = 0.0  # lesion pixels / lung-box pixels
     timings_ms: dict[str, float] = field(default_factory=dict)
+    prob: np.ndarray | None = None  # lesion probability map at model scale over `lung` (kept only on request)
 
     @property
     def has_lesion(self) -> bool:

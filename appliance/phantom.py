@@ -15,6 +15,9 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from scipy import ndimage as ndi
 
+from appliance.jpeg_lossless import JPEG_LOSSLESS_SV1
+from appliance.jpeg_lossless import encode as encode_jpeg_lossless
+
 
 @dataclass
 class PhantomSpec:
@@ -139,7 +142,13 @@ def write_phantom(out_dir: str | Path, spec: PhantomSpec | None = None, transfer
         ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = -1024, 1, "HU"
         ds.WindowCenter, ds.WindowWidth = -600, 1500
         ds.PixelData = stored.tobytes()
-        if transfer_syntax != ExplicitVRLittleEndian:
+        if transfer_syntax == JPEG_LOSSLESS_SV1:
+            from pydicom.encaps import encapsulate
+
+            ds.PixelData = encapsulate([encode_jpeg_lossless(stored, precision=12)])
+            ds["PixelData"].VR = "OB"
+            ds.file_meta.TransferSyntaxUID = transfer_syntax
+        elif transfer_syntax != ExplicitVRLittleEndian:
             ds.compress(transfer_syntax, stored)
         p = out / f"IM{k + 1:04d}.dcm"
         ds.save_as(p, enforce_file_format=True)

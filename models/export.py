@@ -88,7 +88,9 @@ def quantize_ort(fp32: Path, out: Path, calib: np.ndarray) -> None:
 
     pre = out.with_suffix(".pre.onnx")
     quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
-    quantize_static(str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+    # reduce_range: 7-bit weights. Without it, u8s8 convolutions saturate on CPUs without VNNI (AVX2 only) and
+    # the INT8 masks disagree with FP32 (measured mask Dice 0.43 vs 0.94 with it on such a CPU).
+    quantize_static(str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True, reduce_range=True,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
     pre.unlink()
 

@@ -35,3 +35,13 @@ def phantom_dir(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("phantom")
     write_phantom(d, PhantomSpec(slices=24))
     return d
+
+
+@pytest.fixture
+def mosquitto(tmp_path):
+    """A fresh mosquitto on a free port (anonymous, loopback), stopped after the test."""
+    from .broker import Mosquitto
+
+    b = Mosquitto(tmp_path / "broker").start()
+    yield b
+    b.stop()

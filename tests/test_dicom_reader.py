@@ -11,6 +11,7 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import JPEG2000Lossless, RLELossless
 
 from appliance.ingest.dicom_reader import Rejected, read_slice, to_display
+from appliance.jpeg_lossless import JPEG_LOSSLESS_SV1
 from appliance.phantom import PhantomSpec, phantom_series, write_phantom
 
 from .conftest import shared_data
@@ -47,7 +48,8 @@ def test_header_only_pass_leaves_pixels(one):
     assert img.hu is None and img.position == pytest.approx(-5.0)
 
 
-@pytest.mark.parametrize("syntax", [JPEG2000Lossless, RLELossless], ids=["jpeg2000-lossless", "rle"])
+@pytest.mark.parametrize("syntax", [JPEG_LOSSLESS_SV1, JPEG2000Lossless, RLELossless],
+                         ids=["jpeg-lossless", "jpeg2000-lossless", "rle"])
 def test_compressed_syntaxes_decode_to_same_hu(tmp_path, syntax):
     spec = PhantomSpec(slices=2, seed=5)
     plain = write_phantom(tmp_path / "plain", spec)

@@ -58,15 +58,18 @@ class Analyzer:
     def precision(self) -> str:
         return self.lesion.adapter.precision
 
-    def findings(self, slices: Sequence[SliceImage]) -> list[SliceFinding]:
-        """Analyse slices (any order) in batches; results in the same order as given."""
+    def findings(self, slices: Sequence[SliceImage], keep_prob: bool = False) -> list[SliceFinding]:
+        """Analyse slices (any order) in batches; results in the same order as given.
+
+        keep_prob: keep each slice's lesion probability map (model scale, over the lung box) for Dice.
+        """
         out: list[SliceFinding] = []
         b = max(1, self.config.batch)
         for i in range(0, len(slices), b):
-            out.extend(self._batch(slices[i:i + b]))
+            out.extend(self._batch(slices[i:i + b], keep_prob))
         return out
 
-    def _batch(self, slices: Sequence[SliceImage]) -> list[SliceFinding]:
+    def _batch(self, slices: Sequence[SliceImage], keep_prob: bool = False) -> list[SliceFinding]:
         n = len(slices)
         t = {k: 0.0 for k in STAGES}
         t0 = time.perf_counter()
@@ -104,7 +107,8 @@ class Analyzer:
                                       inside=area.contains if area is not None else None,
                                       crop_is_slice=s.hu is None)
             frac = float((prob >= self.lesion.threshold).mean())
-            found[i] = SliceFinding(s.key, s.position, s.shape, rect, boxes, float(prob.max()), frac)
+            found[i] = SliceFinding(s.key, s.position, s.shape, rect, boxes, float(prob.max()), frac,
+                                    prob=prob.astype(np.float16) if keep_prob else None)
         t["boxes"] = time.perf_counter() - t3
         per = {k: round(v * 1000.0 / n, 3) for k, v in t.items()}
         out = []

@@ -1,0 +1,106 @@
+"""Measure the pipeline on a labelled dataset: the seed's Table 3 per image and per patient, plus Dice where
+masks exist.
+
+    DATASET/covid/<patient>/     slices: DICOM files, or lung-window crop images (*.png, *.jpg), natural name order
+    DATASET/control/<patient>/   the same
+    DATASET/masks/<patient>/<file stem>.png   optional lesion masks (non-zero = lesion), same size as the image
+
+Per image: positives = COVID images with lesion (mask non-empty; without masks, every COVID image), negatives =
+every control image; an image is called positive when it gets at least one box. COVID images whose mask is empty
+are excluded (reported as `excluded`). Per patient: positive when the case rule fires (indeterminate counts as a
+negative call). Undefined ratios are shown as "-" (null in JSON).
+
+--json prints one JSON object; --report DIR writes DIR/index.html (self-contained: ROC, threshold sweep, Dice
+histogram, patients, misses and false alarms) and DIR/metrics.json. Exit status 2 on a malformed dataset.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from appliance.cli import UsageError
+from appliance.commands.common import (add_backend_arguments, add_config_argument, load_config, make_analyzer,
+                                       progress_bar, table)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("dataset", metavar="DATASET", help="folder with covid/<patient>/, control/<patient>/, masks/")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    p.add_argument("--report", metavar="DIR", help="write an HTML report (index.html) and metrics.json here")
+    p.add_argument("--progress", action="store_true", default=None, help="force a progress bar on stderr")
+    add_backend_arguments(p)
+    add_config_argument(p)
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.1f} %"
+
+
+def summary(data: dict) -> str:
+    """The readable form of the evaluation object."""
+    pi, pp, d = data["per_image"], data["per_patient"], data["dice"]
+    rows = [[label, _pct(pi[k]), _pct(pp[k])] for k, label in
+            (("sensitivity", "sensitivity"), ("specificity", "specificity"), ("accuracy", "accuracy"),
+             ("ppv", "PPV"), ("npv", "NPV"))]
+    rows.append(["TP/FP/TN/FN", f"{pi['tp']}/{pi['fp']}/{pi['tn']}/{pi['fn']}",
+                 f"{pp['tp']}/{pp['fp']}/{pp['tn']}/{pp['fn']}"])
+    out = [table(rows, ["", "per image", "per patient"]), ""]
+    out.append(f"images {pi['images']} ({pi['excluded']} COVID image(s) with an empty mask excluded), "
+               f"patients {pp['patients']}")
+    if d["n"]:
+        out.append(f"Dice {d['mean']:.3f} (IoU {d['iou_mean']:.3f}) over {d['n']} image(s) with a mask, "
+                   f"{d['both_empty']} of them empty in mask and prediction")
+    else:
+        out.append("Dice: no masks")
+    if data["roc_auc"] is not None:
+        out.append(f"ROC AUC per image {data['roc_auc']:.3f}")
+    prow = []
+    for p in data["patients"]:
+        ev = p["evidence"]
+        run = f"{ev['quadrant']} slices {ev['first_slice'] + 1}-{ev['last_slice'] + 1} (run {ev['run']})" if ev \
+            else (p["reason"] or "-")
+        prow.append([p["patient"], p["group"], p["result"].upper(), str(p["slices"]), str(p["lesion_slices"]), run])
+    out += ["", table(prow, ["patient", "group", "result", "slices", "lesion", "run / reason"]), ""]
+    ms = "-" if data["ms_per_slice"] is None else f"{data['ms_per_slice']:.1f}"
+    out.append(f"backend {data['backend']} ({data['precision']}) on {data['device']}; models "
+               + ", ".join(f"{b['name']} {b['version']}" for b in data["bundles"])
+               + f"; {ms} ms/slice, {data['total_s']:.1f} s in all")
+    return "\n".join(out)
+
+
+def run(args: argparse.Namespace) -> int:
+    from appliance.evaluate import DatasetError, evaluate, find_patients
+
+    root = Path(args.dataset)
+    try:
+        find_patients(root)  # layout errors before the models load
+    except DatasetError as e:
+        raise UsageError(str(e)) from None
+    if args.report:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise UsageError("--report needs matplotlib (pip install matplotlib)") from None
+    cfg = load_config(args)
+    analyzer = make_analyzer(cfg)
+    bar = progress_bar(None, "evaluating", args.progress)
+    try:
+        ev = evaluate(root, analyzer, cfg.analysis.max_tilt_deg, progress=bar.update,
+                      on_total=lambda n: setattr(bar, "total", n))
+    except DatasetError as e:
+        raise UsageError(str(e)) from None
+    finally:
+        bar.close()
+    data = ev.as_dict()
+    if args.report:
+        from appliance.report import write_report
+
+        page = write_report(ev, Path(args.report), cfg.analysis.max_tilt_deg)
+        print(f"report written to {page}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(data))
+    else:
+        print(summary(data))
+    return 0

@@ -1,0 +1,201 @@
+"""Series tracker, pure: each series' findings kept in position order as slices arrive (in any order), the case
+rule re-applied on the sorted set after every batch, completeness signals, and the study verdict over its series.
+
+No I/O and no clock: callers pass `now` (seconds, any monotonic-enough clock; the daemon uses wall time so the
+quiet timer survives a restart). A series emits at most:
+  * `provisional` updates when the provisional result changes to positive (the rule fired mid-series) or away
+    from positive again (a late slice broke the run: slices arrive out of order, so the rule is re-checked on the
+    sorted set);
+  * one `final` update when it is complete: expected slice count reached, a completion hint (end marker,
+    association released), more series in flight than allowed, or a quiet time without new slices.
+"""
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Literal
+
+from appliance.domain import SeriesVerdict, SliceFinding
+from appliance.pipeline.case_logic import decide
+
+UpdateKind = Literal["provisional", "final"]
+
+
+@dataclass
+class Arrival:
+    """One analysed slice handed to the tracker. `order` is `appliance.ingest.series.sort_key` of the slice."""
+
+    series_uid: str
+    study_uid: str
+    order: tuple
+    finding: SliceFinding
+    ident: str  # SOPInstanceUID (or content hash): duplicates are ignored
+    expected: int | None = None  # slices announced by the header (ImagesInAcquisition), when given
+    description: str = ""
+
+
+@dataclass
+class Update:
+    series_uid: str
+    kind: UpdateKind
+    verdict: SeriesVerdict
+    complete_reason: str | None = None  # final only: why the series was declared complete
+
+
+@dataclass
+class TrackedSeries:
+    uid: str
+    study_uid: str
+    first_seen: float
+    last_seen: float
+    description: str = ""
+    expected: int | None = None
+    orders: list[tuple] = field(default_factory=list)
+    findings: list[SliceFinding] = field(default_factory=list)  # series order (head → feet)
+    ids: set[str] = field(default_factory=set)
+    announced: str | None = None  # provisional result last announced (None: nothing announced yet)
+    hint: str | None = None  # pending completion signal
+
+    def add(self, order: tuple, finding: SliceFinding, ident: str) -> bool:
+        """Insert in series order; False for a duplicate."""
+        if ident in self.ids:
+            return False
+        i = bisect.bisect_right(self.orders, order)
+        self.orders.insert(i, order)
+        self.findings.insert(i, finding)
+        self.ids.add(ident)
+        return True
+
+    @property
+    def count(self) -> int:
+        return len(self.findings)
+
+
+class SeriesTracker:
+    def __init__(self, *, min_run: int = 3, min_slices: int = 20, gap_factor: float = 1.5,
+                 quiet_seconds: float = 5.0, max_open: int = 16) -> None:
+        self.min_run, self.min_slices, self.gap_factor = min_run, min_slices, gap_factor
+        self.quiet_seconds, self.max_open = quiet_seconds, max_open
+        self.open: dict[str, TrackedSeries] = {}
+
+    # -- state -------------------------------------------------------------------------------------------------
+    @property
+    def in_flight(self) -> bool:
+        return bool(self.open)
+
+    def restore(self, series: TrackedSeries) -> None:
+        """Put back a series rebuilt from stored findings (after a restart, or a late slice reopening it)."""
+        self.open[series.uid] = series
+
+    def verdict(self, uid: str, final: bool) -> SeriesVerdict:
+        s = self.open[uid]
+        return decide(s.findings, final=final, min_run=self.min_run, min_slices=self.min_slices,
+                      gap_factor=self.gap_factor)
+
+    # -- events ------------------------------------------------------------------------------------------------
+    def add(self, arrivals: Iterable[Arrival], now: float) -> list[Update]:
+        """Add a batch of analysed slices, then re-apply the rule to each series it touched."""
+        touched: list[str] = []
+        for a in arrivals:
+            s = self.open.get(a.series_uid)
+            if s is None:
+                s = self.open[a.series_uid] = TrackedSeries(a.series_uid, a.study_uid, now, now, a.description)
+            if s.add(a.order, a.finding, a.ident):
+                s.last_seen = max(s.last_seen, now)
+                if a.expected:
+                    s.expected = a.expected
+                if a.series_uid not in touched:
+                    touched.append(a.series_uid)
+        updates: list[Update] = []
+        for uid in touched:
+            s = self.open[uid]
+            if s.expected and s.count >= s.expected:
+                updates.append(self.complete(uid, f"expected count: {s.count} of {s.expected} slices received"))
+                continue
+            u = self.evaluate(uid)
+            if u is not None:
+                updates.append(u)
+        while len(self.open) > self.max_open:
+            idle = [s for s in self.open.values() if s.uid not in touched] or list(self.open.values())
+            oldest = min(idle, key=lambda s: s.last_seen)
+            updates.append(self.complete(oldest.uid, f"more than {self.max_open} series in flight"))
+        return updates
+
+    def evaluate(self, uid: str) -> Update | None:
+        """Provisional update when the provisional result turns positive, or stops being positive."""
+        s = self.open[uid]
+        v = self.verdict(uid, final=False)
+        if v.result == "positive" and s.announced != "positive":
+            s.announced = "positive"
+            return Update(uid, "provisional", v)
+        if s.announced == "positive" and v.result != "positive":
+            s.announced = v.result
+            return Update(uid, "provisional", v)
+        return None
+
+    def hint(self, uid: str, reason: str) -> bool:
+        """A completion signal for an open series (applied at the next tick); False when it is not open."""
+        s = self.open.get(uid)
+        if s is None:
+            return False
+        s.hint = reason
+        return True
+
+    def tick(self, now: float, idle_since: float | None = None) -> list[Update]:
+        """Finals for series that are complete now: a pending hint, or quiet for `quiet_seconds`.
+
+        idle_since: when the input queue last became empty (None: it is not empty). Slices still waiting in the
+        queue may belong to any series, so quiet time only counts while nothing waits.
+        """
+        out = []
+        for uid in list(self.open):
+            s = self.open[uid]
+            if s.hint:
+                out.append(self.complete(uid, s.hint))
+            elif idle_since is not None and now - max(s.last_seen, idle_since) >= self.quiet_seconds:
+                out.append(self.complete(uid, f"quiet: no new slice for {self.quiet_seconds:g} s"))
+        return out
+
+    def complete(self, uid: str, reason: str) -> Update:
+        v = self.verdict(uid, final=True)
+        del self.open[uid]
+        return Update(uid, "final", v, reason)
+
+
+# -- study verdict over its series -------------------------------------------------------------------------------
+@dataclass
+class SeriesSummary:
+    """What the study verdict needs to know about one series."""
+
+    series_key: str
+    verdict: SeriesVerdict
+    description: str = ""
+    updated: float = 0.0
+
+    def as_dict(self) -> dict:
+        return {"series_key": self.series_key, "result": self.verdict.result, "state": self.verdict.state,
+                "slices": self.verdict.slices, "description": self.description}
+
+
+RESULT_RANK = {"positive": 2, "negative": 1, "indeterminate": 0}
+
+
+def study_verdict(series: list[SeriesSummary]) -> tuple[SeriesVerdict, SeriesSummary]:
+    """(study verdict, lead series). Positive when any series is; negative when none is and at least one is
+    negative; else indeterminate. Final when every series is final. The lead series (whose evidence, counts and
+    key is reported) is the positive one with the longest run, else the most recently updated one with the
+    study's result."""
+    if not series:
+        raise ValueError("a study verdict needs at least one series")
+    result = max((s.verdict.result for s in series), key=RESULT_RANK.__getitem__)
+    state = "final" if all(s.verdict.state == "final" for s in series) else "provisional"
+    same = [s for s in series if s.verdict.result == result]
+    if result == "positive":
+        lead = max(same, key=lambda s: (s.verdict.evidence.run if s.verdict.evidence else 0, s.updated))
+    else:
+        lead = max(same, key=lambda s: s.updated)
+    lv = lead.verdict
+    v = SeriesVerdict(result=result, state=state, evidence=lv.evidence, slices=lv.slices,  # type: ignore[arg-type]
+                      lung_slices=lv.lung_slices, lesion_slices=lv.lesion_slices, reason=lv.reason, gaps=lv.gaps)
+    return v, lead
