@@ -51,7 +51,8 @@ def summary(data: dict) -> str:
                f"patients {pp['patients']}")
     if d["n"]:
         out.append(f"Dice {d['mean']:.3f} (IoU {d['iou_mean']:.3f}) over {d['n']} image(s) with a mask, "
-                   f"{d['both_empty']} of them empty in mask and prediction")
+                   f"{d['both_empty']} of them empty in mask and prediction"
+                   + (f"; {d['lesion_mean']:.3f} over the {d['lesion_n']} with lesion" if d["lesion_n"] else ""))
     else:
         out.append("Dice: no masks")
     if data["roc_auc"] is not None:
@@ -63,6 +64,12 @@ def summary(data: dict) -> str:
             else (p["reason"] or "-")
         prow.append([p["patient"], p["group"], p["result"].upper(), str(p["slices"]), str(p["lesion_slices"]), run])
     out += ["", table(prow, ["patient", "group", "result", "slices", "lesion", "run / reason"]), ""]
+    if data["rejected"]:
+        out.append(f"{len(data['rejected'])} file(s) rejected:")
+        out += [f"  {r['file']}: {r['reason']}" for r in data["rejected"][:20]]
+        if len(data["rejected"]) > 20:
+            out.append(f"  … and {len(data['rejected']) - 20} more (use --json for all)")
+        out.append("")
     ms = "-" if data["ms_per_slice"] is None else f"{data['ms_per_slice']:.1f}"
     out.append(f"backend {data['backend']} ({data['precision']}) on {data['device']}; models "
                + ", ".join(f"{b['name']} {b['version']}" for b in data["bundles"])

@@ -48,6 +48,20 @@ def available_backends() -> list[str]:
     return out
 
 
+def cpu_name() -> str:
+    """The CPU model as the OS reports it (for honest device strings)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("model name", "Model", "Hardware")):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
 def default_threads() -> int:
     return int(os.environ.get("CTRIAGE_THREADS", 0)) or max(1, len(os.sched_getaffinity(0)))
 

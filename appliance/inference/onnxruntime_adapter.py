@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import logging
-import platform
 from pathlib import Path
 
 import numpy as np
 
-from appliance.inference.adapter import AdapterError, InferenceAdapter
+from appliance.inference.adapter import AdapterError, InferenceAdapter, cpu_name
 
 log = logging.getLogger(__name__)
 PREFERRED = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
@@ -36,8 +35,8 @@ class OnnxRuntimeAdapter(InferenceAdapter):
         if wanted[0] != used[0]:
             log.warning("ONNX Runtime fell back from %s to %s", wanted[0], used[0])
         self._input = self._sess.get_inputs()[0].name
-        cpu = platform.processor() or platform.machine()
-        self.device = f"{used[0].replace('ExecutionProvider', '')}: {cpu} ({threads} threads)"
+        where = cpu_name() if used[0] == "CPUExecutionProvider" else "GPU"
+        self.device = f"{used[0].replace('ExecutionProvider', '')}: {where} ({threads} threads)"
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
         batch = np.ascontiguousarray(batch, dtype=np.float32)

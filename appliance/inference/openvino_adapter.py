@@ -37,7 +37,8 @@ class OpenVINOAdapter(InferenceAdapter):
         except Exception:
             used = device
         try:
-            prec = str(self._compiled.get_property("INFERENCE_PRECISION_HINT"))
+            hint = self._compiled.get_property("INFERENCE_PRECISION_HINT")
+            prec = getattr(hint, "type_name", None) or getattr(hint, "get_type_name", lambda: str(hint))()
         except Exception:
             prec = "?"
         self.device = f"{used}: {name} ({prec}, {threads} threads)"

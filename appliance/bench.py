@@ -1,0 +1,162 @@
+"""Benchmark of the per-slice pipeline: decode → valid area → lesion → boxes → case rule, per backend.
+
+Each backend runs in its own child process (`python -m appliance.bench --child …`) so that its peak RSS is its
+own. Reported per backend: end-to-end slices/s over the whole series (decode overlapped with inference, as in
+`analyze`), ms per stage (median and p95 over batches), the time a 515-slice study would take at that rate,
+the streaming verdict latency after the last slice (slices fed one by one as a console exports them), peak RSS.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def machine() -> dict:
+    from appliance.inference.adapter import cpu_name
+
+    return {"cpu": cpu_name(), "cores": len(os.sched_getaffinity(0)), "machine": platform.machine(),
+            "python": platform.python_version()}
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def generate_series(out: Path, slices: int, syntax: str = "explicit") -> Path:
+    from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless
+
+    from appliance.jpeg_lossless import JPEG_LOSSLESS_SV1
+    from appliance.phantom import PhantomSpec, write_phantom
+
+    ts = {"explicit": ExplicitVRLittleEndian, "jpeg-lossless": JPEG_LOSSLESS_SV1, "jpeg2000": JPEG2000Lossless}[syntax]
+    write_phantom(out, PhantomSpec(slices=slices, thickness_mm=1.25, lesion=True), transfer_syntax=ts)
+    return out
+
+
+def _pcts(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {"median": 0.0, "p95": 0.0}
+    a = np.asarray(values, dtype=float)
+    return {"median": round(float(np.median(a)), 3), "p95": round(float(np.percentile(a, 95)), 3)}
+
+
+def bench_backend(path: Path, backend: str, precision: str, threads: int | None, streaming_slices: int) -> dict:
+    """Run in the child: the whole series once (batch mode), then a streaming tail."""
+    from appliance.analyze import analyze_series, read_headers, discover
+    from appliance.config import AnalysisConfig
+    from appliance.ingest.dicom_reader import load_pixels
+    from appliance.ingest.series import group_series, sort_key
+    from appliance.pipeline.analyzer import STAGES, Analyzer
+    from appliance.pipeline.case_logic import decide
+
+    t_load = time.perf_counter()
+    analyzer = Analyzer.load(AnalysisConfig(backend=backend, precision=precision, threads=threads or 0))
+    load_s = time.perf_counter() - t_load
+    files, _ = discover(path)
+    headers, rejected = read_headers(files, 10.0)
+    series = max(group_series(headers), key=lambda s: len(s.slices))
+    n = len(series.slices)
+    # warm-up (first inference allocates)
+    warm = series.slices[: analyzer.config.batch]
+    analyze_series(type(series)(series.uid, series.study_uid, list(warm)), analyzer, 10.0)
+
+    per_stage: dict[str, list[float]] = {k: [] for k in ("decode",) + STAGES + ("case_logic",)}
+    t0 = time.perf_counter()
+    kept, findings, bad, decode_s = analyze_series(series, analyzer, 10.0)
+    t_case = time.perf_counter()
+    order = sorted(range(len(kept)), key=lambda i: sort_key(kept[i]))
+    verdict = decide([findings[i] for i in order], min_slices=analyzer.config.min_slices)
+    case_ms = (time.perf_counter() - t_case) * 1000.0
+    wall = time.perf_counter() - t0
+    batch = analyzer.config.batch
+    for i in range(0, len(findings), batch):
+        for k in STAGES:
+            per_stage[k].append(findings[i].timings_ms.get(k, 0.0))
+    per_stage["decode"].append(decode_s * 1000.0 / max(1, n))
+    per_stage["case_logic"].append(case_ms / max(1, n))
+
+    # streaming: slices arrive one at a time; latency = last slice in → verdict out
+    tail = sorted(series.slices, key=sort_key)[-min(streaming_slices, n):]
+    stream_findings = []
+    lat = 0.0
+    for k, s in enumerate(tail):
+        t = time.perf_counter()
+        load_pixels(s)
+        f = analyzer.findings([s])[0]
+        s.hu = None
+        stream_findings.append(f)
+        stream_findings.sort(key=lambda x: -x.position)
+        decide(stream_findings, final=False, min_slices=analyzer.config.min_slices)
+        lat = time.perf_counter() - t
+    sps = n / wall if wall > 0 else 0.0
+    return {
+        "slices": n,
+        "wall_s": round(wall, 3),
+        "slices_per_s": round(sps, 2),
+        "study_515_s": round(515 / sps, 2) if sps else None,
+        "stage_ms": {k: _pcts(v) for k, v in per_stage.items()},
+        "stage_ms_mean": {k: round(float(np.mean(v)), 3) if v else 0.0 for k, v in per_stage.items()},
+        "streaming_latency_s": round(lat, 3),
+        "model_load_s": round(load_s, 3),
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+        "result": verdict.result,
+        "device": analyzer.device,
+        "precision": precision,
+        "bundles": analyzer.bundles,
+        "rejected": len(rejected) + len(bad),
+    }
+
+
+def run_bench(path: Path | None, backends: list[str], precision: str = "int8", slices: int = 120,
+              syntax: str = "explicit", threads: int | None = None, streaming_slices: int = 8) -> dict:
+    """Parent: generate a series if needed, run each backend in a child process, collect the results."""
+    tmp = None
+    if path is None:
+        tmp = tempfile.TemporaryDirectory(prefix="ctriage-bench-")
+        path = generate_series(Path(tmp.name), slices, syntax)
+        source = f"generated phantom, {slices} slices, {syntax}"
+    else:
+        source = str(path)
+    out: dict = {"machine": machine(), "source": source, "backends": {}}
+    try:
+        for be in backends:
+            cmd = [sys.executable, "-m", "appliance.bench", "--child", str(path), "--backend", be,
+                   "--precision", precision, "--streaming-slices", str(streaming_slices)]
+            if threads:
+                cmd += ["--threads", str(threads)]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                out["backends"][be] = {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
+                continue
+            out["backends"][be] = json.loads(proc.stdout.strip().splitlines()[-1])
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    return out
+
+
+def _child(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--child", required=True)
+    ap.add_argument("--backend", required=True)
+    ap.add_argument("--precision", default="int8")
+    ap.add_argument("--threads", type=int)
+    ap.add_argument("--streaming-slices", type=int, default=8)
+    a = ap.parse_args(argv)
+    res = bench_backend(Path(a.child), a.backend, a.precision, a.threads, a.streaming_slices)
+    print(json.dumps(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_child(sys.argv[1:]))

@@ -1,0 +1,54 @@
+"""Benchmark the per-slice pipeline on each available backend, side by side in one run.
+
+PATH: a DICOM series to run (default: a generated synthetic series of --slices slices). Prints slices/s end to
+end, ms per stage (median / p95), the time a 515-slice study takes at that rate, the streaming verdict latency
+after the last slice, and peak RSS. `--json` prints {"backends": {name: {...}}, "machine": {...}}.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from appliance.cli import UsageError
+from appliance.commands.common import table
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("path", nargs="?", metavar="PATH", help="a folder with one DICOM series (default: generated)")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--backend", action="append", choices=["openvino", "onnxruntime"],
+                   help="backend(s) to run (default: every installed one)")
+    p.add_argument("--precision", choices=["int8", "fp32"], default="int8")
+    p.add_argument("--slices", type=int, default=120, help="slices in the generated series (default 120)")
+    p.add_argument("--syntax", choices=["explicit", "jpeg-lossless", "jpeg2000"], default="explicit",
+                   help="transfer syntax of the generated series")
+    p.add_argument("--threads", type=int, help="inference threads (default: all cores)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from appliance.bench import run_bench
+    from appliance.inference.adapter import available_backends
+
+    backends = args.backend or available_backends()
+    if not backends:
+        raise UsageError("no inference backend installed")
+    path = Path(args.path) if args.path else None
+    if path is not None and not path.exists():
+        raise UsageError(f"{path}: no such folder")
+    res = run_bench(path, backends, args.precision, args.slices, args.syntax, args.threads)
+    if args.json:
+        print(json.dumps(res))
+        return 0 if all("error" not in v for v in res["backends"].values()) else 1
+    m = res["machine"]
+    print(f"{res['source']} on {m['cpu']} ({m['cores']} cores)\n")
+    rows = []
+    stages = ["decode", "valid_area", "lesion_pre", "lesion_infer", "boxes", "case_logic"]
+    for be, r in res["backends"].items():
+        if "error" in r:
+            rows.append([be, "error: " + r["error"]] + [""] * (5 + len(stages)))
+            continue
+        rows.append([be, f"{r['slices_per_s']:.1f}", f"{r['study_515_s']:.1f}", f"{r['streaming_latency_s']:.3f}",
+                     f"{r['peak_rss_mb']:.0f}"] + [f"{r['stage_ms'][s]['median']:.1f}/{r['stage_ms'][s]['p95']:.1f}" for s in stages])
+    print(table(rows, ["backend", "slices/s", "515-slice s", "stream lat s", "peak MB"] + [f"{s} ms" for s in stages]))
+    return 0

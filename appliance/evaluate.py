@@ -1,0 +1,430 @@
+"""Evaluation on a labelled dataset: the seed's Table 3 (per image and per patient) plus Dice where masks exist.
+
+    DATASET/covid/<patient>/     slices: DICOM files, or lung-window crop images (*.png, *.jpg), natural name order
+    DATASET/control/<patient>/   the same
+    DATASET/masks/<patient>/<file stem>.png   optional lesion masks (non-zero = lesion), same size as the image
+
+Per image: positives = COVID images with lesion (mask non-empty; without a mask, every COVID image), negatives =
+every control image; COVID images whose mask is empty are excluded. An image is called positive when the pipeline
+put at least one box on it. Per patient: called positive when the case rule fires (indeterminate = negative call).
+
+The metric functions at the top are pure numpy; `evaluate` walks the dataset and runs the analyzer.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+from scipy import ndimage as ndi
+
+from appliance.analyze import analyze_series, discover, read_headers
+from appliance.domain import Rect, SliceFinding
+from appliance.imaging import resize
+from appliance.ingest.image_reader import image_series, natural_key
+from appliance.ingest.series import group_series
+from appliance.pipeline.lesions import AREA_SCALE
+
+GROUPS = ("covid", "control")
+METRIC_KEYS = ("sensitivity", "specificity", "accuracy", "ppv", "npv", "tp", "fp", "tn", "fn")
+
+
+# ---------------------------------------------------------------------------------------------- pure metrics
+
+
+def ratio(num: int, den: int) -> float | None:
+    """num / den, or None when den is 0 (an undefined ratio)."""
+    return float(num) / den if den else None
+
+
+@dataclass
+class Confusion:
+    """Counts of a binary call against the truth."""
+
+    tp: int = 0
+    fp: int = 0
+    tn: int = 0
+    fn: int = 0
+
+    def add(self, truth: bool, called: bool) -> None:
+        if truth:
+            self.tp += called
+            self.fn += not called
+        else:
+            self.fp += called
+            self.tn += not called
+
+    @property
+    def n(self) -> int:
+        return self.tp + self.fp + self.tn + self.fn
+
+    def metrics(self, digits: int | None = 4) -> dict:
+        """The seed's definitions: accuracy (TP+TN)/all, sensitivity TP/(TP+FN), specificity TN/(TN+FP),
+        PPV TP/(TP+FP), NPV TN/(TN+FN); None where the denominator is 0. Counts included."""
+        r = {"sensitivity": ratio(self.tp, self.tp + self.fn), "specificity": ratio(self.tn, self.tn + self.fp),
+             "accuracy": ratio(self.tp + self.tn, self.n), "ppv": ratio(self.tp, self.tp + self.fp),
+             "npv": ratio(self.tn, self.tn + self.fn)}
+        if digits is not None:
+            r = {k: (round(v, digits) if v is not None else None) for k, v in r.items()}
+        return {**r, "tp": self.tp, "fp": self.fp, "tn": self.tn, "fn": self.fn}
+
+
+def confusion(truth: Sequence[bool], called: Sequence[bool]) -> Confusion:
+    if len(truth) != len(called):
+        raise ValueError(f"{len(truth)} truths but {len(called)} calls")
+    c = Confusion()
+    for t, p in zip(truth, called):
+        c.add(bool(t), bool(p))
+    return c
+
+
+def dice(pred: np.ndarray, truth: np.ndarray) -> float:
+    """2|A∩B| / (|A|+|B|) of two boolean masks; 1.0 when both are empty."""
+    pred, truth = np.asarray(pred, bool), np.asarray(truth, bool)
+    if pred.shape != truth.shape:
+        raise ValueError(f"mask shapes differ: {pred.shape} vs {truth.shape}")
+    s = int(pred.sum()) + int(truth.sum())
+    return 1.0 if s == 0 else 2.0 * int((pred & truth).sum()) / s
+
+
+def iou(pred: np.ndarray, truth: np.ndarray) -> float:
+    """|A∩B| / |A∪B| of two boolean masks; 1.0 when both are empty."""
+    pred, truth = np.asarray(pred, bool), np.asarray(truth, bool)
+    if pred.shape != truth.shape:
+        raise ValueError(f"mask shapes differ: {pred.shape} vs {truth.shape}")
+    u = int((pred | truth).sum())
+    return 1.0 if u == 0 else int((pred & truth).sum()) / u
+
+
+def predicted_mask(prob: np.ndarray | None, lung: Rect | None, shape: tuple[int, int], threshold: float) -> np.ndarray:
+    """The lesion mask in slice pixels: the model-scale probability map resized (bilinear) back to the lung box,
+    thresholded, and pasted into a canvas of the slice's shape. Empty when no lung box / no map."""
+    out = np.zeros(shape, bool)
+    if prob is None or lung is None or lung.height <= 0 or lung.width <= 0:
+        return out
+    p = resize(np.asarray(prob, np.float32), (lung.height, lung.width))
+    out[lung.y0:lung.y1, lung.x0:lung.x1] = p >= threshold
+    return out
+
+
+def _largest_component(mask: np.ndarray) -> int:
+    lab, n = ndi.label(mask)  # 4-connected, as the box rule
+    return int(np.bincount(lab.ravel())[1:].max()) if n else 0
+
+
+def component_score(prob: np.ndarray | None, px_area: float, min_area: float) -> float:
+    """Per-image score: the highest probability threshold t at which {prob ≥ t} still has a connected component
+    whose area (model pixels × px_area, i.e. at 512² scale) exceeds min_area — the area rule of the boxes.
+
+    Components of {prob ≥ t} only grow as t falls, so an image has a qualifying component at threshold t exactly
+    when score ≥ t: sweeping t over the scores gives the exact curve. 0.0 when no threshold qualifies.
+    """
+    if prob is None or prob.size == 0:
+        return 0.0
+    p = np.asarray(prob, np.float32)
+    need = int(np.floor(min_area / px_area)) + 1 if px_area > 0 else p.size + 1  # pixels needed: n·px_area > min
+    if need > p.size:
+        return 0.0
+    values = np.unique(p)
+    # the score cannot exceed the need-th largest value; search the distinct values up to it
+    cap = np.partition(p.ravel(), p.size - need)[p.size - need]
+    values = values[values <= cap]
+    lo, hi = 0, len(values) - 1  # values[0] qualifies: all pixels ≥ the minimum form one component
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if _largest_component(p >= values[mid]) >= need:
+            lo = mid
+        else:
+            hi = mid - 1
+    return float(values[lo])
+
+
+def sweep(scores: Sequence[float], truth: Sequence[bool]) -> list[dict]:
+    """Exact threshold sweep: one point per distinct score (called positive when score ≥ threshold), from the
+    strictest (threshold +inf: nothing called) down. Each point: threshold, fpr, tpr and the Table-3 metrics."""
+    s = np.asarray(scores, np.float64)
+    t = np.asarray(truth, bool)
+    points = []
+    for th in [np.inf] + sorted(set(s.tolist()), reverse=True):
+        c = confusion(t, s >= th)
+        m = c.metrics(digits=None)
+        points.append({"threshold": float(th), "fpr": None if m["specificity"] is None else 1.0 - m["specificity"],
+                       "tpr": m["sensitivity"], **m})
+    return points
+
+
+def auc(points: Sequence[dict]) -> float | None:
+    """Area under the ROC curve (trapezoids over the sweep's points); None without both classes."""
+    xy = [(p["fpr"], p["tpr"]) for p in points]
+    if not xy or any(x is None or y is None for x, y in xy):
+        return None
+    xs, ys = np.array([x for x, _ in xy]), np.array([y for _, y in xy])
+    return float(np.sum((xs[1:] - xs[:-1]) * (ys[1:] + ys[:-1]) / 2.0))
+
+
+def mean_or_none(values: Sequence[float], digits: int = 4) -> float | None:
+    return round(float(np.mean(values)), digits) if len(values) else None
+
+
+# ---------------------------------------------------------------------------------------------- the dataset
+
+
+class DatasetError(ValueError):
+    """The dataset folder does not have the expected layout, or a mask does not fit its image."""
+
+
+@dataclass
+class PatientSource:
+    group: str  # "covid" | "control"
+    name: str
+    folder: Path
+    masks: Path | None  # DATASET/masks/<patient>/ when it exists
+
+
+def find_patients(root: Path) -> list[PatientSource]:
+    """The patients of a dataset folder (covid/<patient>/, control/<patient>/, optional masks/<patient>/)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"{root}: no such folder")
+    present = [g for g in GROUPS if (root / g).is_dir()]
+    if not present:
+        raise DatasetError(f"{root}: expected covid/<patient>/ and/or control/<patient>/ folders (found neither)")
+    out: list[PatientSource] = []
+    seen: dict[str, str] = {}
+    for g in present:
+        loose = [p.name for p in (root / g).iterdir() if p.is_file() and not p.name.startswith(".")]
+        if loose:
+            raise DatasetError(f"{root / g} holds files directly ({loose[0]}, …): put each patient's slices in "
+                               f"{g}/<patient>/")
+        for d in sorted((p for p in (root / g).iterdir() if p.is_dir() and not p.name.startswith(".")),
+                        key=lambda p: natural_key(p.name)):
+            if d.name in seen:
+                raise DatasetError(f"patient {d.name!r} is in both {seen[d.name]}/ and {g}/")
+            seen[d.name] = g
+            m = root / "masks" / d.name
+            out.append(PatientSource(g, d.name, d, m if m.is_dir() else None))
+    if not out:
+        raise DatasetError(f"{root}: no patient folders under {' or '.join(g + '/' for g in present)}")
+    return out
+
+
+def read_mask(path: Path) -> np.ndarray:
+    """A lesion mask image → bool (non-zero = lesion)."""
+    try:
+        with Image.open(path) as im:
+            a = np.asarray(im)
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise DatasetError(f"{path}: unreadable mask ({type(e).__name__}: {e})") from None
+    return (a != 0).any(axis=-1) if a.ndim == 3 else a != 0
+
+
+# ---------------------------------------------------------------------------------------------- results
+
+
+@dataclass
+class ImageResult:
+    patient: str
+    group: str
+    key: str  # file path
+    kind: str  # "dicom" | "images"
+    index: int  # 0-based position in its series
+    finding: SliceFinding  # probability map dropped
+    score: float  # component_score
+    truth: bool | None  # None: excluded (COVID image with an empty mask)
+    mask: Path | None = None
+    mask_empty: bool | None = None
+    dice: float | None = None
+    iou: float | None = None
+    pred_empty: bool | None = None
+
+    @property
+    def called(self) -> bool:
+        return bool(self.finding.boxes)
+
+
+@dataclass
+class PatientResult:
+    source: PatientSource
+    result: str  # positive | negative | indeterminate
+    reason: str | None
+    evidence: dict | None  # the run that fired (quadrant, first_slice, last_slice, run) in its series
+    series: int
+    slices: int
+    lesion_slices: int
+    rejected: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict:
+        return {"patient": self.source.name, "group": self.source.group, "result": self.result,
+                "evidence": self.evidence, "slices": self.slices, "lesion_slices": self.lesion_slices,
+                "series": self.series, "reason": self.reason, "rejected": len(self.rejected)}
+
+
+@dataclass
+class Evaluation:
+    images: list[ImageResult]
+    patients: list[PatientResult]
+    backend: str
+    precision: str
+    device: str
+    bundles: list[dict]
+    threshold: float
+    min_area: float
+    seconds: float  # analysis time (reading + models + case rule), all patients
+
+    @property
+    def scored(self) -> list[ImageResult]:
+        return [r for r in self.images if r.truth is not None]
+
+    def per_image(self) -> Confusion:
+        return confusion([r.truth for r in self.scored], [r.called for r in self.scored])
+
+    def per_patient(self) -> Confusion:
+        return confusion([p.source.group == "covid" for p in self.patients],
+                         [p.result == "positive" for p in self.patients])
+
+    def sweep(self) -> list[dict]:
+        return sweep([r.score for r in self.scored], [bool(r.truth) for r in self.scored])
+
+    @property
+    def with_dice(self) -> list[ImageResult]:
+        return [r for r in self.images if r.dice is not None]
+
+    def as_dict(self) -> dict:
+        n = len(self.images)
+        dl = self.with_dice
+        les = [r for r in dl if not r.mask_empty]
+        return {
+            "schema": "ctriage.evaluation/1",
+            "per_image": {**self.per_image().metrics(), "excluded": sum(r.truth is None for r in self.images),
+                          "images": n},
+            "per_patient": {**self.per_patient().metrics(), "patients": len(self.patients)},
+            "dice": {"mean": mean_or_none([r.dice for r in dl]), "n": len(dl),  # type: ignore[misc]
+                     "iou_mean": mean_or_none([r.iou for r in dl]),  # type: ignore[misc]
+                     "both_empty": sum(bool(r.mask_empty and r.pred_empty) for r in dl),
+                     "lesion_mean": mean_or_none([r.dice for r in les]), "lesion_n": len(les)},  # type: ignore[misc]
+            "roc_auc": (lambda a: round(a, 4) if a is not None else None)(auc(self.sweep())),
+            "threshold": self.threshold, "min_area_px512": self.min_area,
+            "backend": self.backend, "precision": self.precision, "device": self.device, "bundles": self.bundles,
+            "ms_per_slice": round(self.seconds * 1000.0 / n, 2) if n else None,
+            "total_s": round(self.seconds, 3),
+            "patients": [p.as_dict() for p in self.patients],
+            "rejected": [{"patient": p.source.name, **r} for p in self.patients for r in p.rejected],
+        }
+
+
+# ---------------------------------------------------------------------------------------------- running
+
+
+def evaluate(root: Path, analyzer, max_tilt_deg: float = 10.0, progress: Callable[[int], None] | None = None,
+             on_total: Callable[[int], None] | None = None) -> Evaluation:
+    """Run the analyzer over every patient of the dataset and score each image against its mask."""
+    patients = find_patients(root)
+    found = [discover(p.folder) for p in patients]
+    if on_total:
+        on_total(sum(len(d) + sum(len(v) for v in im.values()) for d, im in found))
+    images: list[ImageResult] = []
+    results: list[PatientResult] = []
+    total_s = 0.0
+    for src, (dicom_files, image_groups) in zip(patients, found):
+        res, imgs = _run_patient(src, dicom_files, image_groups, analyzer, max_tilt_deg, progress)
+        total_s += res.seconds
+        results.append(res)
+        images += imgs
+    le = analyzer.lesion
+    return Evaluation(images, results, analyzer.backend, analyzer.precision, analyzer.device, analyzer.bundles,
+                      float(le.threshold), float(le.min_area), total_s)
+
+
+def _run_patient(src: PatientSource, dicom_files: list[Path], image_groups: dict[Path, list[Path]], analyzer,
+                 max_tilt_deg: float,
+                 progress: Callable[[int], None] | None) -> tuple[PatientResult, list[ImageResult]]:
+    seconds = 0.0
+    runs = []  # (kind, verdict, ordered findings)
+    t0 = time.perf_counter()
+    headers, rejected = read_headers(dicom_files, max_tilt_deg)
+    rejected += [{"file": str(q), "reason": "broken symbolic link"} for q in sorted(src.folder.rglob("*"))
+                 if q.is_symlink() and not q.exists()]
+    for r in rejected:
+        r.pop("series_uid", None)
+    if progress and rejected:
+        progress(len(rejected))
+    seconds += time.perf_counter() - t0
+    for ser in group_series(headers):
+        t0 = time.perf_counter()
+        kept, findings, bad, _ = analyze_series(ser, analyzer, max_tilt_deg, progress, keep_prob=True)
+        verdict, ordered = analyzer.verdict(kept, findings)
+        seconds += time.perf_counter() - t0
+        rejected += bad
+        runs.append(("dicom", verdict, ordered))
+    for folder, files in sorted(image_groups.items(), key=lambda kv: natural_key(str(kv[0]))):
+        t0 = time.perf_counter()
+        slices, bad = image_series(folder, files)
+        rejected += bad
+        if progress and bad:
+            progress(len(bad))
+        if not slices:
+            seconds += time.perf_counter() - t0
+            continue
+        findings: list[SliceFinding] = []
+        b = max(1, analyzer.config.batch)
+        for i in range(0, len(slices), b):
+            findings += analyzer.findings(slices[i:i + b], keep_prob=True)
+            if progress:
+                progress(len(slices[i:i + b]))
+        verdict, ordered = analyzer.verdict(slices, findings, min_slices=1)
+        seconds += time.perf_counter() - t0
+        runs.append(("images", verdict, ordered))
+    out: list[ImageResult] = []
+    for kind, _, ordered in runs:
+        for i, f in enumerate(ordered):
+            out.append(_score_image(src, kind, i, f, analyzer))
+            f.prob = None  # memory stays flat: only boxes are kept
+    return _patient_verdict(src, runs, rejected, seconds), out
+
+
+def _score_image(src: PatientSource, kind: str, index: int, f: SliceFinding, analyzer) -> ImageResult:
+    le = analyzer.lesion
+    h, w = f.shape
+    if f.lung is not None and f.prob is not None:
+        to512 = 1.0 if kind == "images" else (AREA_SCALE / h) * (AREA_SCALE / w)
+        px_area = (f.lung.height / f.prob.shape[0]) * (f.lung.width / f.prob.shape[1]) * to512
+        score = component_score(f.prob, px_area, le.min_area)
+    else:
+        score = 0.0
+    mpath = src.masks / f"{Path(f.key).stem}.png" if src.masks is not None else None
+    if mpath is not None and not mpath.is_file():
+        mpath = None
+    r = ImageResult(src.name, src.group, f.key, kind, index, f, score, truth=src.group == "covid")
+    if mpath is not None:
+        m = read_mask(mpath)
+        if m.shape != tuple(f.shape):
+            raise DatasetError(f"{mpath}: mask is {m.shape[0]}×{m.shape[1]} but its image {Path(f.key).name} is "
+                               f"{h}×{w}")
+        pred = predicted_mask(f.prob, f.lung, f.shape, le.threshold)
+        r.mask, r.mask_empty, r.pred_empty = mpath, not m.any(), not pred.any()
+        r.dice, r.iou = dice(pred, m), iou(pred, m)
+        if src.group == "covid" and r.mask_empty:
+            r.truth = None  # a COVID image without lesion is neither a positive nor a negative
+    return r
+
+
+def _patient_verdict(src: PatientSource, runs: list, rejected: list[dict], seconds: float) -> PatientResult:
+    slices = sum(v.slices for _, v, _ in runs)
+    lesion = sum(v.lesion_slices for _, v, _ in runs)
+    if not runs:
+        why = f"no usable slices ({len(rejected)} file(s) rejected)" if rejected else "no slices"
+        return PatientResult(src, "indeterminate", why, None, 0, 0, 0, rejected, seconds)
+    pos = [v for _, v, _ in runs if v.result == "positive"]
+    if pos:
+        best = max(pos, key=lambda v: v.evidence.run if v.evidence else 0)
+        return PatientResult(src, "positive", None, best.evidence.as_dict() if best.evidence else None, len(runs),
+                             slices, lesion, rejected, seconds)
+    neg = [v for _, v, _ in runs if v.result == "negative"]
+    if neg:
+        return PatientResult(src, "negative", None, None, len(runs), slices, lesion, rejected, seconds)
+    reason = "; ".join(sorted({v.reason or "indeterminate" for _, v, _ in runs}))
+    return PatientResult(src, "indeterminate", reason, None, len(runs), slices, lesion, rejected, seconds)

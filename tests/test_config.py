@@ -1,0 +1,45 @@
+import pytest
+
+from appliance.config import ConfigError, from_dict, load, to_toml
+
+
+def test_defaults_are_valid():
+    cfg = from_dict({})
+    assert cfg.analysis.min_run == 3 and cfg.analysis.min_slices == 20 and cfg.mqtt.qos == 1
+
+
+@pytest.mark.parametrize("data,msg", [
+    ({"mqtt": {"qos": 5}}, "[mqtt] qos: must be between 0 and 2"),
+    ({"mqtt": {"url": "http://x"}}, "[mqtt] url: must start with mqtt://"),
+    ({"analysis": {"backend": "tensorrt"}}, "[analysis] backend: must be one of"),
+    ({"analysis": {"min_run": "3"}}, "[analysis] min_run: expected an integer, got '3'"),
+    ({"mqtt": {"prot": 1}}, "unknown key 'prot'"),
+    ({"device_id": "room 2/a"}, "device_id: letters, digits"),
+    ({"watch": {"stable_seconds": True}}, "expected a number"),
+    ({"dicom": {"ae_title": "A" * 17}}, "[dicom] ae_title"),
+])
+def test_errors_name_the_key(data, msg):
+    with pytest.raises(ConfigError) as e:
+        from_dict(data)
+    assert msg in str(e.value)
+
+
+def test_unknown_key_suggests_the_near_one():
+    with pytest.raises(ConfigError, match="did you mean 'quiet_seconds'"):
+        from_dict({"series": {"quiet_second": 3}})
+
+
+def test_toml_round_trip(tmp_path):
+    cfg = from_dict({"device_id": "ct-2", "mqtt": {"url": "mqtts://broker:8883"}, "analysis": {"threads": 2}})
+    p = tmp_path / "c.toml"
+    p.write_text(to_toml(cfg))
+    again = load(p)
+    assert again == cfg
+
+
+def test_missing_file_and_bad_toml(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load(tmp_path / "nope.toml")
+    (tmp_path / "bad.toml").write_text("[mqtt\nurl=")
+    with pytest.raises(ConfigError, match="invalid TOML"):
+        load(tmp_path / "bad.toml")
