@@ -73,4 +73,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # run as `python -m appliance.cli`: use the importable module so exception classes are the same objects
+    from appliance.cli import main as _main
+
+    sys.exit(_main())

@@ -122,22 +122,56 @@ class DicomConfig:
     enabled: bool = False
     port: int = 11112
     ae_title: str = "CTRIAGE"
-    allowed_callers: list[str] = field(default_factory=list)  # AE titles (or AE@host); empty: any
-    tls_cert_file: str = ""
+    bind: str = ""  # address to listen on; empty: all interfaces
+    allowed_callers: list[str] = field(default_factory=list)  # "AET", "AET@host" or "*@host"; empty: any
+    tls_cert_file: str = ""  # with tls_key_file: the node speaks DICOM over TLS only
     tls_key_file: str = ""
-    tls_ca_file: str = ""
+    tls_ca_file: str = ""  # callers must present a certificate signed by this CA
+    accept_lossy: bool = False  # also accept lossy JPEG 2000 / JPEG-LS near-lossless (HU values change)
+    max_associations: int = 8
+    timeout_seconds: float = 60.0  # ACSE, DIMSE and network timeouts
 
     def validate(self, where: str) -> None:
         _range(where, "port", self.port, 1, 65535)
         if not (1 <= len(self.ae_title) <= 16):
             raise ConfigError(f"{where} ae_title: 1 to 16 characters, got {self.ae_title!r}")
+        _range(where, "max_associations", self.max_associations, 1, 100)
+        _range(where, "timeout_seconds", self.timeout_seconds, 1, 3600)
+        for i, c in enumerate(self.allowed_callers):
+            aet, _, host = c.partition("@")
+            if not (1 <= len(aet.strip()) <= 16) or ("@" in c and not host.strip()):
+                raise ConfigError(f"{where} allowed_callers[{i}]: expected 'AET', 'AET@host' or '*@host', got {c!r}")
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ConfigError(f"{where} tls_cert_file and tls_key_file: set both or neither")
+        if self.tls_ca_file and not self.tls_cert_file:
+            raise ConfigError(f"{where} tls_ca_file: needs tls_cert_file and tls_key_file")
+        for k in ("tls_cert_file", "tls_key_file", "tls_ca_file"):
+            v = getattr(self, k)
+            if v and not Path(v).expanduser().is_file():
+                raise ConfigError(f"{where} {k}: file not found: {v}")
 
 
 @dataclass
 class PacsConfig:
-    destinations: list[str] = field(default_factory=list)  # AET@host:port
-    send_key_images: bool = True
-    retry_seconds: float = 30.0
+    destinations: list[str] = field(default_factory=list)  # AET@host:port; empty: no results sent to PACS
+    calling_ae_title: str = ""  # empty: [dicom] ae_title
+    send_key_images: bool = True  # a Secondary Capture key image with the SR
+    retry_seconds: float = 30.0  # first retry after a failed delivery; doubles up to max_retry_seconds
+    max_retry_seconds: float = 900.0
+    timeout_seconds: float = 30.0
+
+    def validate(self, where: str) -> None:
+        import re
+
+        for i, d in enumerate(self.destinations):
+            if not re.fullmatch(r"[^@]{1,16}@(\[[0-9A-Fa-f:.]+\]|[^:@\[\]\s]+):\d{1,5}", d.strip()) \
+                    or not 1 <= int(d.rsplit(":", 1)[1]) <= 65535:
+                raise ConfigError(f"{where} destinations[{i}]: expected AET@host:port, got {d!r}")
+        if len(self.calling_ae_title) > 16:
+            raise ConfigError(f"{where} calling_ae_title: at most 16 characters, got {self.calling_ae_title!r}")
+        _range(where, "retry_seconds", self.retry_seconds, 0.1, 86400)
+        _range(where, "max_retry_seconds", self.max_retry_seconds, self.retry_seconds, 86400)
+        _range(where, "timeout_seconds", self.timeout_seconds, 1, 600)
 
 
 @dataclass

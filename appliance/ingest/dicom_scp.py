@@ -23,7 +23,7 @@ import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from pydicom.dataset import Dataset
 from pydicom.uid import (UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEG2000, JPEG2000Lossless,
@@ -31,6 +31,9 @@ from pydicom.uid import (UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian, JP
 from pynetdicom import AE, evt
 from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.sop_class import CTImageStorage, EnhancedCTImageStorage, Verification
+
+if TYPE_CHECKING:
+    from appliance.config import DicomConfig
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +53,10 @@ MISSING_UID = 0xC001
 PROCESSING_FAILURE = 0x0110
 
 _UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+
+
+class NodeError(Exception):
+    """The node cannot start (e.g. the port is taken); the message says which address and why."""
 
 
 class OutOfSpace(Exception):
@@ -97,7 +104,7 @@ def atomic_write(path: Path, data: bytes) -> None:
 
 
 class DirectorySink:
-    """Writes each instance to <path>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm (atomically); for tests and standalone use.
+    """Writes each instance to <path>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm, atomically (tests, standalone use).
 
     min_free_mb: refuse instances (0xA700) while the disk holding path has less free space than this.
     """
@@ -227,17 +234,12 @@ class DicomNode:
         self._lock = threading.Lock()
 
     @classmethod
-    def from_config(cls, cfg, sink: InstanceSink, **kw) -> DicomNode:
-        """From a DicomConfig ([dicom] table)."""
-        ctx = None
-        if cfg.tls_cert_file:
-            ctx = server_ssl_context(cfg.tls_cert_file, cfg.tls_key_file, cfg.tls_ca_file)
-        opts = {"ae_title": cfg.ae_title, "port": cfg.port, "allowed_callers": cfg.allowed_callers, "ssl_context": ctx}
-        for name in ("bind", "accept_lossy", "max_associations"):
-            if hasattr(cfg, name):
-                opts[name] = getattr(cfg, name)
-        if hasattr(cfg, "timeout_seconds"):
-            opts["timeout"] = cfg.timeout_seconds
+    def from_config(cls, cfg: DicomConfig, sink: InstanceSink, **kw) -> DicomNode:
+        """From the [dicom] table; keyword arguments override it (e.g. port from `ctriage run --dicom-port`)."""
+        ctx = server_ssl_context(cfg.tls_cert_file, cfg.tls_key_file, cfg.tls_ca_file) if cfg.tls_cert_file else None
+        opts = {"ae_title": cfg.ae_title, "port": cfg.port, "bind": cfg.bind, "allowed_callers": cfg.allowed_callers,
+                "ssl_context": ctx, "accept_lossy": cfg.accept_lossy, "max_associations": cfg.max_associations,
+                "timeout": cfg.timeout_seconds}
         opts.update(kw)
         return cls(sink, **opts)
 
@@ -264,8 +266,11 @@ class DicomNode:
                     (evt.EVT_C_ECHO, self._on_echo), (evt.EVT_RELEASED, self._on_released),
                     (evt.EVT_ABORTED, self._on_gone), (evt.EVT_CONN_CLOSE, self._on_gone)]
         self._ae = ae
-        self._server = ae.start_server((self.bind, self._port), block=False, evt_handlers=handlers,
-                                       ssl_context=self.ssl_context)
+        try:
+            self._server = ae.start_server((self.bind, self._port), block=False, evt_handlers=handlers,
+                                           ssl_context=self.ssl_context)
+        except OSError as e:
+            raise NodeError(f"DICOM node cannot listen on {self.bind or '*'}:{self._port}: {e.strerror or e}") from None
         log.info("DICOM node %s listening on port %d%s", self.ae_title, self.port, " (TLS)" if self.ssl_context else "")
         return self
 
@@ -346,6 +351,9 @@ class DicomNode:
                 return MISSING_UID, f"data set has no {k}", ""
         if "PixelData" not in ds:  # Type 1 in a CT image; also what a truncated file usually lacks
             return DATASET_MISMATCH, "no pixel data in a CT image (truncated?)", ""
+        short = _short_pixel_data(ds, event.context.transfer_syntax)
+        if short:
+            return DATASET_MISMATCH, short, ""
         series = header["SeriesInstanceUID"]
         try:
             meta = event.file_meta
@@ -375,6 +383,19 @@ class DicomNode:
     def _on_gone(self, event) -> None:
         with self._lock:
             self._series.pop(id(event.assoc), None)
+
+
+def _short_pixel_data(ds: Dataset, syntax: str) -> str:
+    """For native (uncompressed) pixel data: a reason when it is shorter than its attributes say, else ''."""
+    if UID(syntax).is_compressed:
+        return ""
+    try:
+        n = (int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1) or 1)
+             * int(ds.get("NumberOfFrames", 1) or 1) * int(ds.BitsAllocated) // 8)
+        have = len(ds.PixelData)
+    except (AttributeError, TypeError, ValueError):
+        return "pixel data without valid Rows, Columns or BitsAllocated"
+    return f"pixel data has {have} bytes, {n} expected (truncated?)" if have < n else ""
 
 
 def supported_syntax_names(accept_lossy: bool = False) -> list[str]:
