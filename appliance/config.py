@@ -9,7 +9,10 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
-import tomllib
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10 (JetPack 6 on Jetson)
+    import tomli as tomllib  # type: ignore[no-redef]
 import types
 import typing
 from dataclasses import dataclass, field

@@ -14,9 +14,11 @@ from appliance.commands.common import add_config_argument, load_config
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--mqtt-url", metavar="URL", help="broker, mqtt[s]://[user@]host[:port] (default: config [mqtt] url)")
+    p.add_argument("--mqtt-url", metavar="URL",
+                   help="broker, mqtt[s]://[user@]host[:port] (default: config [mqtt] url)")
     p.add_argument("--bind", metavar="ADDR", help="listen address (default: config [display] bind, 127.0.0.1)")
-    p.add_argument("--port", type=int, metavar="N", help="HTTP port (default: config [display] port, 8080; 0: any free)")
+    p.add_argument("--port", type=int, metavar="N",
+                   help="HTTP port (default: config [display] port, 8080; 0: any free)")
     add_config_argument(p)
 
 
