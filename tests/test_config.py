@@ -43,3 +43,17 @@ def test_missing_file_and_bad_toml(tmp_path):
     (tmp_path / "bad.toml").write_text("[mqtt\nurl=")
     with pytest.raises(ConfigError, match="invalid TOML"):
         load(tmp_path / "bad.toml")
+
+
+def test_config_command_check_and_show(tmp_path, capsys):
+    from appliance.cli import main
+
+    good = tmp_path / "good.toml"
+    good.write_text('device_id = "ct-9"\n[mqtt]\nqos = 1\n')
+    assert main(["config", "--config", str(good), "--check"]) == 0
+    assert main(["config", "--config", str(good)]) == 0
+    assert 'device_id = "ct-9"' in capsys.readouterr().out
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[mqtt]\nqos = 7\n")
+    assert main(["config", "--config", str(bad), "--check"]) == 2
+    assert "[mqtt] qos" in capsys.readouterr().err
