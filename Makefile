@@ -14,7 +14,7 @@ test: $(VENV)/.installed-test
 $(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e .
+	$(BIN)/pip install -q -e '.[demo]'
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed

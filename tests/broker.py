@@ -2,6 +2,7 @@
 restartable (for outage tests). Skips the test with a printed reason when mosquitto is not installed."""
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -32,7 +33,9 @@ class Mosquitto:
         self.port = port or free_port()
         self.conf = self.workdir / "mosquitto.conf"
         self.log = self.workdir / "mosquitto.log"
-        lines = ["persistence true", f"persistence_location {self.workdir}/", "log_dest stderr",
+        # as root, mosquitto would drop to its own user and could not write persistence into pytest's temp dirs
+        user = ["user root"] if hasattr(os, "geteuid") and os.geteuid() == 0 else []
+        lines = user + ["persistence true", f"persistence_location {self.workdir}/", "log_dest stderr",
                  "log_type error", "log_type warning", "log_type notice"]
         if listener:
             lines += [f"listener {self.port} 127.0.0.1", "allow_anonymous true"]

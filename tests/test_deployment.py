@@ -582,8 +582,6 @@ def site_broker(tmp_path_factory, pki: Path):
     assert "/etc/mosquitto/ctriage" in conf and "\nlistener 8883\n" in conf
     conf = conf.replace("/etc/mosquitto/ctriage", str(etc)).replace("\nlistener 8883\n",
                                                                     f"\nlistener {port} 127.0.0.1\n")
-    if os.geteuid() == 0:
-        conf = "user root\n" + conf  # as root, mosquitto would switch to the mosquitto user, who cannot read tmp
     broker = Mosquitto(work, port=port, extra=conf, listener=False).start()
     broker.ca = pki / "ca.crt"
     observer = Probe(port, broker.ca, "observer", PASSWORDS["observer"])

@@ -48,9 +48,11 @@ def make_analyzer(cfg: Config, backend: str | None = None):
 
 
 def _state_bundles(cfg: Config) -> str:
-    """Bundles installed by the fleet updater in the state directory take precedence over the shipped ones."""
-    active = cfg.state_path / "bundles" / "active"
-    return str(active) if active.is_dir() and any(active.iterdir()) else ""
+    """Bundles installed by the fleet updater take precedence over the shipped ones when active/ is complete."""
+    from appliance.fleet.state import active_bundle_dir
+
+    active = active_bundle_dir(cfg.state_path)
+    return str(active) if active else ""
 
 
 def progress_bar(total: int | None, desc: str, enabled: bool | None = None):

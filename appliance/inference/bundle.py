@@ -132,13 +132,18 @@ def default_bundle_dir() -> Path:
 
 
 def find_bundles(root: Path) -> dict[str, Bundle]:
-    """Highest version of each bundle name under `root` (unverified; call verify_files before use)."""
+    """Highest version of each bundle name under `root` (unverified; call verify_files before use).
+
+    Entries may be symlinks to bundle directories (the fleet updater's active/ set); a bundle's path is then the
+    resolved target, so it stays valid when the link is switched later."""
     best: dict[str, Bundle] = {}
     if not root.is_dir():
         return best
     for d in sorted(root.iterdir()):
         if not (d / "manifest.json").is_file():
             continue
+        if d.is_symlink():  # <state>/bundles/active/<name> → store/<name>-<version>: keep the real path
+            d = d.resolve()
         try:
             b = load_bundle(d, verify=False)
         except BundleError:

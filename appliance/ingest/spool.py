@@ -170,6 +170,20 @@ class Spool:
             os.replace(path, dest)
         return dest
 
+    def clean_incoming(self, max_age_s: float = 3600.0, now: float | None = None) -> int:
+        """Remove staging leftovers of writers that died mid-copy (older than max_age_s: a live writer's file is
+        younger). Returns how many went."""
+        cutoff = (now or time.time()) - max_age_s
+        n = 0
+        for f in self.incoming.iterdir() if self.incoming.is_dir() else []:
+            try:
+                if f.stat().st_mtime < cutoff:
+                    f.unlink()
+                    n += 1
+            except OSError:
+                continue
+        return n
+
     def prune_processed(self, keep_days: float, now: float | None = None) -> int:
         """Delete processed files older than keep_days (0: keep everything). Returns how many went."""
         if keep_days <= 0:

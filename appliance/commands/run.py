@@ -1,0 +1,81 @@
+"""The appliance daemon: watch folder (and spool) → analysis → provisional and final verdicts over MQTT.
+
+Runs until SIGTERM or SIGINT, then finishes the slices in hand, flushes its state and leaves the broker cleanly
+(status offline). State (spool, processed/, quarantine/, ctriage.db, status.json) lives in --state-dir; a restart
+resumes from it. `ctriage status --state-dir DIR` shows what the daemon is doing.
+
+Examples:
+  ctriage run --watch /srv/ct-export --mqtt-url mqtt://broker.local:1883 --device-id ct-room-2
+  ctriage run --config /etc/ctriage/ctriage.toml --dicom-port 11112
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from appliance.cli import UsageError
+from appliance.commands.common import add_backend_arguments, add_config_argument, load_config
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_config_argument(p)
+    p.add_argument("--watch", metavar="DIR", help="export folder to watch (config watch.dir)")
+    p.add_argument("--state-dir", metavar="DIR", help="spool, processed/, quarantine/, store (config state_dir)")
+    p.add_argument("--mqtt-url", metavar="URL", help="mqtt[s]://[user:pass@]host:port (config mqtt.url)")
+    p.add_argument("--device-id", metavar="ID", help="this appliance's name in MQTT topics (config device_id)")
+    p.add_argument("--quiet-seconds", type=float, metavar="S",
+                   help="a series is complete after S seconds without a new slice (config series.quiet_seconds)")
+    p.add_argument("--trust-key", action="append", default=[], metavar="FILE",
+                   help="Ed25519 public key (PEM) trusted for model bundle updates; repeatable "
+                        "(config fleet.trust_keys)")
+    p.add_argument("--dicom-port", type=int, metavar="PORT",
+                   help="run the DICOM node (C-STORE SCP) on PORT, feeding the spool (config [dicom] enabled, port)")
+    p.add_argument("--log-json", action="store_true", default=None, help="JSON lines logs (config log_json)")
+    add_backend_arguments(p)
+
+
+def configure(args: argparse.Namespace):
+    """Config file (or defaults) with the command-line overrides applied and checked."""
+    cfg = load_config(args)
+    if args.watch:
+        cfg.watch.dir = args.watch
+    if args.mqtt_url:
+        cfg.mqtt.url = args.mqtt_url
+    if args.device_id:
+        cfg.device_id = args.device_id
+    if args.quiet_seconds is not None:
+        cfg.series.quiet_seconds = args.quiet_seconds
+    if args.log_json:
+        cfg.log_json = True
+    if args.dicom_port is not None:
+        cfg.dicom.enabled, cfg.dicom.port = True, args.dicom_port
+    for k in args.trust_key:
+        if not Path(k).expanduser().is_file():
+            raise UsageError(f"--trust-key {k}: no such file")
+    cfg.validate()
+    cfg.mqtt.validate("[mqtt]")
+    cfg.series.validate("[series]")
+    cfg.watch.validate("[watch]")
+    cfg.analysis.validate("[analysis]")
+    cfg.dicom.validate("[dicom]")
+    from appliance.publish.mqtt import parse_url
+
+    parse_url(cfg.mqtt.url)
+    return cfg
+
+
+def run(args: argparse.Namespace) -> int:
+    from appliance.daemon import Daemon, setup_logging
+    from appliance.fleet.updater import Updater
+
+    cfg = configure(args)
+    setup_logging(cfg, getattr(args, "verbose", False))
+    daemon = Daemon(cfg)
+    # before the analyzer loads: repairs <state>/bundles after a power cut. --trust-key adds to the trusted keys
+    # (the configured ones, or the shipped project key when none are configured).
+    updater = Updater.from_config(cfg, daemon.publish, lambda: daemon.idle_gate(600), extra_trust=args.trust_key)
+    daemon.attach_updater(updater)
+    try:
+        return daemon.run_forever()
+    finally:
+        updater.close()

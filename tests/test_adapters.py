@@ -1,0 +1,66 @@
+"""Both runtimes, real committed models: same outputs (within quantization tolerance), honest device strings."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from appliance.inference.adapter import AdapterError, available_backends, create_adapter
+from appliance.inference.bundle import default_bundle_dir, find_bundles
+
+BUNDLES = find_bundles(default_bundle_dir())
+needs_both = pytest.mark.skipif(set(available_backends()) != {"openvino", "onnxruntime"},
+                                reason="needs both OpenVINO and ONNX Runtime installed")
+
+
+@pytest.fixture(scope="module", params=sorted(BUNDLES))
+def bundle(request):
+    return BUNDLES[request.param]
+
+
+def test_shipped_bundles_present_and_hashes_hold():
+    assert {"valid-area", "lesion"} <= set(BUNDLES)
+    for b in BUNDLES.values():
+        b.verify_files()
+        assert len(b.sha256) == 64
+
+
+@needs_both
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_backends_agree(bundle, precision):
+    x = np.load(bundle.path / "selftest.npz")["inputs"]
+    ov = bundle.adapter("openvino", precision, threads=1).infer(x)
+    ort = bundle.adapter("onnxruntime", precision, threads=1).infer(x)
+    assert ov.shape == ort.shape == x.shape
+    if precision == "fp32":
+        assert float(np.abs(ov - ort).max()) < 1e-3
+    agree = float(((ov >= 0.5) == (ort >= 0.5)).mean())
+    assert agree > 0.99
+
+
+@pytest.mark.parametrize("backend", available_backends())
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_selftest_passes_and_device_is_reported(bundle, backend, precision):
+    ad = bundle.adapter(backend, precision, threads=1)
+    stats = bundle.selftest(ad)
+    assert stats["mask_agreement"] >= 0.99
+    d = ad.describe()
+    assert d["backend"] == backend and d["precision"] == precision
+    assert "CPU" in d["device"] or "GPU" in d["device"] or "Tensorrt" in d["device"]
+
+
+def test_batch_of_one_equals_batch_of_many(bundle):
+    x = np.load(bundle.path / "selftest.npz")["inputs"]
+    ad = bundle.adapter("auto", "fp32", threads=1)
+    many = ad.infer(x)
+    one = np.concatenate([ad.infer(x[i:i + 1]) for i in range(len(x))])
+    assert float(np.abs(many - one).max()) < 1e-4
+
+
+def test_unknown_backend_and_missing_model_are_clear_errors(bundle, tmp_path):
+    with pytest.raises(AdapterError, match="unknown backend"):
+        create_adapter("tensorflow", bundle.model_files())
+    files = dict(bundle.model_files())
+    files["onnx"] = tmp_path / "missing.onnx"
+    for be in available_backends():
+        with pytest.raises(AdapterError, match="could not load"):
+            create_adapter(be, files, precision="fp32")

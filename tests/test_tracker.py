@@ -1,0 +1,144 @@
+"""Series tracker: order by position whatever the arrival order, provisional on the sorted set, completeness."""
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from appliance.domain import Box, Rect, SliceFinding
+from appliance.pipeline.tracker import Arrival, SeriesSummary, SeriesTracker, study_verdict
+
+
+def finding(k: int, quadrant: str | None = None, lung: bool = True) -> SliceFinding:
+    boxes = [Box(Rect(100, 100, 140, 140), 120.0, 0.9, quadrant)] if quadrant else []  # type: ignore[arg-type]
+    return SliceFinding(f"s{k}", -float(k), (512, 512), Rect(50, 50, 450, 450) if lung else None, boxes)
+
+
+def arrival(k: int, quadrant: str | None = None, series: str = "1.2.3", study: str = "9.8", expected=None,
+            ident: str | None = None) -> Arrival:
+    f = finding(k, quadrant)
+    return Arrival(series, study, (float(k), 0, f"s{k}"), f, ident or f"sop-{series}-{k}", expected)
+
+
+def tracker(**kw) -> SeriesTracker:
+    base = dict(min_run=3, min_slices=20, gap_factor=1.5, quiet_seconds=5.0, max_open=16)
+    base.update(kw)
+    return SeriesTracker(**base)
+
+
+LESION = {10: "upper-left", 11: "upper-left", 12: "upper-left"}
+
+
+def test_provisional_fires_once_on_sorted_set_whatever_the_arrival_order():
+    order = list(range(30))
+    random.Random(3).shuffle(order)
+    t = tracker()
+    fired_after = []
+    for i in range(0, 30, 4):
+        batch = [arrival(k, LESION.get(k)) for k in order[i:i + 4]]
+        for u in t.add(batch, now=float(i)):
+            assert u.kind == "provisional" and u.verdict.result == "positive"
+            fired_after.append(set(order[:i + 4]))
+    assert len(fired_after) == 1, "one provisional positive, not one per batch"
+    assert {10, 11, 12} <= fired_after[0]
+    # before that batch, the run was not complete
+    first = fired_after[0]
+    prev = set(order[:len(first) - 4])
+    assert not {10, 11, 12} <= prev
+    s = t.open["1.2.3"]
+    assert [f.position for f in s.findings] == sorted((f.position for f in s.findings), reverse=True)
+    final = t.complete("1.2.3", "test")
+    assert final.verdict.result == "positive" and final.verdict.state == "final"
+    ev = final.verdict.evidence
+    assert (ev.quadrant, ev.first_slice, ev.last_slice, ev.run) == ("upper-left", 10, 12, 3)
+
+
+def test_provisional_is_withdrawn_when_a_late_slice_breaks_the_run():
+    t = tracker(min_slices=1)
+    # every other slice arrives first: 10, 12, 14 look consecutive (spacing 2) and all show lesion
+    ups = t.add([arrival(k, "lower-right") for k in (10, 12, 14)], now=0.0)
+    assert [(u.kind, u.verdict.result) for u in ups] == [("provisional", "positive")]
+    # the slices in between arrive without lesion: no run of 3 any more
+    ups = t.add([arrival(k) for k in (11, 13)], now=1.0)
+    assert len(ups) == 1 and ups[0].kind == "provisional" and ups[0].verdict.result != "positive"
+    assert t.complete("1.2.3", "x").verdict.result == "negative"
+
+
+def test_duplicates_are_ignored():
+    t = tracker()
+    t.add([arrival(1), arrival(2)], now=0.0)
+    t.add([arrival(1), arrival(2, ident="sop-1.2.3-2")], now=1.0)
+    assert t.open["1.2.3"].count == 2
+
+
+def test_expected_count_completes_the_series():
+    t = tracker(min_slices=3)
+    assert t.add([arrival(k, expected=4) for k in range(3)], now=0.0) == []
+    ups = t.add([arrival(3, expected=4)], now=1.0)
+    assert len(ups) == 1 and ups[0].kind == "final"
+    assert ups[0].complete_reason.startswith("expected count: 4 of 4")
+    assert ups[0].verdict.result == "negative"
+    assert not t.in_flight
+
+
+def test_quiet_time_counts_only_while_the_queue_is_empty():
+    t = tracker(quiet_seconds=5.0)
+    t.add([arrival(k) for k in range(3)], now=100.0)
+    assert t.tick(now=103.0, idle_since=100.0) == []
+    assert t.tick(now=120.0, idle_since=None) == [], "files still waiting: not quiet"
+    assert t.tick(now=120.0, idle_since=118.0) == [], "quiet counts from when the queue emptied"
+    ups = t.tick(now=123.5, idle_since=118.0)
+    assert len(ups) == 1 and ups[0].kind == "final"
+    assert ups[0].complete_reason == "quiet: no new slice for 5 s"
+    # fewer than min_slices: cannot be negative
+    assert ups[0].verdict.result == "indeterminate"
+    assert "fewer than the 20" in ups[0].verdict.reason
+
+
+def test_hint_completes_at_next_tick_and_unknown_series_is_refused():
+    t = tracker()
+    t.add([arrival(k) for k in range(3)], now=0.0)
+    assert t.hint("no-such-series", "end marker") is False
+    assert t.hint("1.2.3", "end marker: DICOMDIR received") is True
+    ups = t.tick(now=0.1, idle_since=None)
+    assert [(u.kind, u.complete_reason) for u in ups] == [("final", "end marker: DICOMDIR received")]
+
+
+def test_too_many_series_in_flight_completes_the_quietest():
+    t = tracker(max_open=2)
+    t.add([arrival(0, series="a")], now=0.0)
+    t.add([arrival(0, series="b")], now=1.0)
+    ups = t.add([arrival(0, series="c")], now=2.0)
+    assert [(u.series_uid, u.kind) for u in ups] == [("a", "final")]
+    assert "more than 2 series" in ups[0].complete_reason
+    assert set(t.open) == {"b", "c"}
+
+
+def test_restore_rebuilds_a_series_and_keeps_its_announcement():
+    t = tracker(min_slices=1)
+    t.add([arrival(k, "upper-right") for k in range(3)], now=0.0)
+    s = t.open.pop("1.2.3")
+    t2 = tracker(min_slices=1)
+    t2.restore(s)
+    assert t2.evaluate("1.2.3") is None, "already announced: no second provisional"
+    ups = t2.add([arrival(3, "upper-right")], now=1.0)
+    assert ups == []
+
+
+def _summary(key: str, result: str, state: str, run: int = 0, updated: float = 0.0) -> SeriesSummary:
+    from appliance.domain import Evidence, SeriesVerdict
+
+    ev = Evidence("upper-left", 0, run - 1, run) if run else None  # type: ignore[arg-type]
+    return SeriesSummary(key, SeriesVerdict(result, state, ev, 30, 25, run), "desc", updated)  # type: ignore[arg-type]
+
+
+def test_study_verdict_positive_when_any_series_is_final_when_all_are():
+    v, lead = study_verdict([_summary("a", "negative", "final", updated=1), _summary("b", "positive", "final", 4, 0),
+                             _summary("c", "positive", "provisional", 3, 5)])
+    assert v.result == "positive" and v.state == "provisional"
+    assert lead.series_key == "b", "the positive series with the longest run leads"
+    v, lead = study_verdict([_summary("a", "negative", "final", updated=1), _summary("b", "indeterminate", "final",
+                                                                                    updated=2)])
+    assert (v.result, v.state, lead.series_key) == ("negative", "final", "a")
+    with pytest.raises(ValueError):
+        study_verdict([])
