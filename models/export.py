@@ -41,7 +41,7 @@ def load_model(run: str) -> tuple[UNetPP, dict]:
     return m.eval(), ck
 
 
-def calibration(task: str, n: int = 64, seed: int = 0) -> np.ndarray:
+def calibration(task: str, n: int = 64, seed: int = 0, size: int | None = None) -> np.ndarray:
     rng = np.random.default_rng(seed)
     if task == "lesion":
         d = np.load(prepare_lesion())
@@ -50,7 +50,12 @@ def calibration(task: str, n: int = 64, seed: int = 0) -> np.ndarray:
     else:
         d = np.load(prepare_valid_area())
         idx = rng.choice(len(d["x"]), min(n, len(d["x"])), replace=False)
-    return (d["x"][idx].astype(np.float32) / 255.0)[:, None]
+    x = d["x"][idx]
+    if size and size != x.shape[1]:
+        from PIL import Image
+
+        x = np.stack([np.asarray(Image.fromarray(i).resize((size, size), Image.BILINEAR)) for i in x])
+    return (x.astype(np.float32) / 255.0)[:, None]
 
 
 def selftest_inputs(task: str, size: int) -> np.ndarray:
@@ -136,12 +141,12 @@ def build(run: str, name: str, version: str, output: dict, metrics: dict | None 
     paths = {"onnx": out / "model.onnx", "onnx_int8": out / "model.int8.onnx",
              "openvino_int8": out / "openvino" / "model.xml"}
     export_onnx(model, size, paths["onnx"])
-    calib = calibration(task)
+    calib = calibration(task, size=size)
     quantize_ort(paths["onnx"], paths["onnx_int8"], calib)
     quantize_ov(paths["onnx"], paths["openvino_int8"], calib)
 
     # FP32 vs INT8 agreement on held-back real inputs (computed here, recorded in the manifest)
-    held = calibration(task, n=48, seed=1)
+    held = calibration(task, n=48, seed=1, size=size)
     outs = run_all(paths, held)
     with torch.no_grad():
         torch_ref = model(torch.from_numpy(held)).numpy()

@@ -113,14 +113,27 @@ def augment(x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, g: torch.Generat
 # ---------------------------------------------------------------- losses and metrics
 
 
-def loss_fn(logits: torch.Tensor, y: torch.Tensor, w: torch.Tensor, dice_w: torch.Tensor) -> torch.Tensor:
-    """Per-sample weighted BCE + soft Dice (Dice only on samples whose target has foreground)."""
+def loss_fn(logits: torch.Tensor, y: torch.Tensor, w: torch.Tensor, dice_w: torch.Tensor,
+            blob_weight: float = 0.0) -> torch.Tensor:
+    """Per-sample weighted BCE + soft Dice (Dice only on samples whose target has foreground).
+
+    blob_weight > 0 adds a penalty on negatives (empty targets): the mean of their top 0.5 % probabilities,
+    squared — a confident blob anywhere on a lesion-free slice costs, however small it is.
+    """
     bce = F.binary_cross_entropy_with_logits(logits, y, reduction="none").mean((1, 2, 3))
     p = torch.sigmoid(logits)
     inter = (p * y).sum((1, 2, 3))
     dice = 1 - (2 * inter + 1) / (p.sum((1, 2, 3)) + y.sum((1, 2, 3)) + 1)
     has = (y.sum((1, 2, 3)) > 4).float() * dice_w
-    return (bce * w).sum() / w.sum() + (dice * has).sum() / has.sum().clamp_min(1)
+    loss = (bce * w).sum() / w.sum() + (dice * has).sum() / has.sum().clamp_min(1)
+    if blob_weight > 0:
+        neg = (y.flatten(1).amax(1) < 0.02).float()
+        if neg.sum() > 0:
+            flat = p.flatten(1)
+            k = max(1, int(flat.shape[1] * 0.005))
+            top = flat.topk(k, dim=1).values.mean(1)
+            loss = loss + blob_weight * ((top**2) * neg).sum() / neg.sum()
+    return loss
 
 
 def dice_np(pred: np.ndarray, gt: np.ndarray) -> float:
@@ -218,7 +231,7 @@ def run(
         for pg in opt.param_groups:
             pg["lr"] = lr
         model.train()
-        loss = loss_fn(model(xb), yb, torch.tensor(ws), torch.tensor(dws))
+        loss = loss_fn(model(xb), yb, torch.tensor(ws), torch.tensor(dws), float(cfg.extra.get("blob_weight", 0.0)))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

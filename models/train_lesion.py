@@ -1,6 +1,6 @@
 """Train the lesion UNet++ on lung-window lung-box crops.
 
-    python -m models.train_lesion --name lesion-w8 --steps 2000
+    python -m models.train_lesion --name lesion-w8l4 --steps 2500
 
 Batches mix radiologist-labelled slices (hard masks), pseudo-labelled consecutive slices (soft targets, loss
 weight 0.5) and real non-COVID negatives (crop sets and our own HU crops). Validation: Dice on the 10 held-back
@@ -16,13 +16,16 @@ import torch
 from models.data import prepare_lesion
 from models.train import TrainConfig, dice_np, largest_component, predict, run
 
-# 25 px at 512² scale, expressed at the 256² model scale of a typical ~330×250 lung-box crop.
-MIN_AREA_MODEL_PX = 20
+# 25 px at 512² scale, expressed at the model scale of a typical ~330×250 lung-box crop (20 px at 256²).
+MIN_AREA_MODEL_PX = 16
 
 
 def load(cfg: TrainConfig):
     d = np.load(prepare_lesion())
     x, y, src, split = d["x"], d["y"], d["src"], d["split"]
+    if cfg.size != x.shape[1]:
+        x = _resize_all(x, cfg.size)
+        y = _resize_all(y, cfg.size)
     tr = split == "train"
     hu = np.char.startswith(src.astype(str), "hu-")
     data = {
@@ -38,6 +41,12 @@ def load(cfg: TrainConfig):
         "neg": (x[va & ((src == "noncovid") | hu)], None),
     }
     return data, val
+
+
+def _resize_all(a: np.ndarray, size: int) -> np.ndarray:
+    from PIL import Image
+
+    return np.stack([np.asarray(Image.fromarray(i).resize((size, size), Image.BILINEAR)) for i in a])
 
 
 def make_validate(val):
@@ -63,17 +72,22 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--name", default="lesion")
     ap.add_argument("--width", type=int, default=8)
-    ap.add_argument("--levels", type=int, default=5)
+    ap.add_argument("--levels", type=int, default=4)
     ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--eval-every", type=int, default=100)
+    ap.add_argument("--eval-every", type=int, default=200)
+    ap.add_argument("--size", type=int, default=224, help="model input size (crops are resized to it)")
+    ap.add_argument("--mix", default="doctor=2,pseudo=2,noncovid=3,hu-neg=1",
+                    help="share of each source in a batch")
+    ap.add_argument("--blob-weight", type=float, default=1.0, help="penalty on confident blobs in negatives")
     a = ap.parse_args(argv)
-    cfg = TrainConfig(name=a.name, task="lesion", width=a.width, levels=a.levels, size=256, steps=a.steps,
+    mix = {k: float(v) for k, v in (kv.split("=") for kv in a.mix.split(","))}
+    cfg = TrainConfig(name=a.name, task="lesion", width=a.width, levels=a.levels, size=a.size, steps=a.steps,
                       batch=a.batch, lr=a.lr, seed=a.seed, threads=a.threads, eval_every=a.eval_every,
-                      mix={"doctor": 3, "pseudo": 2, "noncovid": 2, "hu-neg": 1})
+                      mix=mix, extra={"blob_weight": a.blob_weight})
     data, val = load(cfg)
     run(cfg, data, make_validate(val), score)
 
