@@ -65,3 +65,15 @@ def test_not_a_bundle(tmp_path):
     (tmp_path / "manifest.json").write_text("{not json")
     with pytest.raises(BundleError, match="invalid JSON"):
         load_bundle(tmp_path)
+
+
+def test_shipped_bundles_are_signed_with_the_project_key():
+    from appliance.fleet.signing import load_trust, verify_bundle
+    from appliance.fleet.updater import PROJECT_KEY
+
+    assert PROJECT_KEY.is_file()
+    trust = load_trust([PROJECT_KEY])
+    for b in find_bundles(default_bundle_dir()).values():
+        assert (b.path / "manifest.sig").is_file()
+        bundle, key = verify_bundle(b.path, trust)  # raises with the reason when anything does not hold
+        assert bundle.sha256 == b.sha256
