@@ -75,7 +75,9 @@ def bench_backend(path: Path, backend: str, precision: str, threads: int | None,
     kept, findings, bad, decode_s = analyze_series(series, analyzer, 10.0)
     t_case = time.perf_counter()
     order = sorted(range(len(kept)), key=lambda i: sort_key(kept[i]))
-    verdict = decide([findings[i] for i in order], min_slices=analyzer.config.min_slices)
+    c = analyzer.config
+    verdict = decide([findings[i] for i in order], min_slices=c.min_slices, min_run=c.min_run,
+                     gap_factor=c.gap_factor, min_run_mm=c.min_run_mm)
     case_ms = (time.perf_counter() - t_case) * 1000.0
     wall = time.perf_counter() - t0
     batch = analyzer.config.batch
@@ -96,7 +98,8 @@ def bench_backend(path: Path, backend: str, precision: str, threads: int | None,
         s.hu = None
         stream_findings.append(f)
         stream_findings.sort(key=lambda x: -x.position)
-        decide(stream_findings, final=False, min_slices=analyzer.config.min_slices)
+        decide(stream_findings, final=False, min_slices=c.min_slices, min_run=c.min_run, gap_factor=c.gap_factor,
+               min_run_mm=c.min_run_mm)
         lat = time.perf_counter() - t
     sps = n / wall if wall > 0 else 0.0
     return {

@@ -84,3 +84,14 @@ def test_indeterminate_reasons():
 
 def test_provisional_state():
     assert decide(series([(UL,)] * 3), final=False).state == "provisional"
+
+
+def test_min_run_mm_scales_the_rule_with_slice_thickness():
+    thin = series([(UL,)] * 4 + [()] * 20, spacing=0.625)  # 4 slices of 0.625 mm = 2.5 mm
+    assert find_evidence(thin, min_run_mm=5.0) is None
+    assert find_evidence(thin) is not None  # the plain 3-slice rule fires
+    thin8 = series([(UL,)] * 8 + [()] * 20, spacing=0.625)  # 8 × 0.625 = 5 mm
+    assert find_evidence(thin8, min_run_mm=5.0).run == 8
+    thick = series([(UL,)] * 3 + [()] * 20, spacing=5.0)  # 3 slices of 5 mm = 15 mm: the plain rule
+    assert find_evidence(thick, min_run_mm=5.0).run == 3
+    assert decide(thin, min_run_mm=5.0, min_slices=1).result == "negative"

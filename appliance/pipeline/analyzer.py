@@ -123,9 +123,10 @@ class Analyzer:
         """Sort (slices, findings) into series order and apply the case rule."""
         order = sorted(range(len(slices)), key=lambda i: sort_key(slices[i]))
         ordered = [findings[i] for i in order]
+        dicom = all(s.window01 is None for s in slices)  # image crops have no physical spacing
         v = decide(ordered, final=final, min_run=self.config.min_run,
                    min_slices=self.config.min_slices if min_slices is None else min_slices,
-                   gap_factor=self.config.gap_factor)
+                   gap_factor=self.config.gap_factor, min_run_mm=self.config.min_run_mm if dicom else 0.0)
         return v, ordered
 
 

@@ -24,11 +24,23 @@ def body_mask(hu: np.ndarray) -> np.ndarray:
     return ndi.binary_fill_holes(body)
 
 
+GAS_MEDIAN_HU = -935.0
+
+
+def _is_gas(hu: np.ndarray, comp: np.ndarray) -> bool:
+    """Bowel or stomach gas (and the trachea): the interior is nearly pure air. Lung parenchyma, a mix of air,
+    vessels and tissue, has an interior median around -870 HU (higher when diseased)."""
+    inner = ndi.binary_erosion(comp, iterations=3)
+    if inner.sum() < 20:
+        inner = comp
+    return float(np.median(hu[inner])) < GAS_MEDIAN_HU
+
+
 def lung_mask(hu: np.ndarray, pixel_area_mm2: float = 0.49, min_lung_cm2: float = 6.0) -> np.ndarray:
     """Boolean lung mask of an axial HU slice; empty where no lung is found.
 
-    Components smaller than `min_lung_cm2` (bowel gas, trachea at the apex) are dropped, as are components
-    that are almost pure air on average (gas, not parenchyma with vessels).
+    Components smaller than `min_lung_cm2` are dropped, as are components whose interior is almost pure air
+    (bowel or stomach gas, the trachea: not parenchyma with vessels).
     """
     hu = np.asarray(hu, dtype=np.float32)
     body = body_mask(hu)
@@ -39,8 +51,7 @@ def lung_mask(hu: np.ndarray, pixel_area_mm2: float = 0.49, min_lung_cm2: float 
         return np.zeros(hu.shape, dtype=bool)
     idx = np.arange(1, n + 1)
     sizes = ndi.sum(cand, lab, index=idx) * pixel_area_mm2 / 100.0  # cm²
-    means = ndi.mean(hu, lab, index=idx)
-    keep = idx[(sizes >= min_lung_cm2) & (means > -985.0)]
+    keep = [i for i, a in zip(idx, sizes) if a >= min_lung_cm2 and not _is_gas(hu, lab == i)]
     mask = np.isin(lab, keep)
     mask = ndi.binary_closing(mask, iterations=3)
     return ndi.binary_fill_holes(mask)

@@ -74,8 +74,9 @@ class TrackedSeries:
 
 class SeriesTracker:
     def __init__(self, *, min_run: int = 3, min_slices: int = 20, gap_factor: float = 1.5,
-                 quiet_seconds: float = 5.0, max_open: int = 16) -> None:
+                 quiet_seconds: float = 5.0, max_open: int = 16, min_run_mm: float = 0.0) -> None:
         self.min_run, self.min_slices, self.gap_factor = min_run, min_slices, gap_factor
+        self.min_run_mm = min_run_mm
         self.quiet_seconds, self.max_open = quiet_seconds, max_open
         self.open: dict[str, TrackedSeries] = {}
 
@@ -91,7 +92,7 @@ class SeriesTracker:
     def verdict(self, uid: str, final: bool) -> SeriesVerdict:
         s = self.open[uid]
         return decide(s.findings, final=final, min_run=self.min_run, min_slices=self.min_slices,
-                      gap_factor=self.gap_factor)
+                      gap_factor=self.gap_factor, min_run_mm=self.min_run_mm)
 
     # -- events ------------------------------------------------------------------------------------------------
     def add(self, arrivals: Iterable[Arrival], now: float) -> list[Update]:
