@@ -7,6 +7,7 @@ back to 3.1.1 by itself). It returns (url, stop). Production sites run their own
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import socket
 import subprocess
@@ -54,7 +55,9 @@ def start_mosquitto(port: int, workdir: Path) -> Callable[[], None]:
     if exe is None:
         raise BrokerError("mosquitto is not installed")
     conf = workdir / "mosquitto.conf"
-    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\n"
+    # as root, mosquitto would drop to its own user and could not write its log and persistence into workdir
+    user = "user root\n" if hasattr(os, "geteuid") and os.geteuid() == 0 else ""
+    conf.write_text(f"{user}listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\n"
                     f"persistence_location {workdir}/\nlog_dest file {workdir}/mosquitto.log\n")
     proc = subprocess.Popen([exe, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     if not _wait_port(port, 10.0, lambda: proc.poll() is None):

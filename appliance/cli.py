@@ -12,7 +12,7 @@ from appliance import __version__
 # subcommand → (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "analyze": ("appliance.commands.analyze", "analyse a folder of DICOM files or lung-window crop images once"),
-    "demo": ("appliance.commands.demo", "generate a synthetic study and run the appliance on it"),
+    "demo": ("appliance.commands.demo", "the whole chain on a synthetic study: broker, appliance, triage display"),
     "evaluate": ("appliance.commands.evaluate", "sensitivity/specificity/Dice on a labelled dataset"),
     "bench": ("appliance.commands.bench", "slices/s per stage and backend, peak memory"),
     "run": ("appliance.commands.run", "the appliance daemon: watch folder / DICOM node → MQTT verdicts"),

@@ -64,3 +64,16 @@ def test_unknown_backend_and_missing_model_are_clear_errors(bundle, tmp_path):
     for be in available_backends():
         with pytest.raises(AdapterError, match="could not load"):
             create_adapter(be, files, precision="fp32")
+
+
+@pytest.mark.parametrize("backend", available_backends())
+def test_int8_close_to_fp32_on_fixed_inputs(bundle, backend):
+    """The quantized model gives the FP32 model's masks on the golden inputs (mask Dice per input)."""
+    x = np.load(bundle.path / "selftest.npz")["inputs"]
+    f = bundle.adapter(backend, "fp32", threads=1).infer(x) >= 0.5
+    q = bundle.adapter(backend, "int8", threads=1).infer(x) >= 0.5
+    dices = []
+    for a, b in zip(f, q):
+        s = a.sum() + b.sum()
+        dices.append(1.0 if s == 0 else 2 * np.logical_and(a, b).sum() / s)
+    assert float(np.mean(dices)) >= 0.9, dices

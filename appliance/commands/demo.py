@@ -1,45 +1,449 @@
-"""Generate a sample study — a SYNTHETIC chest phantom written as DICOM, not a patient — and analyse it with the
-shipped models, printing the verdict table.
+"""The whole chain on one machine, on a SYNTHETIC study: broker → appliance → triage display, fed like a CT console.
 
-The phantom is made of ellipses (body, lungs, heart, spine), random vessels and, in the first series, patchy
-ground-glass opacities in one quadrant over consecutive slices; the second series has clear lungs.
+Starts a local MQTT broker (mosquitto when installed, else the embedded Python broker), the appliance daemon on a
+temporary watch folder and state folder, and the triage display on http://127.0.0.1:8080/ (or the next free port);
+then exports two synthetic chest phantom studies into the watch folder slice by slice, the way a CT console does
+(temporary name, then rename; a short pause between slices): study 1 has lesions in one lung (positive), study 2 has
+clear lungs (negative). The verdicts are printed as the display receives them (PROVISIONAL, then FINAL), then a
+table; the demo keeps running (drop more DICOM files into the watch folder) until Ctrl-C, which stops everything
+and removes the temporary folders.
+
+The phantom is made of ellipses (body, lungs, heart, spine), random vessels and patchy ground-glass opacities: it
+is not a patient. ctriage is not a medical device.
+
+Examples:
+  ctriage demo                          # open the printed address in a browser; Ctrl-C to stop
+  ctriage demo --once --pause 0         # feed, print the final verdicts, stop (CI)
+  ctriage demo --embedded-broker --port 9000 --keep
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
 import tempfile
+import threading
+import time
+import uuid
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from appliance.commands.common import add_backend_arguments, add_config_argument
+from appliance.commands.common import add_backend_arguments, add_config_argument, load_config, table
+
+PORT_TRIES = 20  # without --port: the configured display port (8080) or one of the next ones
+MB_PER_SLICE = 0.6  # 512² × 16 bit and header
+MAX_SLICES = 400
+
+
+@dataclass
+class DemoStudy:
+    """One synthetic study to export: where its files are and what it was built to show."""
+
+    number: int
+    name: str  # folder name in the export
+    label: str  # what the phantom has, for the technician
+    expected: str  # the verdict the phantom was built for
+    files: list[Path]
+    study_key: str = ""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", metavar="DIR", help="where to write the synthetic study (default: a temporary folder)")
-    p.add_argument("--slices", type=int, default=60, help="slices per series (default 60)")
-    p.add_argument("--overlays", metavar="DIR", help="also write overlay PNGs here")
+    p.add_argument("--port", type=int, metavar="N",
+                   help="display HTTP port on 127.0.0.1 (default: 8080 or the next free one; 0: any free)")
+    p.add_argument("--slices", type=int, default=60, metavar="N", help="slices per study (default 60, at least 20)")
+    p.add_argument("--pause", type=float, default=0.3, metavar="SECONDS",
+                   help="pause between exported slices (default 0.3)")
+    p.add_argument("--quiet-seconds", type=float, default=3.0, metavar="S",
+                   help="a series is complete after S seconds without a new slice (default 3)")
+    p.add_argument("--once", action="store_true",
+                   help="feed the studies, wait for the final verdicts, print them and stop (exit 0)")
+    p.add_argument("--no-display", action="store_true", help="do not start the triage display")
+    p.add_argument("--embedded-broker", action="store_true",
+                   help="use the embedded Python MQTT broker (amqtt) even when mosquitto is installed")
+    p.add_argument("--out", metavar="DIR",
+                   help="working folder (new or empty; kept): export/, state/, broker/, studies/ "
+                        "(default: a temporary folder, removed at the end)")
+    p.add_argument("--keep", action="store_true", help="keep the temporary working folder")
     add_backend_arguments(p)
     add_config_argument(p)
 
 
-def write_sample_study(out: Path, slices: int = 60) -> Path:
-    """Two synthetic series of one study: with lesions in one quadrant, and with clear lungs."""
-    from pydicom.uid import generate_uid
-
+def write_sample_studies(out: Path, slices: int = 60) -> list[DemoStudy]:
+    """Two SYNTHETIC studies (one series each, so the display shows two tiles): lesions in one quadrant over
+    consecutive slices, and clear lungs."""
     from appliance.phantom import PhantomSpec, write_phantom
 
-    study = generate_uid()
-    write_phantom(out / "series1-lesion", PhantomSpec(slices=slices, lesion=True, seed=7), study_uid=study, series_number=1)
-    write_phantom(out / "series2-clear", PhantomSpec(slices=slices, lesion=False, seed=8), study_uid=study, series_number=2)
-    return out
+    specs = [(1, "study1-lesions", "lesions in one lung", "positive", PhantomSpec(slices=slices, lesion=True, seed=7)),
+             (2, "study2-clear", "clear lungs", "negative", PhantomSpec(slices=slices, lesion=False, seed=8))]
+    return [DemoStudy(n, name, label, expected, write_phantom(out / name, spec, series_number=1))
+            for n, name, label, expected, spec in specs]
 
 
+# -- output --------------------------------------------------------------------------------------------------------
+class Console:
+    """Progress lines for the technician, from the main thread and the MQTT thread alike."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+
+    def say(self, text: str = "") -> None:
+        with self._lock:
+            print(text, flush=True)
+
+
+def evidence_text(payload: dict[str, Any], short: bool = False) -> str:
+    from appliance.display.state import ANATOMY
+
+    ev = payload.get("evidence")
+    c = payload.get("counts", {})
+    if ev:
+        q = ev["quadrant"]
+        slices = f"slices {ev['first_slice'] + 1}-{ev['last_slice'] + 1}"
+        if short:
+            return f"{q} ({ANATOMY.get(q, q)}), {slices}"
+        return (f"lesion on {ev['run']} consecutive slices ({slices[7:]}), image {q} = patient's "
+                f"{ANATOMY.get(q, q)}")
+    if payload.get("result") == "indeterminate":
+        return payload.get("reason") or "not enough to decide"
+    if short:
+        return "no lesion run"
+    return f"no lesion run; {c.get('lung_slices', 0)} of {c.get('slices', 0)} slices show lung"
+
+
+ADVICE = {"positive": "isolate the patient; a radiologist reads the scan",
+          "negative": "no COVID-19 pattern found", "indeterminate": "review the scan"}
+
+
+class VerdictFeed:
+    """Subscribes to the appliance's verdicts (as the display does) and prints each change for the technician."""
+
+    def __init__(self, url: str, prefix: str, device: str, studies: list[DemoStudy], console: Console) -> None:
+        from paho.mqtt import client as mqtt
+        from paho.mqtt.enums import CallbackAPIVersion
+
+        from appliance.publish.mqtt import parse_url
+
+        self.studies = {s.study_key: s for s in studies}
+        self.console = console
+        self.latest: dict[str, dict[str, Any]] = {}
+        self.finals: dict[str, dict[str, Any]] = {}
+        self._shown: dict[str, tuple[str, str]] = {}
+        self._lock = threading.Lock()
+        self.topic = f"{prefix.rstrip('/')}/{device}/verdict/+"
+        u = parse_url(url)
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"ctriage-demo-{uuid.uuid4().hex[:8]}",
+                                  protocol=mqtt.MQTTv311, clean_session=True)
+        self.client.on_connect = lambda c, *_: c.subscribe(self.topic, qos=1)
+        self.client.on_message = self._on_message
+        self.client.connect_async(u.host, u.port, keepalive=30)
+        self.client.loop_start()
+
+    def _on_message(self, client: Any, userdata: Any, m: Any) -> None:
+        try:
+            p = json.loads(m.payload)
+            key, state, result = p["study_key"], p["state"], p["result"]
+        except (ValueError, KeyError, TypeError):
+            return
+        study = self.studies.get(key)
+        with self._lock:
+            self.latest[key] = p
+            if state == "final":
+                self.finals[key] = p
+            if self._shown.get(key) == (state, result):
+                return
+            self._shown[key] = (state, result)
+        who = f"study {study.number} ({study.label})" if study else f"study {key[:6]}"
+        word = f"{state} {result.upper()}" if state == "provisional" else f"FINAL {result.upper()}"
+        lat = p.get("timings", {}).get("last_slice_to_verdict_s")
+        after = f"; {lat:.1f} s after its last slice" if state == "final" and lat is not None else ""
+        self.console.say(f"  ▶ {word}  {who}: {evidence_text(p)} — {ADVICE.get(result, '')}{after}")
+
+    def has_final(self, keys: list[str]) -> bool:
+        with self._lock:
+            return all(k in self.finals for k in keys)
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+# -- set-up helpers ------------------------------------------------------------------------------------------------
+def _port_free(port: int) -> str | None:
+    """None when 127.0.0.1:port can be bound, else why not."""
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError as e:
+            return e.strerror or str(e)
+    return None
+
+
+def _choose_port(requested: int | None, default: int) -> list[int]:
+    from appliance.cli import UsageError
+
+    if requested is not None:
+        if not 0 <= requested <= 65535:
+            raise UsageError(f"--port: must be between 0 and 65535, got {requested}")
+        why = _port_free(requested) if requested else None
+        if why:
+            raise UsageError(f"--port {requested}: 127.0.0.1:{requested} is busy ({why}); choose another with --port")
+        return [requested]
+    ports = [p for p in range(default, min(default + PORT_TRIES, 65536)) if _port_free(p) is None]
+    if not ports:
+        raise UsageError(f"ports {default}-{default + PORT_TRIES - 1} on 127.0.0.1 are all busy; "
+                         f"choose one with --port (0: any free)")
+    return ports
+
+
+def _check_broker_possible(embedded: bool) -> None:
+    from appliance.broker import mosquitto_path
+    from appliance.cli import UsageError
+
+    if not embedded and mosquitto_path():
+        return
+    try:
+        import amqtt.broker  # noqa: F401
+    except ImportError:
+        what = ("--embedded-broker needs the amqtt package" if embedded else
+                "mosquitto is not installed and neither is the amqtt package")
+        raise UsageError(f"no MQTT broker possible: {what} (apt-get install mosquitto, or "
+                         f"pip install -e '.[demo]')") from None
+
+
+def _work_dir(args: argparse.Namespace) -> tuple[Path, bool]:
+    """(working folder, remove it at the end)."""
+    from appliance.cli import UsageError
+
+    if args.out:
+        out = Path(args.out).expanduser()
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise UsageError(f"--out {out}: exists and is not an empty folder; name a new one")
+        out.mkdir(parents=True, exist_ok=True)
+        return out, False
+    return Path(tempfile.mkdtemp(prefix="ctriage-demo-")), not args.keep
+
+
+def export_slice(src: Path, dest_dir: Path) -> Path:
+    """Copy one slice the way a console exports: a temporary dot-name (ignored by the watch folder), then rename."""
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    tmp = dest_dir / f".{src.name}.part"
+    shutil.copyfile(src, tmp)
+    final = dest_dir / src.name
+    os.replace(tmp, final)
+    return final
+
+
+def _quiet_loggers(verbose: bool) -> None:
+    if not verbose:  # the embedded broker reports every client (and our port probe) at warning level
+        for name in ("amqtt", "transitions"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
+# -- the demo ------------------------------------------------------------------------------------------------------
 def run(args: argparse.Namespace) -> int:
-    from appliance.commands import analyze as analyze_cmd
+    from appliance.cli import UsageError
 
-    base = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="ctriage-demo-"))
-    print(f"Writing a SYNTHETIC chest CT phantom study (not a patient) to {base} …")
-    write_sample_study(base, args.slices)
-    ns = argparse.Namespace(path=str(base), json=False, overlays=args.overlays, progress=None,
-                            backend=args.backend, precision=args.precision, bundles=args.bundles,
-                            threads=args.threads, config=args.config)
-    return analyze_cmd.run(ns)
+    if not 20 <= args.slices <= MAX_SLICES:
+        raise UsageError(f"--slices: between 20 and {MAX_SLICES}, got {args.slices} "
+                         f"(a series needs 20 slices for a negative verdict)")
+    if not 0 <= args.pause <= 60:
+        raise UsageError(f"--pause: between 0 and 60 seconds, got {args.pause:g}")
+    if not 0.1 <= args.quiet_seconds <= 3600:
+        raise UsageError(f"--quiet-seconds: between 0.1 and 3600, got {args.quiet_seconds:g}")
+    _check_broker_possible(args.embedded_broker)
+    cfg = load_config(args)
+    display_ports = [] if args.no_display else _choose_port(args.port, cfg.display.port)
+    _quiet_loggers(getattr(args, "verbose", False))
+
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: Any) -> None:
+        if stop.is_set():  # a second Ctrl-C: stop waiting for a clean shutdown
+            raise KeyboardInterrupt
+        stop.set()
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    console = Console()
+    work, remove = _work_dir(args)
+    try:
+        with contextlib.ExitStack() as stack:
+            stack.callback(_finish, work, remove, console)
+            return _run(args, cfg, work, display_ports, stop, console, stack)
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def _finish(work: Path, remove: bool, console: Console) -> None:
+    if remove:
+        shutil.rmtree(work, ignore_errors=True)
+        console.say("stopped; temporary files removed")
+    else:
+        console.say(f"stopped; files kept in {work}")
+
+
+def _run(args: argparse.Namespace, cfg: Any, work: Path, display_ports: list[int], stop: threading.Event,
+         console: Console, stack: contextlib.ExitStack) -> int:
+    import pydicom
+
+    from appliance.broker import BrokerError, mosquitto_path, start_broker
+    from appliance.cli import UsageError
+    from appliance.config import ConfigError
+    from appliance.daemon import Daemon
+    from appliance.privacy import pseudonym
+
+    need_mb = 2 * args.slices * MB_PER_SLICE * 3 + 50  # studies/, export → processed/, headroom
+    free_mb = shutil.disk_usage(work).free / 2**20
+    if free_mb < need_mb:
+        raise UsageError(f"{work}: {free_mb:.0f} MB free, the demo needs about {need_mb:.0f} MB")
+
+    console.say("ctriage demo — the studies are SYNTHETIC: a chest phantom made of ellipses, not a patient. "
+                "ctriage is not a medical device.")
+    console.say(f"working folder {work}")
+
+    # broker
+    embedded = args.embedded_broker or mosquitto_path() is None
+    try:
+        url, stop_broker = start_broker(workdir=work / "broker", prefer="amqtt" if embedded else "mosquitto")
+    except BrokerError as e:
+        raise UsageError(f"no MQTT broker: {e}") from None
+    stack.callback(lambda: (stop_broker(), console.say("broker stopped")))
+    console.say(f"MQTT broker started at {url} ({'embedded Python broker (amqtt)' if embedded else 'mosquitto'})")
+
+    # appliance
+    cfg.state_dir = str(work / "state")
+    cfg.watch.dir = str(work / "export")
+    Path(cfg.watch.dir).mkdir(parents=True, exist_ok=True)
+    cfg.watch.stable_seconds, cfg.watch.rescan_seconds, cfg.watch.incomplete_seconds = 0.2, 1.0, 5.0
+    cfg.watch.min_free_mb = 0  # the demo's folder may sit on a small /tmp; its space was checked above
+    cfg.series.quiet_seconds = args.quiet_seconds
+    cfg.mqtt.url = url
+    cfg.mqtt.reconnect_min_seconds, cfg.mqtt.reconnect_max_seconds = 0.2, 2.0
+    cfg.mqtt.stats_interval_seconds = 2.0
+    if embedded:
+        cfg.mqtt.protocol = "3.1.1"  # amqtt speaks MQTT 3.1.1 only: no fallback round trip
+    for part in ("mqtt", "watch", "series", "analysis"):
+        getattr(cfg, part).validate(f"[{part}]")
+    console.say("loading the models …")
+    daemon = Daemon(cfg)
+    daemon.start()
+    stack.callback(lambda: (daemon.stop(), console.say("appliance stopped")))
+    a = daemon.analyzer
+    models = " + ".join(f"{b['name']} {b['version']}" for b in a.bundles)
+    _wait(lambda: daemon.transport.connected, 10.0, stop)
+    console.say(f"appliance {cfg.device_id} listening: watch folder {cfg.watch.dir}; models {models}; "
+                f"{a.backend} ({a.precision}) on {a.device}")
+
+    # display
+    display_url = None
+    if display_ports:
+        from appliance.display.server import start_display
+
+        err: Exception | None = None
+        server = None
+        for port in display_ports:
+            try:
+                server = start_display(cfg, mqtt_url=url, bind="127.0.0.1", port=port)
+                break
+            except ConfigError as e:  # taken between the check and now
+                err = e
+        if server is None:
+            raise UsageError(f"display: {err}")
+        stack.callback(lambda: (server.stop(), console.say("display stopped")))
+        if not server.wait_broker(10):
+            console.say("warning: the display has not reached the broker yet")
+        display_url = server.url
+        console.say(f"triage display at {display_url} — open it in a browser (Ctrl-C here stops the demo)")
+
+    # the studies
+    console.say(f"writing 2 SYNTHETIC studies of {args.slices} slices (study 1: lesions in one lung; "
+                f"study 2: clear lungs) …")
+    studies = write_sample_studies(work / "studies", args.slices)
+    for s in studies:
+        uid = str(pydicom.dcmread(s.files[0], stop_before_pixels=True, specific_tags=["StudyInstanceUID"])
+                  .StudyInstanceUID)
+        s.study_key = pseudonym(daemon.secret, uid)
+    feed = VerdictFeed(url, cfg.mqtt.prefix, cfg.device_id, studies, console)
+    stack.callback(feed.close)
+
+    export = Path(cfg.watch.dir)
+    every = max(1, round(args.slices / 6))
+    for s in studies:
+        if stop.is_set():
+            break
+        console.say(f"CT console: exporting study {s.number} of 2 (SYNTHETIC, {s.label}), {args.slices} slices, "
+                    f"{args.pause:g} s apart")
+        for i, f in enumerate(s.files, 1):
+            if stop.is_set():
+                break
+            export_slice(f, export / s.name)
+            if i == 1 or i % every == 0 or i == len(s.files):
+                console.say(f"  slice {i}/{len(s.files)} exported")
+            if args.pause and stop.wait(args.pause):
+                break
+    if stop.is_set():
+        console.say("interrupted; stopping …")
+        return 0
+
+    keys = [s.study_key for s in studies]
+    limit = 60.0 + 2 * args.slices * 0.5 + args.quiet_seconds
+    console.say(f"export done; the appliance declares each series complete after {args.quiet_seconds:g} s "
+                f"without a new slice")
+    if not _wait(lambda: feed.has_final(keys), limit, stop):
+        if stop.is_set():
+            console.say("interrupted; stopping …")
+            return 0
+        missing = [str(s.number) for s in studies if s.study_key not in feed.finals]
+        console.say(f"error: no final verdict for study {', '.join(missing)} after {limit:.0f} s "
+                    f"(state and logs in {work}; run with -v for the appliance log)")
+        return 1
+    _summary(studies, feed, console)
+    if display_url:
+        console.say(f"triage display: {display_url}")
+    if args.once:
+        return 0
+    console.say(f"running: drop DICOM files into {export} to analyse more; Ctrl-C stops the demo")
+    while not stop.wait(0.5):
+        pass
+    console.say("stopping …")
+    return 0
+
+
+def _wait(cond: Any, timeout: float, stop: threading.Event) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        if stop.wait(0.1):
+            return False
+    return bool(cond())
+
+
+def _summary(studies: list[DemoStudy], feed: VerdictFeed, console: Console) -> None:
+    rows = []
+    surprises = []
+    for s in studies:
+        p = feed.finals[s.study_key]
+        c = p.get("counts", {})
+        lat = p.get("timings", {}).get("last_slice_to_verdict_s")
+        rows.append([f"{s.number} ({s.study_key[:6]})", s.label, str(c.get("slices", "")),
+                     str(c.get("lung_slices", "")), str(c.get("lesion_slices", "")), p["result"].upper(),
+                     evidence_text(p, short=True), f"{lat:.1f} s" if lat is not None else "-"])
+        if p["result"] != s.expected:
+            models = ", ".join(f"{b['name']} {b['version']}" for b in p.get("bundles", []))
+            surprises.append(f"note: study {s.number} ({s.label}) was built to be {s.expected.upper()} but came out "
+                             f"{p['result'].upper()} with the models {models}: a model issue, not a demo issue")
+    console.say()
+    console.say("Final verdicts (SYNTHETIC phantom studies, not patients):")
+    header = ["study", "phantom", "slices", "lung", "lesion", "verdict", "where", "final after last slice"]
+    console.say(table(rows, header))
+    for line in surprises:
+        console.say(line)
+    console.say()
+

@@ -1,0 +1,31 @@
+"""`ctriage bench` runs end to end and reports every field (no timing assertions)."""
+from __future__ import annotations
+
+import json
+
+from appliance.cli import main
+from appliance.inference.adapter import available_backends
+
+STAGES = {"decode", "valid_area", "lesion_pre", "lesion_infer", "boxes", "case_logic"}
+
+
+def test_bench_json_reports_every_field(capsys):
+    assert main(["bench", "--json", "--slices", "24"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert set(res["backends"]) == set(available_backends())
+    assert res["machine"]["cores"] >= 1 and res["machine"]["cpu"]
+    for name, r in res["backends"].items():
+        assert "error" not in r, r
+        assert r["slices"] == 24
+        assert r["slices_per_s"] > 0 and r["study_515_s"] > 0
+        assert set(r["stage_ms"]) == STAGES
+        assert all({"median", "p95"} <= set(v) for v in r["stage_ms"].values())
+        assert r["streaming_latency_s"] > 0
+        assert 50 < r["peak_rss_mb"] < 4096
+        assert r["result"] in ("positive", "negative", "indeterminate")
+        assert {b["name"] for b in r["bundles"]} == {"valid-area", "lesion"}
+
+
+def test_bench_table_and_bad_path(tmp_path, capsys):
+    assert main(["bench", str(tmp_path / "missing")]) == 2
+    assert "no such folder" in capsys.readouterr().err
