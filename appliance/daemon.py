@@ -1,10 +1,11 @@
 """The appliance daemon: spool → decode → analyse (small batches) → series tracker → store → outbox → MQTT.
 
 Threads: `worker` (the data path, the only writer of findings and verdicts), `watch-folder` (optional),
-`outbox` (drains verdicts to the broker in order), the MQTT network thread, and `housekeeping` (stats, status
-file, pruning). Everything durable is in the store (<state>/ctriage.db); a restart after SIGKILL or power loss
-picks up spool files, re-sends the outbox and recomputes open series from stored findings, without analysing any
-slice twice.
+`outbox` (drains verdicts to the broker in order), the MQTT network thread, `housekeeping` (stats, status
+file, pruning) and, with [pacs] destinations, `pacs-sender` (DICOM SR and key image of each final verdict, into the
+source study). Everything durable is in the store (<state>/ctriage.db) and the PACS outbox (<state>/pacs-outbox); a
+restart after SIGKILL or power loss picks up spool files, re-sends the outbox, recomputes open series from stored
+findings without analysing any slice twice, and hands the PACS sender the final verdicts it had not taken yet.
 
 Embedding (demo, tests):
 
@@ -57,6 +58,9 @@ STATUS_INTERVAL_S = 2.0
 BROKER_GRACE_S = 30.0  # disconnected longer than this: health degraded
 HINT_MAX_AGE_S = 600.0
 LABEL_TAGS = ("PatientName", "PatientID", "PatientBirthDate", "AccessionNumber")
+PACS_PENDING = "pacs.pending"  # store kv: final verdicts committed but not yet handed to the PACS sender (JSON list)
+PACS_SENT = "pacs.sent."  # store kv, + study key: what PACS last got for the study (no second identical SR)
+PACS_KEY_IMAGE_SIZE = 512
 
 
 # -- logging -----------------------------------------------------------------------------------------------------
@@ -81,7 +85,8 @@ def setup_logging(cfg: Config, verbose: bool = False) -> None:
                    logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root.addHandler(h)
     root.setLevel(logging.DEBUG if verbose else getattr(logging, cfg.log_level.upper(), logging.INFO))
-    for noisy in ("watchdog", "PIL", "pydicom"):
+    # pynetdicom says a line per instance; highdicom names the source instance (a UID) when it builds a result
+    for noisy in ("watchdog", "PIL", "pydicom", "pynetdicom", "highdicom"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
@@ -109,6 +114,17 @@ def fingerprint(payload: dict[str, Any]) -> str:
     """What makes a verdict different from the last one (times excluded): no duplicate verdicts."""
     core = {k: v for k, v in payload.items() if k not in ("created", "timings")}
     return hashlib.sha256(json.dumps(core, sort_keys=True).encode()).hexdigest()
+
+
+def pacs_fingerprint(payload: dict[str, Any]) -> str:
+    """What PACS sees of a study verdict: the lead series and its result, evidence, counts and models. A new final
+    verdict that differs only in what else the study holds (other series, times) sends no second SR."""
+    core = {k: payload.get(k) for k in ("series_key", "state", "result", "reason", "evidence", "counts", "bundles")}
+    return hashlib.sha256(json.dumps(core, sort_keys=True).encode()).hexdigest()
+
+
+class Unsendable(Exception):
+    """A PACS result that can never be built (its source files are gone, the source has no UIDs)."""
 
 
 def _iso(t: float | None) -> str | None:
@@ -169,13 +185,18 @@ class Daemon:
         self.spool = Spool(self.state_dir, cfg.watch.min_free_mb, notify=self._wake.set)
         a = cfg.analysis
         self.tracker = SeriesTracker(min_run=a.min_run, min_slices=a.min_slices, gap_factor=a.gap_factor,
-                                     quiet_seconds=cfg.series.quiet_seconds, max_open=cfg.series.max_open_series)
+                                     quiet_seconds=cfg.series.quiet_seconds, max_open=cfg.series.max_open_series,
+                                     min_run_mm=a.min_run_mm)  # the daemon reads DICOM only: spacing is physical
         self.topics = msg.Topics(cfg.mqtt.prefix, cfg.device_id)
         self.analyzer = analyzer
         self.transport = transport
         self.pump: OutboxPump | None = None
         self.watch = None
         self.dicom_node = None
+        self.pacs: Any = None  # appliance.publish.pacs.PacsSender when [pacs] destinations are configured
+        self._pacs_retry_at = 0.0
+        self._pacs_error: str | None = None
+        self._pacs_dropped = 0
         self._subs: list[tuple[str, Callable[[str, bytes], None]]] = []
         self._analysis_listeners: list[Callable[[bool, str], None]] = []
         self._periodic: list[list[Any]] = []  # [fn, interval_s, last_run]
@@ -226,6 +247,10 @@ class Daemon:
         self.transport.start()
         self.pump = OutboxPump(self.store, self.transport)
         self.pump.start()
+        if self.cfg.pacs.destinations:
+            from appliance.publish.pacs import PacsSender
+
+            self.pacs = PacsSender.from_config(self.cfg).start()
         self._recover()
         if self.cfg.watch.dir:
             from appliance.ingest.watch_folder import WatchFolder
@@ -261,6 +286,8 @@ class Daemon:
         for t in self._threads:
             t.join(timeout)
         self._reader.shutdown(wait=True, cancel_futures=True)
+        if self.pacs is not None:  # what it has not delivered waits in <state>/pacs-outbox for the next start
+            self.pacs.stop()
         for hook in self._stop_hooks:
             try:
                 hook()
@@ -432,6 +459,12 @@ class Daemon:
         if n or pend or out:
             log.info("resuming: %d series in flight, %d file(s) in the spool, %d message(s) in the outbox",
                      n, pend, out)
+        waiting = self._pacs_pending()
+        if waiting and self.pacs is None:
+            log.warning("%d final verdict(s) wait for PACS, but no [pacs] destinations are configured", len(waiting))
+        elif waiting:
+            log.info("resuming: handing %d final verdict(s) to the PACS sender", len(waiting))
+            self._pacs_flush()
 
     def _tracked_from_store(self, row: Any) -> TrackedSeries:
         ts = TrackedSeries(row["series_uid"], row["study_uid"], row["first_seen"], row["last_seen"],
@@ -477,6 +510,8 @@ class Daemon:
         self._apply_hints(pending)
         for u in self.tracker.tick(time.time(), self._idle_since):
             self._on_update(u, time.time())
+        if self._pacs_retry_at and time.time() >= self._pacs_retry_at:
+            self._pacs_flush()
         return busy
 
     def _read(self, paths: list[Path]) -> list[_Read]:
@@ -682,14 +717,17 @@ class Daemon:
             device=self.cfg.device_id, study_key=lead_row["study_key"], series_key=lead.series_key, verdict=sv,
             bundles=analyzer.bundles, backend=analyzer.backend, device_type=analyzer.device,
             complete_reason=complete_reason or ("series complete" if sv.state == "final" else None), timings=timings,
-            series=[s.as_dict() for s in summaries], rejected=self.store.rejected_count(lead_row["series_uid"]),
-            labels=labels)
+            series=[self._series_item(s) for s in summaries],
+            rejected=self.store.rejected_count(lead_row["series_uid"]), labels=labels)
         fp = fingerprint(payload)
         prev = self.store.study(study_uid)
         changed = prev is None or prev["fingerprint"] != fp
         overlay = self._overlay_payload(lead_row, sv, findings) if changed else None
         study_key = lead_row["study_key"]
         expiry = self.cfg.mqtt.verdict_expiry_seconds or None
+        pacs_fp = pacs_fingerprint(payload) if changed and sv.state == "final" and self.pacs is not None else None
+        if pacs_fp is not None and self.store.kv_get(PACS_SENT + study_key) == pacs_fp:
+            pacs_fp = None  # PACS has this result already (the study changed elsewhere)
         with self.store.transaction():
             if u.kind == "provisional":
                 self.store.set_series(u.series_uid, verdict=u.verdict, announced=u.verdict.result, now=now)
@@ -704,10 +742,16 @@ class Daemon:
                                           expiry, now)
                 self.store.add_verdict(payload, now)
                 self.store.set_study(study_uid, study_key, fp, sv.result, sv.state, now)
+            if pacs_fp is not None:  # committed with the verdict: a crash before the hand-over loses nothing
+                waiting = self._pacs_pending() + [{"series_uid": lead_row["series_uid"], "verdict": payload}]
+                self.store.kv_set(PACS_PENDING, json.dumps(waiting))
+                self.store.kv_set(PACS_SENT + study_key, pacs_fp)
         if changed:
             self._last_latency = timings["last_slice_to_verdict_s"] or timings["first_slice_to_verdict_s"]
             if self.pump is not None:
                 self.pump.kick()
+        if pacs_fp is not None:
+            self._pacs_flush()
         ev = sv.evidence
         log.info("verdict %s %s for study %s (series %s%s)%s%s", sv.state, sv.result, study_key, lead.series_key,
                  f", {ev.quadrant} run {ev.run}" if ev else "", f"; complete: {complete_reason}" if complete_reason
@@ -721,7 +765,7 @@ class Daemon:
         if ks and self.cfg.mqtt.key_images:
             index = int(ks[0]["index"])
             try:
-                png, size = self._key_image(findings, index, sv)
+                png, size = self._key_image(findings, index, sv.result, sv.state, max_size=384)
             except Exception as e:  # noqa: BLE001 - the overlay goes out without an image
                 log.warning("key image not rendered: %s: %s", type(e).__name__, e)
                 png = None
@@ -729,18 +773,106 @@ class Daemon:
                                    state=sv.state, slices=len(findings), key_slices=ks, image_png=png,
                                    image_index=index if png else None, image_size=size if png else None)
 
-    def _key_image(self, findings: list[SliceFinding], index: int,
-                   sv: Any) -> tuple[bytes | None, tuple[int, int] | None]:
+    def _key_image(self, findings: list[SliceFinding], index: int, result: str, state: str,
+                   max_size: int) -> tuple[bytes | None, tuple[int, int] | None]:
         from appliance.publish.overlays import png_bytes, render, slice_grey
 
         f = findings[index]
-        path = self.store.file_path(f.key)
-        if not path or not Path(path).is_file():
+        path = self._source_path(f.key)
+        if path is None:
             return None, None
         img = read_slice(path, max_tilt_deg=self.cfg.analysis.max_tilt_deg)
-        title = f"slice {index + 1}/{len(findings)}  {sv.result.upper()} ({sv.state})"
-        im = render(slice_grey(img.hu, None), f, title=title, max_size=384)
+        title = f"slice {index + 1}/{len(findings)}  {result.upper()} ({state})"
+        im = render(slice_grey(img.hu, None), f, title=title, max_size=max_size)
         return png_bytes(im), (im.width, im.height)
+
+    def _source_path(self, ident: str) -> Path | None:
+        """Where the analysed file of a slice is now: processed/, or still in the spool after a crash before the
+        move; None once pruned (watch.keep_processed_days)."""
+        stored = self.store.file_path(ident)
+        if not stored:
+            return None
+        for p in (Path(stored), self.spool.dir / Path(stored).name):
+            if p.is_file():
+                return p
+        return None
+
+    def _series_item(self, s: SeriesSummary) -> dict[str, Any]:
+        """A study verdict's entry for one series. SeriesDescription is free text typed at the console (it can hold
+        a name or an ID): it goes out only where the site sends patient labels."""
+        d = s.as_dict()
+        if not self.cfg.privacy.send_patient_labels:
+            d.pop("description", None)
+        return d
+
+    # == results to PACS ===========================================================================================
+    def _pacs_pending(self) -> list[dict[str, Any]]:
+        try:
+            return list(json.loads(self.store.kv_get(PACS_PENDING) or "[]"))
+        except (json.JSONDecodeError, TypeError):
+            log.error("PACS: the list of verdicts waiting for the sender is damaged; starting a new one")
+            return []
+
+    def _pacs_flush(self) -> None:
+        """Hand every committed final verdict the PACS sender has not taken yet to it (worker thread, start).
+        Re-submitting one it took before is harmless: the sender derives the results' UIDs from the verdict."""
+        waiting = self._pacs_pending()
+        if self.pacs is None or not waiting:
+            self._pacs_retry_at = 0.0
+            return
+        keep, error = [], None
+        for entry in waiting:
+            v = entry.get("verdict") or {}
+            what = f"{v.get('state')} {v.get('result')} verdict of study {v.get('study_key')}"
+            try:
+                self._pacs_submit(entry)
+                log.info("PACS: %s queued for %d destination(s)", what, len(self.pacs.destinations))
+            except OSError as e:  # the outbox cannot be written (disk full, permissions): keep it, try again
+                error = f"results cannot be queued for PACS: {e.strerror or e}"
+                keep.append(entry)
+            except Exception as e:  # noqa: BLE001 - it would fail again: say why and let it go
+                self._pacs_dropped += 1
+                msg_ = str(e) if isinstance(e, Unsendable) else f"{type(e).__name__}: {e}"
+                log.error("PACS: %s cannot be sent: %s", what, msg_)
+        self.store.kv_set(PACS_PENDING, json.dumps(keep))
+        if keep:
+            self._pacs_retry_at = time.time() + self.cfg.pacs.retry_seconds
+            (log.warning if error != self._pacs_error else log.debug)(
+                "%s; %d verdict(s) wait, trying again every %g s", error, len(keep), self.cfg.pacs.retry_seconds)
+        else:
+            self._pacs_retry_at = 0.0
+            if self._pacs_error:
+                log.info("PACS: results can be queued again")
+        self._pacs_error = error
+
+    def _pacs_submit(self, entry: dict[str, Any]) -> None:
+        """The SR (and key image) of one final verdict, its source the lead series in the analyzer's order."""
+        from appliance.analyze import key_slices
+        from appliance.publish.pacs import KeyImage
+        from appliance.publish.sr import SourceSeries
+
+        verdict = entry["verdict"]
+        rows = sorted(self.store.series_slices(entry["series_uid"]), key=lambda t: t[0])
+        if not rows:
+            raise Unsendable("no analysed slices stored for its series")
+        findings = [f for _, f, _ in rows]
+        paths = [self._source_path(ident) for _, _, ident in rows]
+        gone = sum(p is None for p in paths)
+        if gone:
+            raise Unsendable(f"{gone} of {len(paths)} source file(s) are no longer on disk "
+                             "(pruned after watch.keep_processed_days?)")
+        source = SourceSeries.from_files(paths)  # headers only
+        ks = key_slices(findings)
+        key_image = None
+        if ks and self.pacs.send_key_images:
+            index = int(ks[0]["index"])
+            try:
+                png, _ = self._key_image(findings, index, str(verdict.get("result")), str(verdict.get("state")),
+                                         max_size=PACS_KEY_IMAGE_SIZE)
+                key_image = KeyImage(index, png) if png else None
+            except Exception as e:  # noqa: BLE001 - the SR goes without a key image
+                log.warning("PACS key image not rendered: %s: %s", type(e).__name__, e)
+        self.pacs.submit(verdict, source, key_slices=ks, key_image=key_image)
 
     # == status, stats, health ====================================================================================
     @staticmethod
@@ -774,7 +906,30 @@ class Daemon:
             problems["dicom"] = f"DICOM node not running: {self._dicom_error}"
         if self._last_analysis_error and now - self._last_analysis_error[0] < 300:
             problems["analysis"] = self._last_analysis_error[1]
+        pacs = self._pacs_problem()
+        if pacs:
+            problems["pacs"] = pacs
         return problems
+
+    def _pacs_problem(self) -> str | None:
+        if self.pacs is None:
+            return None
+        if self._pacs_error:
+            return self._pacs_error
+        down = [f"{d['destination']}: {d['last_error']} ({d['pending']} waiting)" for d in self.pacs.status()
+                if d["last_error"] and d["pending"]]
+        return "results not delivered to PACS: " + "; ".join(down) if down else None
+
+    def _pacs_status(self) -> dict[str, Any] | None:
+        """Delivery per destination: counts and the last error only (no identifiers)."""
+        if self.pacs is None:
+            return None
+        try:
+            queued = len(self._pacs_pending())
+        except Exception:  # noqa: BLE001 - store closed
+            queued = 0
+        return {"calling_ae_title": self.pacs.calling_aet, "queued": queued, "dropped": self._pacs_dropped,
+                "error": self._pacs_error, "destinations": self.pacs.status()}
 
     def _rate_per_s(self, window: float) -> float:
         now = time.time()
@@ -865,6 +1020,7 @@ class Daemon:
                       "taken": self.watch.taken if self.watch else 0},
             "dicom": {"ae_title": self.dicom_node.ae_title, "port": self.dicom_node.port,
                       "stats": dataclasses.asdict(self.dicom_node.stats)} if self.dicom_node else None,
+            "pacs": self._pacs_status(),
             "disk_free_mb": round(self.spool.free_mb(), 1), "state_dir": str(self.state_dir),
         }
 

@@ -1,4 +1,5 @@
-"""The appliance daemon: watch folder (and spool) → analysis → provisional and final verdicts over MQTT.
+"""The appliance daemon: watch folder and/or DICOM node → analysis → provisional and final verdicts over MQTT, and
+the final ones as DICOM SR (and key image) to PACS.
 
 Runs until SIGTERM or SIGINT, then finishes the slices in hand, flushes its state and leaves the broker cleanly
 (status offline). State (spool, processed/, quarantine/, ctriage.db, status.json) lives in --state-dir; a restart
@@ -7,6 +8,7 @@ resumes from it. `ctriage status --state-dir DIR` shows what the daemon is doing
 Examples:
   ctriage run --watch /srv/ct-export --mqtt-url mqtt://broker.local:1883 --device-id ct-room-2
   ctriage run --config /etc/ctriage/ctriage.toml --dicom-port 11112
+  ctriage run --dicom-port 11112 --dicom-aet CT2_TRIAGE --pacs PACS@pacs.local:104 --mqtt-url mqtt://broker.local
 """
 from __future__ import annotations
 
@@ -30,6 +32,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(config fleet.trust_keys)")
     p.add_argument("--dicom-port", type=int, metavar="PORT",
                    help="run the DICOM node (C-STORE SCP) on PORT, feeding the spool (config [dicom] enabled, port)")
+    p.add_argument("--dicom-aet", metavar="AET",
+                   help="the DICOM node's AE title, also the calling AE title towards PACS unless "
+                        "pacs.calling_ae_title is set (config dicom.ae_title)")
+    p.add_argument("--pacs", action="append", default=[], metavar="AET@host:port",
+                   help="send each final verdict as DICOM SR (and key image) to this PACS; repeatable, adds to "
+                        "config pacs.destinations")
     p.add_argument("--log-json", action="store_true", default=None, help="JSON lines logs (config log_json)")
     add_backend_arguments(p)
 
@@ -49,6 +57,20 @@ def configure(args: argparse.Namespace):
         cfg.log_json = True
     if args.dicom_port is not None:
         cfg.dicom.enabled, cfg.dicom.port = True, args.dicom_port
+    if args.dicom_aet is not None:
+        aet = args.dicom_aet.strip()
+        if not 1 <= len(aet) <= 16 or "\\" in aet or not aet.isprintable():
+            raise UsageError(f"--dicom-aet {args.dicom_aet!r}: an AE title is 1 to 16 printable characters, no '\\'")
+        cfg.dicom.ae_title = aet
+    if args.pacs:
+        from appliance.publish.pacs import Destination
+
+        for d in args.pacs:
+            try:
+                Destination.parse(d)
+            except ValueError as e:
+                raise UsageError(f"--pacs {e}") from None
+        cfg.pacs.destinations = list(dict.fromkeys([*cfg.pacs.destinations, *(d.strip() for d in args.pacs)]))
     for k in args.trust_key:
         if not Path(k).expanduser().is_file():
             raise UsageError(f"--trust-key {k}: no such file")
@@ -58,6 +80,7 @@ def configure(args: argparse.Namespace):
     cfg.watch.validate("[watch]")
     cfg.analysis.validate("[analysis]")
     cfg.dicom.validate("[dicom]")
+    cfg.pacs.validate("[pacs]")
     from appliance.publish.mqtt import parse_url
 
     parse_url(cfg.mqtt.url)

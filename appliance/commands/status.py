@@ -1,5 +1,6 @@
 """What the daemon is doing: running or not, health, queue, series in flight, recent verdicts, bundles, backend
-and device in use, broker link. Reads the daemon's status file and store (works while it runs).
+and device in use, broker link, DICOM node, delivery of results to PACS. Reads the daemon's status file, store and
+PACS outbox (works while it runs, and after it stopped).
 
 Exit status: 0 running and healthy, 1 running but degraded, 3 not running.
 """
@@ -53,6 +54,8 @@ def collect(state_dir: Path, verdicts: int = 5) -> dict[str, Any]:
                            "open_series": st.get("open_series", []) if running else [],
                            "slices_per_s": st.get("slices_per_s"), "stage_ms": st.get("stage_ms"),
                            "last_verdict_latency_s": st.get("last_verdict_latency_s")}
+    out["dicom"] = st.get("dicom") if running else None
+    out["pacs"] = pacs_state(state_dir, st.get("pacs") if running else None)
     spool = state_dir / "spool"
     out["queue"] = sum(1 for e in os.scandir(spool) if e.is_file() and not e.name.startswith(".")) \
         if spool.is_dir() else 0
@@ -68,12 +71,62 @@ def collect(state_dir: Path, verdicts: int = 5) -> dict[str, Any]:
             {k: v.get(k) for k in ("created", "study_key", "series_key", "state", "result", "complete_reason")}
             | {"evidence": v.get("evidence"), "slices": (v.get("counts") or {}).get("slices")}
             for v in store.recent_verdicts(verdicts)]
+        queued = _queued_for_pacs(store)
+        if queued and out["pacs"] is None:
+            out["pacs"] = {"running": False, "calling_ae_title": None, "building": 0, "dropped": 0, "error": None,
+                           "destinations": []}
+        if out["pacs"] is not None:
+            out["pacs"]["queued"] = queued
     except sqlite3.Error as e:  # being created right now, or damaged
         out["store"] = f"unavailable: {e}"
         out["counts"], out["recent_verdicts"] = {}, []
     finally:
         store.close()
     return out
+
+
+def _queued_for_pacs(store: Any) -> int:
+    """Final verdicts committed but not yet handed to the PACS sender (the daemon's store)."""
+    from appliance.daemon import PACS_PENDING
+
+    try:
+        return len(json.loads(store.kv_get(PACS_PENDING) or "[]"))
+    except (json.JSONDecodeError, TypeError):
+        return 0
+
+
+def pacs_state(state_dir: Path, live: dict[str, Any] | None) -> dict[str, Any] | None:
+    """PACS delivery per destination: pending and failed from the outbox on disk, delivered (since the daemon
+    started), last error and next retry from the running daemon. None when there is neither."""
+    from appliance.publish.pacs import JOBS
+
+    root = state_dir / "pacs-outbox"
+    dests: dict[str, dict[str, Any]] = {}
+    for d in (live or {}).get("destinations", []):
+        dests[d["destination"]] = {"destination": d["destination"], "configured": True, "pending": d["pending"],
+                                   "failed": d["failed"], "delivered": d["delivered"],
+                                   "last_error": d.get("last_error"), "retry_in_s": d.get("retry_in_s")}
+    building = 0
+    if root.is_dir():
+        jobs = root / JOBS
+        building = sum(1 for _ in jobs.glob("[0-9]*.json")) if jobs.is_dir() else 0
+        for d in sorted(root.iterdir()):
+            if not d.is_dir() or d.name == JOBS:
+                continue
+            label = d / "destination.txt"
+            name = label.read_text().strip() if label.is_file() else d.name
+            pending = sum(1 for _ in d.glob("[0-9]*.dcm"))
+            failed = sum(1 for _ in (d / "failed").glob("*.dcm")) if (d / "failed").is_dir() else 0
+            if name not in dests and live is not None and not (pending or failed):
+                continue  # an empty folder of a destination that is no longer configured
+            e = dests.setdefault(name, {"destination": name, "configured": False if live is not None else None,
+                                        "delivered": None, "last_error": None, "retry_in_s": None})
+            e["pending"], e["failed"] = pending, failed
+    if live is None and not dests and not building:
+        return None
+    return {"running": live is not None, "calling_ae_title": (live or {}).get("calling_ae_title"),
+            "queued": (live or {}).get("queued", 0), "building": building, "dropped": (live or {}).get("dropped", 0),
+            "error": (live or {}).get("error"), "destinations": list(dests.values())}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -113,6 +166,12 @@ def _render(i: dict[str, Any]) -> str:
     if i.get("slices_per_s") is not None and i["running"]:
         lines.append(f"throughput: {i['slices_per_s']:.2f} slices/s (last minute); stage ms/slice: "
                      + ", ".join(f"{k} {v:.1f}" for k, v in (i.get("stage_ms") or {}).items()))
+    dn = i.get("dicom")
+    if dn:
+        ds = dn.get("stats") or {}
+        lines.append(f"DICOM node: {dn['ae_title']} on port {dn['port']}: {ds.get('stored', 0)} instance(s) stored, "
+                     f"{ds.get('failed', 0)} refused, {ds.get('refused', 0)} association(s) rejected")
+    lines += _render_pacs(i.get("pacs"))
     for s in i.get("open_series", []):
         lines.append(f"in flight: series {s['series_key']} (study {s['study_key']}): {s['slices']} slice(s)"
                      + (f" of {s['expected']}" if s.get("expected") else "")
@@ -125,3 +184,29 @@ def _render(i: dict[str, Any]) -> str:
             lines.append(f"  {v['created']}  study {v['study_key']}  {v['state']:<11} {v['result'].upper()}{evs}"
                          + (f"  ({v['complete_reason']})" if v.get("complete_reason") else ""))
     return "\n".join(lines)
+
+
+def _render_pacs(p: dict[str, Any] | None) -> list[str]:
+    if not p:
+        return []
+    lines = []
+    head = "results to PACS" + (f" (calling AE {p['calling_ae_title']})" if p.get("calling_ae_title") else "")
+    extra = []
+    if p.get("queued"):
+        extra.append(f"{p['queued']} verdict(s) not yet queued")
+    if p.get("building"):
+        extra.append(f"{p['building']} being built")
+    if p.get("dropped"):
+        extra.append(f"{p['dropped']} could not be built")
+    lines.append(head + (": " + ", ".join(extra) if extra else ":"))
+    if p.get("error"):
+        lines.append(f"  ! {p['error']}")
+    for d in p.get("destinations", []):
+        delivered = f", {d['delivered']} delivered since start" if d.get("delivered") is not None else ""
+        gone = " (no longer configured)" if d.get("configured") is False else ""
+        line = f"  {d['destination']}{gone}: {d.get('pending', 0)} pending, {d.get('failed', 0)} failed{delivered}"
+        if d.get("last_error"):
+            retry = f", retry in {d['retry_in_s']:.0f} s" if d.get("retry_in_s") is not None else ""
+            line += f" — {d['last_error']}{retry}"
+        lines.append(line)
+    return lines

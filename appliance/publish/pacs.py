@@ -426,8 +426,8 @@ class PacsSender:
                 code = int(status.Status)
                 comment = str(status.get("ErrorComment", "") or "")
                 if code == 0 or 0xB000 <= code <= 0xBFFF:  # success or warning
-                    f.unlink(missing_ok=True)
-                    with self._lock:
+                    with self._lock:  # one step for status(): gone from the outbox and counted as delivered
+                        f.unlink(missing_ok=True)
                         self._state[dest].delivered += 1
                 elif 0xA700 <= code <= 0xA7FF:
                     raise DicomNetworkError(f"{dest} out of resources (0x{code:04X}) {comment}".strip())
