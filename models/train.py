@@ -231,7 +231,12 @@ def run(
         for pg in opt.param_groups:
             pg["lr"] = lr
         model.train()
-        loss = loss_fn(model(xb), yb, torch.tensor(ws), torch.tensor(dws), float(cfg.extra.get("blob_weight", 0.0)))
+        # the blob penalty ramps in after the model has learned what lesions look like (from the start it
+        # collapses to predicting nothing)
+        b0, b1 = int(cfg.extra.get("blob_start", 300)), int(cfg.extra.get("blob_full", 800))
+        ramp = min(1.0, max(0.0, (step - b0) / max(1, b1 - b0)))
+        loss = loss_fn(model(xb), yb, torch.tensor(ws), torch.tensor(dws),
+                       float(cfg.extra.get("blob_weight", 0.0)) * ramp)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -80,9 +80,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--eval-every", type=int, default=200)
     ap.add_argument("--size", type=int, default=224, help="model input size (crops are resized to it)")
-    ap.add_argument("--mix", default="doctor=2,pseudo=2,noncovid=3,hu-neg=1",
+    ap.add_argument("--mix", default="doctor=3,pseudo=2,noncovid=2,hu-neg=1",
                     help="share of each source in a batch")
-    ap.add_argument("--blob-weight", type=float, default=1.0, help="penalty on confident blobs in negatives")
+    ap.add_argument("--blob-weight", type=float, default=0.3, help="penalty on confident blobs in negatives")
     a = ap.parse_args(argv)
     mix = {k: float(v) for k, v in (kv.split("=") for kv in a.mix.split(","))}
     cfg = TrainConfig(name=a.name, task="lesion", width=a.width, levels=a.levels, size=a.size, steps=a.steps,
