@@ -93,6 +93,46 @@ def phantom_series(spec: PhantomSpec) -> list[np.ndarray]:
     return [phantom_slice(spec, k, rng) for k in range(spec.slices)]
 
 
+def ct_slice_dataset(hu: np.ndarray, *, study_uid: str, series_uid: str, instance: int, z_mm: float,
+                     spacing_mm: tuple[float, float], thickness_mm: float, description: str,
+                     transfer_syntax: str = ExplicitVRLittleEndian, **extra: object) -> Dataset:
+    """One axial CT Image Storage dataset (12-bit stored, intercept -1024) from an HU slice in display order."""
+    stored = np.clip(np.round(hu + 1024.0), 0, 4095).astype(np.uint16)
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CTImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.ImageType = "CT", ["ORIGINAL", "PRIMARY", "AXIAL"]
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
+    ds.InstanceNumber = instance
+    ds.SeriesDescription = description
+    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    rows, cols = stored.shape
+    ds.ImagePositionPatient = [-cols * spacing_mm[1] / 2, -rows * spacing_mm[0] / 2, z_mm]
+    ds.SliceLocation = z_mm
+    ds.SliceThickness = thickness_mm
+    ds.PixelSpacing = [spacing_mm[0], spacing_mm[1]]
+    ds.Rows, ds.Columns = rows, cols
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = -1024, 1, "HU"
+    for k, v in extra.items():
+        setattr(ds, k, v)
+    ds.PixelData = stored.tobytes()
+    if transfer_syntax == JPEG_LOSSLESS_SV1:
+        from pydicom.encaps import encapsulate
+
+        ds.PixelData = encapsulate([encode_jpeg_lossless(stored, precision=12)])
+        ds["PixelData"].VR = "OB"
+        ds.file_meta.TransferSyntaxUID = transfer_syntax
+    elif transfer_syntax != ExplicitVRLittleEndian:
+        ds.compress(transfer_syntax, stored)
+    return ds
+
+
 def write_phantom(out_dir: str | Path, spec: PhantomSpec | None = None, transfer_syntax: str = ExplicitVRLittleEndian,
                   study_uid: str | None = None, series_number: int = 1) -> list[Path]:
     """Write the phantom as single-frame CT DICOM files; returns the paths (head → feet)."""
@@ -105,51 +145,14 @@ def write_phantom(out_dir: str | Path, spec: PhantomSpec | None = None, transfer
     now = _dt.datetime.now()
     paths = []
     for k, hu in enumerate(phantom_series(spec)):
-        stored = np.clip(np.round(hu + 1024.0), 0, 4095).astype(np.uint16)
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = CTImageStorage
-        meta.MediaStorageSOPInstanceUID = generate_uid()
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = Dataset()
-        ds.file_meta = meta
-        ds.SOPClassUID = CTImageStorage
-        ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-        ds.Modality = "CT"
-        ds.Manufacturer = "ctriage synthetic phantom"
-        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
-        ds.PatientName = spec.patient_name
-        ds.PatientID = spec.patient_id
-        ds.PatientBirthDate = "19700101"
-        ds.AccessionNumber = "SYNTH-ACC-1"
-        ds.StudyInstanceUID = study_uid
-        ds.SeriesInstanceUID = series_uid
-        ds.FrameOfReferenceUID = frame_uid
-        ds.StudyDate = ds.SeriesDate = now.strftime("%Y%m%d")
-        ds.StudyTime = ds.SeriesTime = now.strftime("%H%M%S")
-        ds.SeriesNumber = series_number
-        ds.InstanceNumber = k + 1
-        ds.SeriesDescription = "SYNTHETIC PHANTOM - NOT A PATIENT"
-        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-        half = spec.size * spec.spacing_mm / 2
-        ds.ImagePositionPatient = [-half, -half, -k * spec.thickness_mm]
-        ds.SliceLocation = -k * spec.thickness_mm
-        ds.SliceThickness = spec.thickness_mm
-        ds.PixelSpacing = [spec.spacing_mm, spec.spacing_mm]
-        ds.Rows = ds.Columns = spec.size
-        ds.SamplesPerPixel = 1
-        ds.PhotometricInterpretation = "MONOCHROME2"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-        ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = -1024, 1, "HU"
-        ds.WindowCenter, ds.WindowWidth = -600, 1500
-        ds.PixelData = stored.tobytes()
-        if transfer_syntax == JPEG_LOSSLESS_SV1:
-            from pydicom.encaps import encapsulate
-
-            ds.PixelData = encapsulate([encode_jpeg_lossless(stored, precision=12)])
-            ds["PixelData"].VR = "OB"
-            ds.file_meta.TransferSyntaxUID = transfer_syntax
-        elif transfer_syntax != ExplicitVRLittleEndian:
-            ds.compress(transfer_syntax, stored)
+        ds = ct_slice_dataset(
+            hu, study_uid=study_uid, series_uid=series_uid, instance=k + 1, z_mm=-k * spec.thickness_mm,
+            spacing_mm=(spec.spacing_mm, spec.spacing_mm), thickness_mm=spec.thickness_mm,
+            description="SYNTHETIC PHANTOM - NOT A PATIENT", transfer_syntax=transfer_syntax,
+            Manufacturer="ctriage synthetic phantom", PatientName=spec.patient_name, PatientID=spec.patient_id,
+            PatientBirthDate="19700101", AccessionNumber="SYNTH-ACC-1", FrameOfReferenceUID=frame_uid,
+            StudyDate=now.strftime("%Y%m%d"), SeriesDate=now.strftime("%Y%m%d"), StudyTime=now.strftime("%H%M%S"),
+            SeriesTime=now.strftime("%H%M%S"), SeriesNumber=series_number, WindowCenter=-600, WindowWidth=1500)
         p = out / f"IM{k + 1:04d}.dcm"
         ds.save_as(p, enforce_file_format=True)
         paths.append(p)

@@ -10,9 +10,9 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import generate_uid
 
+from appliance.phantom import ct_slice_dataset
 from models.data import DATA
 
 
@@ -26,29 +26,9 @@ def write_volume(vol_path: Path, out: Path, description: str) -> int:
     study, series = generate_uid(), generate_uid()
     n = vol.shape[2]
     for k in range(n):
-        # RAS voxel (i, j) → display: rows anterior→posterior, columns right→left (LPS +x is left)
-        sl = np.rot90(vol[:, :, k])  # rows: A→P, cols: R→L
-        stored = np.clip(np.round(sl + 1024), 0, 4095).astype(np.uint16)
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = CTImageStorage
-        meta.MediaStorageSOPInstanceUID = generate_uid()
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = Dataset()
-        ds.file_meta = meta
-        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
-        ds.Modality, ds.ImageType = "CT", ["ORIGINAL", "PRIMARY", "AXIAL"]
-        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
-        ds.SeriesDescription = description
-        ds.InstanceNumber = k + 1
-        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-        ds.ImagePositionPatient = [0.0, 0.0, k * zz]
-        ds.SliceThickness = zz
-        ds.PixelSpacing = [zy, zx]
-        ds.Rows, ds.Columns = stored.shape
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-        ds.RescaleIntercept, ds.RescaleSlope = -1024, 1
-        ds.PixelData = stored.tobytes()
+        # RAS voxel (i, j) → display: rows anterior→posterior, columns right→left
+        ds = ct_slice_dataset(np.rot90(vol[:, :, k]), study_uid=study, series_uid=series, instance=k + 1,
+                              z_mm=k * zz, spacing_mm=(zy, zx), thickness_mm=zz, description=description)
         ds.save_as(out / f"IM{k + 1:04d}.dcm", enforce_file_format=True)
     return n
 
