@@ -1,0 +1,1 @@
+skCr602CKuNoGG0q+E5vnmg9B8dfzlo4yesaomq2RixXfhrCnHLpouEW468bf2KqeDNpJoWk6mA6PYLjm6LDBg==
