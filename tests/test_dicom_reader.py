@@ -157,3 +157,45 @@ def test_real_zoo_every_file_read_or_rejected_with_reason():
     assert "secondary capture" in outcomes["gdcm-CT-MONO2-8-abdo.dcm"]
     assert "tilted" in outcomes["10.dcm"]  # GE head with gantry tilt
     assert sum(v == "ok" for v in outcomes.values()) >= 25
+
+
+@pytest.mark.parametrize("change", [
+    {"SliceThickness": "abc"}, {"Rows": 300}, {"Columns": 600}, {"RescaleSlope": "zz"}, {"NumberOfFrames": "many"}, {"BitsAllocated": 12},
+    {"ImageOrientationPatient": [0, 0, 0, 0, 0, 0]}, {"SamplesPerPixel": 3}, {"PixelData": b"\x00\x01"},
+], ids=lambda c: next(iter(c)))
+def test_malformed_headers_are_rejected_never_raised(one, tmp_path, change):
+    import warnings
+
+    from pydicom import config
+
+    path, _ = one
+    ds = pydicom.dcmread(path)
+    modes = config.settings.reading_validation_mode, config.settings.writing_validation_mode
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        config.settings.reading_validation_mode = config.settings.writing_validation_mode = config.IGNORE
+        try:
+            for k, v in change.items():
+                if isinstance(v, str) or (isinstance(v, list) and any(isinstance(x, str) for x in v)):
+                    # text where a number belongs: written with a text VR, as broken exporters do
+                    ds.add_new(pydicom.datadict.tag_for_keyword(k), "LO", v)
+                else:
+                    setattr(ds, k, v)
+            p = tmp_path / "bad.dcm"
+            ds.save_as(p)
+        finally:
+            config.settings.reading_validation_mode, config.settings.writing_validation_mode = modes
+        with pytest.raises(Rejected) as e:
+            read_slice(p)
+    assert len(e.value.reason) > 10
+
+
+def test_unparseable_optional_geometry_falls_back(one, tmp_path):
+    """Bad PixelSpacing or ImagePositionPatient text: the slice is still read (default spacing, SliceLocation)."""
+    path, _ = one
+    ds = pydicom.dcmread(path)
+    ds.add_new(pydicom.datadict.tag_for_keyword("PixelSpacing"), "LO", ["x", "y"])
+    ds.add_new(pydicom.datadict.tag_for_keyword("ImagePositionPatient"), "LO", ["1", "b", "3"])
+    ds.save_as(tmp_path / "g.dcm")
+    img = read_slice(tmp_path / "g.dcm")
+    assert img.pixel_spacing == (0.7, 0.7) and img.position == pytest.approx(float(ds.SliceLocation))

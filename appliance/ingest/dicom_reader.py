@@ -144,8 +144,20 @@ def to_display(arr: np.ndarray, iop: list[float]) -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
+def _check_pixel_length(ds: pydicom.Dataset) -> None:
+    """Uncompressed pixel data must be exactly Rows × Columns × BitsAllocated / 8 bytes (plus an even pad)."""
+    ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if ts is None or getattr(ts, "is_compressed", False) or "PixelData" not in ds:
+        return
+    want = int(ds.Rows) * int(ds.Columns) * int(ds.BitsAllocated) // 8
+    got = len(ds.PixelData)
+    if got not in (want, want + 1):
+        raise Rejected(f"pixel data is {got} bytes, Rows × Columns needs {want}: header and pixels disagree")
+
+
 def hounsfield(ds: pydicom.Dataset) -> np.ndarray:
     """Stored values → HU (float32), padding and anything below -1024 clamped to -1024."""
+    _check_pixel_length(ds)
     try:
         raw = ds.pixel_array
     except Exception as e:
@@ -184,7 +196,13 @@ def read_slice(path: str | os.PathLike, max_tilt_deg: float = 10.0, with_pixels:
     except OSError as e:
         raise Rejected(f"cannot read file: {e.strerror}") from None
     ds = read_dataset(p, defer=not with_pixels)
-    return from_dataset(ds, key=str(p), max_tilt_deg=max_tilt_deg, with_pixels=with_pixels)
+    try:
+        return from_dataset(ds, key=str(p), max_tilt_deg=max_tilt_deg, with_pixels=with_pixels)
+    except Rejected:
+        raise
+    except (ValueError, TypeError, AttributeError, KeyError, IndexError, OverflowError) as e:
+        # a header value pydicom parsed but that makes no sense (text in a number, a wrong multiplicity …)
+        raise Rejected(f"malformed DICOM header: {type(e).__name__}: {str(e)[:160]}") from None
 
 
 def load_pixels(img: SliceImage, max_tilt_deg: float = 10.0) -> SliceImage:
