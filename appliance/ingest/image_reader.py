@@ -42,12 +42,22 @@ def read_image(path: Path, index: int, series: str) -> SliceImage:
     return SliceImage(key=str(path), series_uid=series, study_uid=series, position=-float(index), window01=a)
 
 
-def image_series(folder: Path, files: list[Path]) -> tuple[list[SliceImage], list[dict]]:
-    """Read the crop images of one folder in natural name order; rejected files come back with reasons."""
+def image_series(folder: Path, files: list[Path], standardise_window: bool = True) -> tuple[list[SliceImage], list[dict]]:
+    """Read the crop images of one folder in natural name order; rejected files come back with reasons.
+
+    The folder's display window is standardised to the appliance's lung window from its pooled grey-level
+    landmarks (appliance/pipeline/crop_window.py): crops exported with another window read the same.
+    """
+    from appliance.pipeline.crop_window import landmarks, standardise
+
     out, rejected = [], []
     for i, p in enumerate(sorted(files, key=lambda q: natural_key(q.name))):
         try:
             out.append(read_image(p, i, str(folder)))
         except Rejected as e:
             rejected.append({"file": str(p), "reason": e.reason})
+    if standardise_window and out:
+        fixed = standardise([s.window01 for s in out], landmarks([s.window01 for s in out]))  # type: ignore[misc]
+        for s, a in zip(out, fixed):
+            s.window01 = a
     return out, rejected
