@@ -42,7 +42,7 @@ LICENCE = (
 def load_model(run: str) -> tuple[UNetPP, dict]:
     ck = torch.load(RUNS / run / "best.pt", map_location="cpu", weights_only=False)
     cfg = ck["config"]
-    m = UNetPP(cfg["width"], cfg["levels"], with_sigmoid=True)
+    m = UNetPP(cfg["width"], cfg["levels"], with_sigmoid=True, stem=cfg.get("stem", 1))
     m.load_state_dict(ck["state_dict"])
     return m.eval(), ck
 
@@ -208,7 +208,8 @@ def build(run: str, name: str, version: str, output: dict, metrics: dict | None 
         "version": version,
         "created": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "task": task,
-        "arch": {"type": "unet++", "width": cfg["width"], "levels": cfg["levels"], "params": count_params(model)},
+        "arch": {"type": "unet++", "width": cfg["width"], "levels": cfg["levels"], "stem": cfg.get("stem", 1),
+                 "params": count_params(model)},
         "input": {"size": [size, size], "window": [-1350, 150], "layout": "NCHW", "range": [0, 1],
                   "content": "lung-window lung-box crop" if task == "lesion" else "lung-window full slice, square-padded"},
         "output": output,

@@ -28,6 +28,7 @@ class TrainConfig:
     task: str  # "lesion" | "valid-area"
     width: int = 8
     levels: int = 5
+    stem: int = 1
     size: int = 256
     steps: int = 2000
     batch: int = 8
@@ -197,7 +198,7 @@ def run(
     out.mkdir(parents=True, exist_ok=True)
     log = (out / "train.log").open("a")
 
-    model = UNetPP(cfg.width, cfg.levels)
+    model = UNetPP(cfg.width, cfg.levels, stem=cfg.stem)
     ema = EMA(model, cfg.ema)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     groups = list(cfg.mix)

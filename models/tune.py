@@ -22,7 +22,7 @@ from appliance.domain import Rect, SliceImage
 from appliance.imaging import resize
 from appliance.pipeline.analyzer import Analyzer
 from appliance.pipeline.case_logic import decide
-from models.data import DATA, NYSBU_ABDOMEN, SEMI, VAL_PSEUDO_PATIENTS, _natural_key, prepare_lesion
+from models.data import DATA, SEMI, VAL_PSEUDO_PATIENTS, _natural_key, prepare_lesion
 from models.train import dice_np
 
 
@@ -55,9 +55,15 @@ def validation_sets(seed: int = 0) -> dict[str, list[tuple[str, np.ndarray, np.n
     return out
 
 
-def run_images(analyzer: Analyzer, items: list) -> list:
+def run_images(analyzer: Analyzer, items: list, standardise_window: bool = True) -> list:
+    """Through the appliance's own image path: the set's window standardised as `image_series` does."""
+    from appliance.pipeline.crop_window import landmarks, standardise
+
+    imgs = [img for _, img, _ in items]
+    if standardise_window:
+        imgs = standardise(imgs, landmarks(imgs))
     slices = [SliceImage(key=i, series_uid="v", study_uid="v", position=-float(k), window01=img)
-              for k, (i, img, _) in enumerate(items)]
+              for k, ((i, _, _), img) in enumerate(zip(items, imgs))]
     return analyzer.findings(slices, keep_prob=True)
 
 
@@ -102,7 +108,8 @@ def main(argv: list[str] | None = None) -> None:
     a = ap.parse_args(argv)
     analyzer = Analyzer.load(replace(AnalysisConfig(), backend=a.backend, precision=a.precision), a.bundles)
     sets = validation_sets()
-    found = {k: run_images(analyzer, v) for k, v in sets.items()}
+    # the hu-chest crops are already in the appliance's window (made from HU by the pipeline's own crop)
+    found = {k: run_images(analyzer, v, standardise_window=k != "hu-chest") for k, v in sets.items()}
     le = analyzer.lesion
 
     def metrics(thr, min_area, min_score):

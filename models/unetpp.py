@@ -28,17 +28,22 @@ class UNetPP(nn.Module):
     every X[i][k<j] plus the upsampled X[i+1][j-1].
     """
 
-    def __init__(self, width: int = 16, levels: int = 5, with_sigmoid: bool = False) -> None:
+    def __init__(self, width: int = 16, levels: int = 5, with_sigmoid: bool = False, stem: int = 1) -> None:
+        """stem=2: a stride-2 convolution first and a bilinear ×2 upsampling of the logits last, so the nested
+        decoder runs at half resolution (about a quarter of the cost; lesion masks are smooth at that scale)."""
         super().__init__()
         ch = [width * 2**i for i in range(levels)]
         self.levels = levels
         self.width = width
         self.with_sigmoid = with_sigmoid
+        self.stem = stem
+        self.stem_conv = (nn.Sequential(nn.Conv2d(1, ch[0], 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(ch[0]),
+                                        nn.ReLU(inplace=True)) if stem == 2 else None)
         self.pool = nn.MaxPool2d(2)
         self.up = nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False)
         nodes = {}
         for i in range(levels):
-            nodes[f"x{i}_0"] = ConvBlock(1 if i == 0 else ch[i - 1], ch[i])
+            nodes[f"x{i}_0"] = ConvBlock((ch[0] if stem == 2 else 1) if i == 0 else ch[i - 1], ch[i])
         for j in range(1, levels):
             for i in range(levels - j):
                 nodes[f"x{i}_{j}"] = ConvBlock(ch[i] * j + ch[i + 1], ch[i])
@@ -47,6 +52,8 @@ class UNetPP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         X: dict[tuple[int, int], torch.Tensor] = {}
+        if self.stem_conv is not None:
+            x = self.stem_conv(x)
         for i in range(self.levels):
             X[i, 0] = self.nodes[f"x{i}_0"](x if i == 0 else self.pool(X[i - 1, 0]))
         for j in range(1, self.levels):
@@ -54,6 +61,8 @@ class UNetPP(nn.Module):
                 parts = [X[i, k] for k in range(j)] + [self.up(X[i + 1, j - 1])]
                 X[i, j] = self.nodes[f"x{i}_{j}"](torch.cat(parts, 1))
         out = self.head(X[0, self.levels - 1])
+        if self.stem_conv is not None:
+            out = self.up(out)
         return torch.sigmoid(out) if self.with_sigmoid else out
 
 
