@@ -53,7 +53,7 @@ class AnalysisConfig:
 class WatchConfig:
     dir: str = ""  # the export folder; empty disables the watch folder
     rescan_seconds: float = 5.0  # periodic rescan (network shares often send no file events)
-    stable_seconds: float = 1.0  # a file is taken when its size has not changed for this long
+    stable_seconds: float = 0.5  # a file is taken when its size has not changed for this long
     min_free_mb: int = 500  # stop taking files when the state disk has less free space than this
     ignore: list[str] = field(default_factory=lambda: [".*", "*.part", "*.tmp", "*.partial", "*.crdownload", "*~"])
     incomplete_seconds: float = 30.0  # a stable file that still does not parse is taken (and quarantined) after this

@@ -601,7 +601,7 @@ class Daemon:
                                     now=now)
                 moves.append((r.path, dest))
                 arrivals.append(Arrival(s.series_uid, s.study_uid, order, f, ident, s.expected_count,
-                                        s.series_description))
+                                        s.series_description, arrived=self.spool.intake_time(r.path)))
                 s.hu = None
         for src, dest in moves:
             self.spool.move(src, dest)

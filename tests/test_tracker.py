@@ -85,9 +85,10 @@ def test_quiet_time_counts_only_while_the_queue_is_empty():
     t = tracker(quiet_seconds=5.0)
     t.add([arrival(k) for k in range(3)], now=100.0)
     assert t.tick(now=103.0, idle_since=100.0) == []
-    assert t.tick(now=120.0, idle_since=None) == [], "files still waiting: not quiet"
-    assert t.tick(now=120.0, idle_since=118.0) == [], "quiet counts from when the queue emptied"
-    ups = t.tick(now=123.5, idle_since=118.0)
+    assert t.tick(now=120.0, idle_since=None) == [], "files still waiting (maybe of this series): not complete"
+    # the queue emptied at 118 and none of its files belonged to this series (they would have moved its last
+    # arrival): quiet since 100, so complete as soon as nothing waits
+    ups = t.tick(now=120.0, idle_since=118.0)
     assert len(ups) == 1 and ups[0].kind == "final"
     assert ups[0].complete_reason == "quiet: no new slice for 5 s"
     # fewer than min_slices: cannot be negative
@@ -142,3 +143,17 @@ def test_study_verdict_positive_when_any_series_is_final_when_all_are():
     assert (v.result, v.state, lead.series_key) == ("negative", "final", "a")
     with pytest.raises(ValueError):
         study_verdict([])
+
+
+def test_quiet_time_counts_from_arrival_not_from_a_backlog():
+    """Slices that arrived at t=0..0.3 but were analysed at t=10 (a backlog): with 5 s of quiet the series is
+    complete as soon as the queue is empty, not 5 s after the backlog cleared."""
+    t = tracker(min_slices=1)
+    arrivals = [Arrival("S", "T", (float(k), 0, f"s{k}"), finding(k), f"sop-{k}", arrived=k * 0.01) for k in range(30)]
+    t.add(arrivals, now=10.0)
+    assert [u.kind for u in t.tick(10.0, idle_since=10.0)] == ["final"]
+    t2 = tracker(min_slices=1)
+    t2.add([Arrival("S", "T", (0.0, 0, "s0"), finding(0), "sop-0", arrived=9.0)], now=10.0)
+    assert t2.tick(10.0, idle_since=10.0) == []  # arrived 1 s ago: not quiet yet
+    assert t2.tick(14.5, idle_since=None) == []  # something still waits in the queue
+    assert [u.kind for u in t2.tick(14.1, idle_since=10.0)] == ["final"]

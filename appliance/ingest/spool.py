@@ -75,6 +75,14 @@ class Spool:
             n = next(_counter)
         return f"{time.time_ns():020d}-{os.getpid()}-{n % 1_000_000:06d}{suffix}"
 
+    @staticmethod
+    def intake_time(path: Path) -> float | None:
+        """When a spool file was taken in (its name starts with the intake time in ns)."""
+        try:
+            return int(Path(path).name[:20]) / 1e9
+        except ValueError:
+            return None
+
     def accept(self, src: str | os.PathLike | bytes | bytearray | memoryview, *, keep_source: bool = False) -> Path:
         """Take one complete file into the spool; returns its spool path.
 

@@ -33,6 +33,7 @@ class Arrival:
     ident: str  # SOPInstanceUID (or content hash): duplicates are ignored
     expected: int | None = None  # slices announced by the header (ImagesInAcquisition), when given
     description: str = ""
+    arrived: float | None = None  # when the file reached the appliance (else: when it was analysed)
 
 
 @dataclass
@@ -101,9 +102,10 @@ class SeriesTracker:
         for a in arrivals:
             s = self.open.get(a.series_uid)
             if s is None:
-                s = self.open[a.series_uid] = TrackedSeries(a.series_uid, a.study_uid, now, now, a.description)
+                t0 = a.arrived if a.arrived is not None else now
+                s = self.open[a.series_uid] = TrackedSeries(a.series_uid, a.study_uid, t0, t0, a.description)
             if s.add(a.order, a.finding, a.ident):
-                s.last_seen = max(s.last_seen, now)
+                s.last_seen = max(s.last_seen, a.arrived if a.arrived is not None else now)
                 if a.expected:
                     s.expected = a.expected
                 if a.series_uid not in touched:
@@ -147,14 +149,16 @@ class SeriesTracker:
         """Finals for series that are complete now: a pending hint, or quiet for `quiet_seconds`.
 
         idle_since: when the input queue last became empty (None: it is not empty). Slices still waiting in the
-        queue may belong to any series, so quiet time only counts while nothing waits.
+        queue may belong to any series, so a series completes only while nothing waits. The quiet time counts
+        from the last slice's *arrival*: an appliance catching up on a backlog does not delay the final verdict by
+        the time it took to catch up.
         """
         out = []
         for uid in list(self.open):
             s = self.open[uid]
             if s.hint:
                 out.append(self.complete(uid, s.hint))
-            elif idle_since is not None and now - max(s.last_seen, idle_since) >= self.quiet_seconds:
+            elif idle_since is not None and now - s.last_seen >= self.quiet_seconds:
                 out.append(self.complete(uid, f"quiet: no new slice for {self.quiet_seconds:g} s"))
         return out
 
