@@ -1,1 +1,0 @@
-skCr602CKuNoGG0q+E5vnmg9B8dfzlo4yesaomq2RixXfhrCnHLpouEW468bf2KqeDNpJoWk6mA6PYLjm6LDBg==

@@ -1,0 +1,1 @@
+yeMWlFnjMJXZQMZIjuFmHZvT1Fyamgz/oyWFeGSD2FFtUcvDvR/S7/H1nT4vEZtwMvzUEM/I76ZgD+VoAwCnDw==
