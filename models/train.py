@@ -64,10 +64,40 @@ def blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     return F.conv2d(F.pad(x, (0, 0, n // 2, n // 2), mode="replicate"), k.view(1, 1, n, 1))
 
 
+def paste_masses(x: torch.Tensor, y: torch.Tensor, g: torch.Generator, p: float) -> torch.Tensor:
+    """Synthetic solid nodules and masses (soft-tissue density, round or lobulated, smooth or spiculated edges)
+    pasted into the aerated lung of lesion-free samples; their target stays empty. Teaches that a tumour is not
+    a COVID-19 lesion (real tumour examples are few)."""
+    B, _, H, W = x.shape
+    u = lambda *s: torch.rand(*s, generator=g)  # noqa: E731
+    yy, xx = torch.meshgrid(torch.arange(H, dtype=torch.float32), torch.arange(W, dtype=torch.float32), indexing="ij")
+    out = x.clone()
+    for i in range(B):
+        if float(y[i].max()) > 0.02 or float(u(1)) >= p:
+            continue
+        lung = (x[i, 0] < 0.45).nonzero()
+        if len(lung) < 50:
+            continue
+        for _ in range(1 + int(float(u(1)) < 0.3)):
+            cy, cx = (float(v) for v in lung[int(float(u(1)) * len(lung))])
+            r = 3 + float(u(1)) * 0.09 * H
+            ang = torch.atan2(yy - cy, xx - cx)
+            lob = 1 + 0.15 * torch.sin(ang * (2 + int(float(u(1)) * 4)) + float(u(1)) * 6.28)
+            spic = 1 + (0.08 * torch.sin(ang * (9 + int(float(u(1)) * 12)) + float(u(1)) * 6.28) if float(u(1)) < 0.4 else 0)
+            d = torch.sqrt((yy - cy) ** 2 + (xx - cx) ** 2) / (r * lob * spic)
+            soft = torch.clamp((1.2 - d) / 0.4, 0, 1)  # smooth edge
+            level = 0.86 + 0.08 * float(u(1))  # -60 … +60 HU in the lung window
+            tex = level + 0.02 * torch.randn(H, W, generator=g)
+            out[i, 0] = out[i, 0] * (1 - soft) + tex * soft
+    return out.clamp(0, 1)
+
+
 def augment(x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """x, y: (B, 1, H, W) in [0, 1]. Geometry applies to both, intensity to x only."""
     B = x.shape[0]
     u = lambda *s: torch.rand(*s, generator=g)  # noqa: E731
+    if cfg.extra.get("masses", 0.0):
+        x = paste_masses(x, y, g, float(cfg.extra["masses"]))
     if cfg.dihedral:
         xs, ys = [], []
         for i in range(B):
@@ -199,6 +229,9 @@ def run(
     log = (out / "train.log").open("a")
 
     model = UNetPP(cfg.width, cfg.levels, stem=cfg.stem)
+    if cfg.extra.get("init"):
+        init = torch.load(RUNS / cfg.extra["init"] / "best.pt", map_location="cpu", weights_only=False)
+        model.load_state_dict(init["state_dict"])
     ema = EMA(model, cfg.ema)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     groups = list(cfg.mix)
