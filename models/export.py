@@ -239,8 +239,8 @@ def main(argv: list[str] | None = None) -> None:
         output = {"kind": "probability", "threshold": a.threshold, "min_area_px": a.min_area, "area_scale": 512,
                   "min_score": a.min_score if a.min_score is not None else a.threshold}
     else:
-        output = {"kind": "probability", "threshold": a.threshold, "min_lung_cm2": 6.0, "box_margin": CROP_MARGIN,
-                  "region_dilate_px": 3}
+        output = {"kind": "probability", "threshold": a.threshold, "min_lung_cm2": 6.0, "min_total_lung_cm2": 15.0,
+                  "box_margin": CROP_MARGIN, "region_dilate_px": 3}
     build(a.run, a.name, a.version, output)
 
 

@@ -50,7 +50,8 @@ class ValidArea:
         self.window = (float(lo), float(hi))
         out = bundle.output
         self.threshold = float(out.get("threshold", 0.5))
-        self.min_lung_cm2 = float(out.get("min_lung_cm2", 6.0))
+        self.min_lung_cm2 = float(out.get("min_lung_cm2", 6.0))  # per component
+        self.min_total_cm2 = float(out.get("min_total_lung_cm2", 0.0))  # for the slice to count as lung
         self.margin = float(out.get("box_margin", 0.03))
         self.region_dilate = int(out.get("region_dilate_px", 3))
 
@@ -68,8 +69,8 @@ class ValidArea:
         sizes = np.bincount(lab.ravel())[1:]
         px_cm2 = spacing[0] * spacing[1] * scale * scale / 100.0
         keep = np.flatnonzero(sizes * px_cm2 >= self.min_lung_cm2) + 1
-        if keep.size == 0:
-            return None
+        if keep.size == 0 or sizes[keep - 1].sum() * px_cm2 < self.min_total_cm2:
+            return None  # no lung, or only a sliver at the apex/base (often the trachea or bowel gas)
         lung = np.isin(lab, keep)
         rows = np.flatnonzero(lung.any(1))
         cols = np.flatnonzero(lung.any(0))

@@ -1,1 +1,0 @@
-uL73Wh9/sOWEYUPonD6xaHPFthLSI8fe6NcNVfaS+bKFfhmDX0xCkTstF5Ik8Mrbs3ZsNrTTmPIyuVis1/FRAg==

@@ -1,1 +1,0 @@
-g8D6dQPoazJWJy2psFq2EEaPra/yDH36E8TI2ievhoLLT8bF32SfrZcGzxQpn0SHx+oW6BlLDlCwpPkw5TMmCA==

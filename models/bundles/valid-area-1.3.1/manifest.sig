@@ -1,0 +1,1 @@
+R/Y3OKVgMoww0FauCpyNoIOtniVcGXfzBhSeRZPdqOM8CuVFizI0KcYAt/x40qJbQBDgL5c6r3ThqFm0ljIICg==
