@@ -1,0 +1,1 @@
+39X4wAqbEWxojGFmZLdYH02sXyNeqIubCunVAiO+vbyk60FruxFYgJmWPkBEpnIuRa3tX+VsUOldAyhmyvT9BQ==
