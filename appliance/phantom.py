@@ -74,16 +74,22 @@ def phantom_slice(spec: PhantomSpec, k: int, rng: np.random.Generator) -> np.nda
     hu[int(c + s * 0.32):int(c + s * 0.33), int(s * 0.1):int(s * 0.9)] = 200.0
     lo, hi = spec.lesion_slices
     if spec.lesion and lung.any() and lo <= t <= hi:
+        # patchy ground-glass opacity, subpleural and posterior, vessels still visible through it
         side = 1 if spec.lesion_side == "right" else -1
-        cy, cx = c + s * 0.09, c + side * s * 0.2
-        blob = np.zeros_like(hu)
-        for _ in range(6):
-            y, x = cy + rng.normal(0, s * 0.035), cx + rng.normal(0, s * 0.03)
-            r = rng.uniform(s * 0.025, s * 0.05)
-            blob += _ellipse(hu.shape, y, x, r, r * 1.3)
-        blob = ndi.gaussian_filter((blob > 0).astype(np.float32), 3.0) * lung
-        tex = ndi.gaussian_filter(rng.normal(0, 1, hu.shape).astype(np.float32), 2.0) * 60
-        hu = np.where(blob > 0.3, np.maximum(hu, -420.0 + tex + 150 * (blob - 0.3)), hu)
+        cy, cx = c + s * 0.1, c + side * s * 0.22
+        env = np.zeros_like(hu)
+        for _ in range(7):
+            y, x = cy + rng.normal(0, s * 0.04), cx + rng.normal(0, s * 0.03)
+            r = rng.uniform(s * 0.025, s * 0.055)
+            env += _ellipse(hu.shape, y, x, r, r * 1.3)
+        env = ndi.gaussian_filter((env > 0).astype(np.float32), 4.0) * lung
+        patch = ndi.gaussian_filter(rng.normal(0, 1, hu.shape).astype(np.float32), 4.0)
+        patch = (patch - patch.mean()) / (patch.std() + 1e-6)
+        ggo = env * np.clip(0.55 + 0.45 * patch, 0.0, 1.0)
+        lesion = -860.0 + ggo * rng.uniform(380.0, 520.0)
+        hu = np.where(env > 0.15, np.maximum(hu, lesion), hu)
+    if lung.any():  # parenchymal texture
+        hu += ndi.gaussian_filter(rng.normal(0, 1, hu.shape).astype(np.float32), 1.2) * 40.0 * lung
     hu += rng.normal(0, 12, hu.shape).astype(np.float32) * body
     return hu
 

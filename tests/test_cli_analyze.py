@@ -1,0 +1,127 @@
+"""`ctriage analyze` end to end with the committed models: JSON fields, exit codes, overlays, both backends."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from appliance.cli import main
+from appliance.inference.adapter import available_backends
+
+from .conftest import shared_data
+
+FIELDS = {"result", "state", "evidence", "slices", "lung_slices", "lesion_slices", "rejected", "bundles", "backend",
+          "device", "timings"}
+
+
+def run_json(capsys, *args) -> tuple[int, list[dict]]:
+    code = main(["analyze", *map(str, args), "--json"])
+    out = capsys.readouterr().out
+    return code, [json.loads(line) for line in out.splitlines() if line.strip()]
+
+
+def test_phantom_series_json_fields(phantom_dir, capsys):
+    code, objs = run_json(capsys, phantom_dir)
+    assert code == 0 and len(objs) == 1
+    o = objs[0]
+    assert FIELDS <= set(o)
+    assert o["state"] == "final" and o["result"] in ("positive", "negative", "indeterminate")
+    assert o["slices"] == 24 and 0 < o["lung_slices"] <= 24
+    assert {b["name"] for b in o["bundles"]} == {"valid-area", "lesion"}
+    assert all(len(b["sha256"]) == 64 for b in o["bundles"])
+    assert set(o["timings"]["ms_per_slice"]) >= {"decode", "valid_area", "lesion_infer", "boxes"}
+    # no identifiers: the phantom's name, ID and UIDs never appear
+    text = json.dumps(o)
+    assert "PHANTOM^SYNTHETIC" not in text and "SYNTH-0001" not in text and "SYNTH-ACC" not in text
+    assert "19700101" not in text and "1.2.826.0.1.3680043" not in text  # birth date, DICOM UIDs
+
+
+def test_mixed_folder_rejects_with_reasons(phantom_dir, tmp_path, capsys):
+    d = tmp_path / "mixed"
+    shutil.copytree(phantom_dir, d / "series")
+    (d / "notes.txt").write_text("hello")
+    (d / "junk.dcm").write_bytes(b"\x00" * 300)
+    code, objs = run_json(capsys, d)
+    assert code == 0
+    reasons = {Path(r["file"]).name: r["reason"] for o in objs for r in o["rejected"]}
+    assert "not a DICOM" in reasons["notes.txt"] and "junk.dcm" in reasons
+
+
+def test_nothing_usable_exits_2_with_one_line(tmp_path, capsys):
+    (tmp_path / "a.txt").write_text("x")
+    assert main(["analyze", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no usable CT series" in err[0] and "not a DICOM" in err[0]
+    assert main(["analyze", str(tmp_path / "missing")]) == 2
+    assert "no such file" in capsys.readouterr().err
+
+
+def test_crop_image_folder_skips_valid_area(tmp_path, capsys):
+    from appliance.imaging import to_uint8, window
+    from appliance.phantom import PhantomSpec, phantom_series
+    from appliance.pipeline.classic_lung import lung_mask, mask_box
+
+    d = tmp_path / "patient1"
+    d.mkdir()
+    spec = PhantomSpec(slices=12)
+    k = 0
+    for hu in phantom_series(spec):
+        box = mask_box(lung_mask(hu, spec.spacing_mm ** 2), 0.03)
+        if box:
+            y0, x0, y1, x1 = box
+            k += 1
+            Image.fromarray(to_uint8(window(hu[y0:y1, x0:x1]))).save(d / f"slice_{k}.png")
+    code, objs = run_json(capsys, d)
+    assert code == 0 and objs[0]["kind"] == "images" and objs[0]["slices"] == k
+    assert objs[0]["timings"]["ms_per_slice"]["valid_area"] == 0
+
+
+def test_overlays_written_for_lesion_slices(phantom_dir, tmp_path, capsys):
+    code, objs = run_json(capsys, phantom_dir, "--overlays", tmp_path / "ov")
+    assert code == 0
+    pngs = sorted((tmp_path / "ov").rglob("*.png"))
+    assert len(pngs) == objs[0]["lesion_slices"]
+    for p in pngs[:2]:
+        im = np.asarray(Image.open(p))
+        assert im.ndim == 3 and (im[..., 0] > 200).any()  # red-ish boxes drawn
+
+
+@pytest.mark.skipif(len(available_backends()) < 2, reason="needs both backends")
+def test_backends_agree_on_results(phantom_dir, capsys):
+    res = {}
+    for be in available_backends():
+        _, objs = run_json(capsys, phantom_dir, "--backend", be)
+        res[be] = (objs[0]["result"], objs[0]["lung_slices"], objs[0]["backend"])
+    (a, la, _), (b, lb, _) = res.values()
+    assert a == b and abs(la - lb) <= 1
+
+
+def test_console_script_runs_without_traceback(tmp_path):
+    (tmp_path / "x.dcm").write_bytes(b"garbage")
+    p = subprocess.run([sys.executable, "-m", "appliance.cli", "analyze", str(tmp_path)], capture_output=True, text=True)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+
+
+def test_real_zoo_every_file_analysed_or_rejected(capsys):
+    zoo = shared_data("dicom-ct-zoo")
+    code, objs = run_json(capsys, zoo)
+    assert code == 0
+    files = {str(p) for p in zoo.rglob("*") if p.is_file()}
+    analysed = sum(o["slices"] for o in objs if o["kind"] == "dicom")
+    rejected = {r["file"] for o in objs for r in o["rejected"]}
+    assert analysed + len(rejected) == len(files)
+    assert all(len(r["reason"]) > 8 for o in objs for r in o["rejected"])
+
+
+def test_real_series_a0001(capsys):
+    d = shared_data("lung-pet-ct-dx-A0001")
+    code, objs = run_json(capsys, d)
+    assert code == 0 and len(objs) == 1
+    o = objs[0]
+    assert o["slices"] == 64 and o["lung_slices"] >= 40 and o["spacing_mm"] == pytest.approx(5.0)
