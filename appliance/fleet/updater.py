@@ -41,7 +41,8 @@ UPDATE_SCHEMA = "ctriage.update/1"
 STEPS = ("announce", "transfer", "verify", "policy", "store", "load", "selftest", "wait_idle", "activate", "confirm",
          "rollback", "startup")
 OUTCOMES = ("progress", "refused", "failed", "installed", "confirmed", "rolled_back", "repaired")
-PROJECT_KEY = Path(__file__).resolve().parents[2] / "config" / "trust" / "ctriage-project.pub"
+# the project's public key: appliance/trust (a link to config/trust in the source tree, a copy in a wheel)
+PROJECT_KEY = Path(__file__).resolve().parents[1] / "trust" / "ctriage-project.pub"
 
 Publish = Callable[[str, dict[str, Any], bool], None]
 
