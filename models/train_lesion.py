@@ -86,11 +86,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--blob-weight", type=float, default=0.3, help="penalty on confident blobs in negatives")
     ap.add_argument("--masses", type=float, default=0.0, help="share of negatives given synthetic nodules/masses")
     ap.add_argument("--init", default="", help="start from this run's best checkpoint (fine-tuning)")
+    ap.add_argument("--blob-start", type=int, default=300, help="step where the blob penalty starts ramping in")
+    ap.add_argument("--warmup", type=int, default=50)
     a = ap.parse_args(argv)
     mix = {k: float(v) for k, v in (kv.split("=") for kv in a.mix.split(","))}
     cfg = TrainConfig(name=a.name, task="lesion", width=a.width, levels=a.levels, stem=a.stem, size=a.size, steps=a.steps,
                       batch=a.batch, lr=a.lr, seed=a.seed, threads=a.threads, eval_every=a.eval_every,
-                      mix=mix, extra={"blob_weight": a.blob_weight, "masses": a.masses, "init": a.init})
+                      warmup=a.warmup, mix=mix,
+                      extra={"blob_weight": a.blob_weight, "masses": a.masses, "init": a.init,
+                             "blob_start": a.blob_start, "blob_full": a.blob_start + 500})
     data, val = load(cfg)
     run(cfg, data, make_validate(val), score)
 
