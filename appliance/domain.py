@@ -99,7 +99,13 @@ class SliceFinding:
     max_prob: float = 0.0
     lesion_fraction: float = 0.0  # lesion pixels / lung-box pixels
     timings_ms: dict[str, float] = field(default_factory=dict)
-    prob: np.ndarray | None = None  # lesion probability map at model scale over `lung` (kept only on request)
+    prob: np.ndarray | None = None  # lesion probability map at model scale over `crop` (kept only on request)
+    crop: Rect | None = None  # the region the lesion model saw: the lung box, grown to a minimum size (None: = lung)
+
+    @property
+    def prob_rect(self) -> Rect | None:
+        """Where `prob` lies in the slice."""
+        return self.crop or self.lung
 
     @property
     def has_lesion(self) -> bool:

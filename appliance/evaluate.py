@@ -389,9 +389,9 @@ def _run_patient(src: PatientSource, dicom_files: list[Path], image_groups: dict
 def _score_image(src: PatientSource, kind: str, index: int, f: SliceFinding, analyzer) -> ImageResult:
     le = analyzer.lesion
     h, w = f.shape
-    if f.lung is not None and f.prob is not None:
+    if f.prob_rect is not None and f.prob is not None:
         to512 = 1.0 if kind == "images" else (AREA_SCALE / h) * (AREA_SCALE / w)
-        px_area = (f.lung.height / f.prob.shape[0]) * (f.lung.width / f.prob.shape[1]) * to512
+        px_area = (f.prob_rect.height / f.prob.shape[0]) * (f.prob_rect.width / f.prob.shape[1]) * to512
         score = component_score(f.prob, px_area, le.min_area)
     else:
         score = 0.0
@@ -404,7 +404,7 @@ def _score_image(src: PatientSource, kind: str, index: int, f: SliceFinding, ana
         if m.shape != tuple(f.shape):
             raise DatasetError(f"{mpath}: mask is {m.shape[0]}×{m.shape[1]} but its image {Path(f.key).name} is "
                                f"{h}×{w}")
-        pred = predicted_mask(f.prob, f.lung, f.shape, le.threshold)
+        pred = predicted_mask(f.prob, f.prob_rect, f.shape, le.threshold)
         r.mask, r.mask_empty, r.pred_empty = mpath, not m.any(), not pred.any()
         r.dice, r.iou = dice(pred, m), iou(pred, m)
         if src.group == "covid" and r.mask_empty:

@@ -125,7 +125,7 @@ def _scaled(f: SliceFinding, k: float) -> SliceFinding:
         return None if x is None else Rect(*(int(round(v * k)) for v in x.as_list()))
 
     return replace(f, shape=(int(round(f.shape[0] * k)), int(round(f.shape[1] * k))), lung=r(f.lung),
-                   boxes=[replace(b, rect=r(b.rect)) for b in f.boxes], prob=None)
+                   crop=r(f.crop), boxes=[replace(b, rect=r(b.rect)) for b in f.boxes], prob=None)
 
 
 def key_image(r: ImageResult, max_tilt_deg: float = 10.0, size: int = 320) -> str:

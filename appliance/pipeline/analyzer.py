@@ -81,19 +81,21 @@ class Analyzer:
                 areas[i] = a
         t1 = time.perf_counter()
         t["valid_area"] = t1 - t0
-        crops, which, rects = [], [], []
+        crops, which, rects, crop_rects = [], [], [], []
         for i, s in enumerate(slices):
             if s.hu is not None:
                 if areas[i] is None:
                     continue
                 rect = areas[i].box  # type: ignore[union-attr]
-                crops.append(self.lesion.crop_hu(s.hu, rect))
+                crop = min_crop(rect, s.shape, s.pixel_spacing, self.lesion.min_crop_mm)
+                crops.append(self.lesion.crop_hu(s.hu, crop))
             else:
                 h, w = s.shape
-                rect = Rect(0, 0, h, w)
+                rect = crop = Rect(0, 0, h, w)
                 crops.append(self.lesion.crop_image(s.window01))  # type: ignore[arg-type]
             which.append(i)
             rects.append(rect)
+            crop_rects.append(crop)
         t2 = time.perf_counter()
         t["lesion_pre"] = t2 - t1
         probs = self.lesion.infer(crops)
@@ -101,14 +103,15 @@ class Analyzer:
         t["lesion_infer"] = t3 - t2
         found: dict[int, SliceFinding] = {}
         for j, i in enumerate(which):
-            s, rect, prob = slices[i], rects[j], probs[j]
+            s, rect, crop, prob = slices[i], rects[j], crop_rects[j], probs[j]
             area = areas[i]
-            boxes = self.lesion.boxes(prob, rect, s.shape, rect.center,
+            boxes = self.lesion.boxes(prob, crop, s.shape, rect.center,
                                       inside=area.contains if area is not None else None,
                                       crop_is_slice=s.hu is None)
             frac = float((prob >= self.lesion.threshold).mean())
             found[i] = SliceFinding(s.key, s.position, s.shape, rect, boxes, float(prob.max()), frac,
-                                    prob=prob.astype(np.float16) if keep_prob else None)
+                                    prob=prob.astype(np.float16) if keep_prob else None,
+                                    crop=crop if crop != rect else None)
         t["boxes"] = time.perf_counter() - t3
         per = {k: round(v * 1000.0 / n, 3) for k, v in t.items()}
         out = []
@@ -128,6 +131,29 @@ class Analyzer:
                    min_slices=self.config.min_slices if min_slices is None else min_slices,
                    gap_factor=self.config.gap_factor, min_run_mm=self.config.min_run_mm if dicom else 0.0)
         return v, ordered
+
+
+def min_crop(box: Rect, shape: tuple[int, int], spacing: tuple[float, float], min_mm: float) -> Rect:
+    """The lung box grown about its centre to at least `min_mm` per side (within the slice), so that a small box
+    (apex, base) is not magnified far beyond what the lesion model learned on whole-lung crops."""
+    if min_mm <= 0:
+        return box
+    h, w = shape
+    need_h = min(h, int(np.ceil(min_mm / max(spacing[0], 1e-3))))
+    need_w = min(w, int(np.ceil(min_mm / max(spacing[1], 1e-3))))
+    if box.height >= need_h and box.width >= need_w:
+        return box
+
+    def grow(lo: int, hi: int, need: int, size: int) -> tuple[int, int]:
+        if hi - lo >= need:
+            return lo, hi
+        lo = int(round((lo + hi - need) / 2))
+        lo = min(max(0, lo), size - need)
+        return lo, lo + need
+
+    y0, y1 = grow(box.y0, box.y1, need_h, h)
+    x0, x1 = grow(box.x0, box.x1, need_w, w)
+    return Rect(y0, x0, y1, x1)
 
 
 def stage_summary(findings: Sequence[SliceFinding]) -> dict[str, float]:

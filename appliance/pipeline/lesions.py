@@ -29,6 +29,7 @@ class LesionDetector:
         self.threshold = float(out.get("threshold", 0.5))
         self.min_area = float(out.get("min_area_px", 25))
         self.min_score = float(out.get("min_score", self.threshold))
+        self.min_crop_mm = float(out.get("min_crop_mm", 120.0))  # smallest crop side (DICOM slices)
 
     def crop_hu(self, hu: np.ndarray, box: Rect) -> np.ndarray:
         return resize(window(hu[box.y0:box.y1, box.x0:box.x1], *self.window), self.size)
