@@ -145,13 +145,31 @@ def _natural_key(p: str) -> list:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", p)]
 
 
+def doctor_files() -> list[str]:
+    """The 50 radiologist-labelled crops, in natural name order."""
+    return sorted(glob.glob(str(SEMI / "Doctor-label" / "Imgs" / "*.jpg")), key=_natural_key)
+
+
+def noncovid_files() -> list[str]:
+    """The 700 non-COVID crops, in natural name order."""
+    return sorted(glob.glob(str(DATA / "sarscov2-ct-noncovid" / "*.png")), key=_natural_key)
+
+
+def held_out(seed: int = 0) -> dict[str, set[int]]:
+    """Indices (into doctor_files / noncovid_files) held back for validation: 10 of 50 and 140 of 700.
+    The one place the split is drawn, so training and `models.make_eval_set` cannot drift apart."""
+    rng = np.random.default_rng(seed)
+    doctor = set(rng.choice(50, 10, replace=False).tolist())
+    noncovid = set(rng.choice(700, 700 // 5, replace=False).tolist())
+    return {"doctor": doctor, "noncovid": noncovid}
+
+
 def prepare_lesion(cache: Path = CACHE, seed: int = 0) -> Path:
     """Build (or reuse) the lesion training cache; returns the .npz path."""
     out = cache / f"lesion_{LESION_SIZE}.npz"
     if out.exists():
         return out
     cache.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
     X, Y, src, split, group = [], [], [], [], []
 
     def add(img, mask, s, sp, g):
@@ -159,10 +177,11 @@ def prepare_lesion(cache: Path = CACHE, seed: int = 0) -> Path:
         Y.append(to_uint8(_fit(mask) / 255.0) if mask is not None else np.zeros((LESION_SIZE,) * 2, np.uint8))
         src.append(s), split.append(sp), group.append(g)
 
-    doc = sorted(glob.glob(str(SEMI / "Doctor-label" / "Imgs" / "*.jpg")), key=_natural_key)
+    doc, non = doctor_files(), noncovid_files()
+    held = held_out(seed)
     imgs = [_grey(Path(p)) for p in doc]
     lm = histogram_landmarks(imgs)
-    val_idx = set(rng.choice(len(doc), 10, replace=False).tolist())
+    val_idx = held["doctor"]
     for i, (p, a) in enumerate(zip(doc, imgs)):
         gt = _grey(SEMI / "Doctor-label" / "GT" / (Path(p).stem + ".png"))
         add(remap(a, *lm), (gt > 127) * 255.0, "doctor", "val" if i in val_idx else "train", Path(p).stem)
@@ -175,10 +194,9 @@ def prepare_lesion(cache: Path = CACHE, seed: int = 0) -> Path:
         gt = _grey(SEMI / "Pseudo-label" / "GT" / (Path(p).stem + ".png"))
         add(remap(a, *lm), gt, "pseudo", "val" if patient in VAL_PSEUDO_PATIENTS else "train", Path(p).stem)
 
-    non = sorted(glob.glob(str(DATA / "sarscov2-ct-noncovid" / "*.png")), key=_natural_key)
     imgs = [_grey(Path(p)) for p in non]
     lm = histogram_landmarks(imgs[::3])
-    val_idx = set(rng.choice(len(non), len(non) // 5, replace=False).tolist())
+    val_idx = held["noncovid"]
     for i, (p, a) in enumerate(zip(non, imgs)):
         add(remap(a, *lm), None, "noncovid", "val" if i in val_idx else "train", Path(p).stem)
 

@@ -210,6 +210,44 @@ def predict(model: torch.nn.Module, x: np.ndarray, batch: int = 16) -> np.ndarra
     return np.concatenate(out) if out else np.zeros((0,) + x.shape[1:], np.float32)
 
 
+def load_folded_onnx(model: torch.nn.Module, path: Path) -> None:
+    """Initialise `model` from an exported FP32 ONNX file (a shipped bundle's model.onnx), where export folded each
+    BatchNorm into the convolution before it: the convolution takes the folded weight and its BatchNorm becomes the
+    identity plus the folded bias (mean 0, variance 1 − eps, scale 1). Fine-tune with `freeze_bn` so those
+    statistics stay. Lets a shipped model be fine-tuned when its training checkpoint is gone."""
+    import onnx
+    from onnx import numpy_helper
+
+    g = onnx.load(str(path)).graph
+    inits = {i.name: numpy_helper.to_array(i) for i in g.initializer}
+    modules = dict(model.named_modules())
+    done = 0
+    for node in g.node:
+        if node.op_type != "Conv":
+            continue
+        local = node.name.strip("/").split("/")[-2]  # "/x0_0/x0_0.3/Conv" -> "x0_0.3"; "/head/Conv" -> "head"
+        names = [n for n, m in modules.items() if isinstance(m, torch.nn.Conv2d) and (n == local or n.endswith("." + local))]
+        if len(names) != 1:
+            raise ValueError(f"{path}: cannot place ONNX node {node.name} in the model ({names or 'no match'})")
+        conv = modules[names[0]]
+        w, b = torch.from_numpy(inits[node.input[1]].copy()), torch.from_numpy(inits[node.input[2]].copy())
+        if conv.weight.shape != w.shape:
+            raise ValueError(f"{path}: {node.name} weight {tuple(w.shape)} != model {tuple(conv.weight.shape)}")
+        with torch.no_grad():
+            conv.weight.copy_(w)
+            if conv.bias is not None:
+                conv.bias.copy_(b)
+            else:
+                parent, idx = names[0].rsplit(".", 1)
+                bn = modules[parent][int(idx) + 1]
+                bn.weight.fill_(1.0), bn.bias.copy_(b)
+                bn.running_mean.zero_(), bn.running_var.fill_(1.0 - bn.eps)
+        done += 1
+    n_conv = sum(isinstance(m, torch.nn.Conv2d) for m in modules.values())
+    if done != n_conv:
+        raise ValueError(f"{path}: {done} convolutions loaded, the model has {n_conv}")
+
+
 def run(
     cfg: TrainConfig,
     data: dict[str, tuple[np.ndarray, np.ndarray, float, float]],
@@ -229,6 +267,8 @@ def run(
     log = (out / "train.log").open("a")
 
     model = UNetPP(cfg.width, cfg.levels, stem=cfg.stem)
+    if cfg.extra.get("init_onnx"):
+        load_folded_onnx(model, Path(cfg.extra["init_onnx"]))
     if cfg.extra.get("init"):
         init = torch.load(RUNS / cfg.extra["init"] / "best.pt", map_location="cpu", weights_only=False)
         model.load_state_dict(init["state_dict"])
@@ -265,6 +305,10 @@ def run(
         for pg in opt.param_groups:
             pg["lr"] = lr
         model.train()
+        if cfg.extra.get("freeze_bn"):  # statistics folded in from an exported model stay as they are
+            for m in model.modules():
+                if isinstance(m, torch.nn.BatchNorm2d):
+                    m.eval()
         # the blob penalty ramps in after the model has learned what lesions look like (from the start it
         # collapses to predicting nothing)
         b0, b1 = int(cfg.extra.get("blob_start", 300)), int(cfg.extra.get("blob_full", 800))

@@ -86,6 +86,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--blob-weight", type=float, default=0.3, help="penalty on confident blobs in negatives")
     ap.add_argument("--masses", type=float, default=0.0, help="share of negatives given synthetic nodules/masses")
     ap.add_argument("--init", default="", help="start from this run's best checkpoint (fine-tuning)")
+    ap.add_argument("--init-onnx", default="", metavar="MODEL_ONNX",
+                    help="start from an exported FP32 model (a bundle's model.onnx); BatchNorm statistics frozen")
     ap.add_argument("--blob-start", type=int, default=300, help="step where the blob penalty starts ramping in")
     ap.add_argument("--warmup", type=int, default=50)
     a = ap.parse_args(argv)
@@ -94,7 +96,8 @@ def main(argv: list[str] | None = None) -> None:
                       batch=a.batch, lr=a.lr, seed=a.seed, threads=a.threads, eval_every=a.eval_every,
                       warmup=a.warmup, mix=mix,
                       extra={"blob_weight": a.blob_weight, "masses": a.masses, "init": a.init,
-                             "blob_start": a.blob_start, "blob_full": a.blob_start + 500})
+                             "blob_start": a.blob_start, "blob_full": a.blob_start + 500,
+                             "init_onnx": a.init_onnx, "freeze_bn": bool(a.init_onnx)})
     data, val = load(cfg)
     run(cfg, data, make_validate(val), score)
 

@@ -67,12 +67,14 @@ def test_not_a_bundle(tmp_path):
         load_bundle(tmp_path)
 
 
-def test_shipped_bundles_are_signed_with_the_project_key():
+def test_shipped_bundles_are_signed_with_the_current_project_key():
     from appliance.fleet.signing import load_trust, verify_bundle
-    from appliance.fleet.updater import PROJECT_KEY
+    from appliance.fleet.updater import default_trust_keys, project_keys
 
-    assert PROJECT_KEY.is_file()
-    trust = load_trust([PROJECT_KEY])
+    keys = project_keys()
+    assert [k.name for k in keys][:2] == ["ctriage-project-k1.pub", "ctriage-project-k2.pub"]
+    assert default_trust_keys() == [str(k) for k in keys]  # every project key trusted when no site key is set
+    trust = load_trust([keys[-1]])  # the newest key signs what ships; older ones stay trusted for installed bundles
     for b in find_bundles(default_bundle_dir()).values():
         assert (b.path / "manifest.sig").is_file()
         bundle, key = verify_bundle(b.path, trust)  # raises with the reason when anything does not hold

@@ -41,17 +41,23 @@ UPDATE_SCHEMA = "ctriage.update/1"
 STEPS = ("announce", "transfer", "verify", "policy", "store", "load", "selftest", "wait_idle", "activate", "confirm",
          "rollback", "startup")
 OUTCOMES = ("progress", "refused", "failed", "installed", "confirmed", "rolled_back", "repaired")
-# the project's public key: appliance/trust (a link to config/trust in the source tree, a copy in a wheel)
-PROJECT_KEY = Path(__file__).resolve().parents[1] / "trust" / "ctriage-project.pub"
+# the project's public keys: appliance/trust (a link to config/trust in the source tree, a copy in a wheel).
+# Every ctriage-project-*.pub there is trusted, so a key can be rotated without orphaning bundles signed before.
+PROJECT_TRUST_DIR = Path(__file__).resolve().parents[1] / "trust"
+
+
+def project_keys() -> list[Path]:
+    """The shipped project public keys, oldest first (k1, k2, ...)."""
+    return sorted(PROJECT_TRUST_DIR.glob("ctriage-project-*.pub"))
 
 Publish = Callable[[str, dict[str, Any], bool], None]
 
 
 def default_trust_keys(configured: list[str] | tuple[str, ...] = (),
                        extra: list[str] | tuple[str, ...] = ()) -> list[str]:
-    """fleet.trust_keys when set (a site's own keys replace the project key), else the shipped project key;
+    """fleet.trust_keys when set (a site's own keys replace the project keys), else the shipped project keys;
     plus keys given on the command line (`ctriage run --trust-key`)."""
-    base = [str(k) for k in configured] or ([str(PROJECT_KEY)] if PROJECT_KEY.is_file() else [])
+    base = [str(k) for k in configured] or [str(k) for k in project_keys()]
     return base + [str(k) for k in extra if str(k) not in base]
 
 

@@ -80,7 +80,7 @@ class Analyzer:
             for i, a in zip(hu_idx, res):
                 areas[i] = a
         t1 = time.perf_counter()
-        t["valid_area"] = t1 - t0
+        t["valid_area"] = t1 - t0 if hu_idx and self.valid_area is not None else 0.0  # crops: the stage never ran
         crops, which, rects, crop_rects = [], [], [], []
         for i, s in enumerate(slices):
             if s.hu is not None:

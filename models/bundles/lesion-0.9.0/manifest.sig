@@ -1,1 +1,0 @@
-39X4wAqbEWxojGFmZLdYH02sXyNeqIubCunVAiO+vbyk60FruxFYgJmWPkBEpnIuRa3tX+VsUOldAyhmyvT9BQ==

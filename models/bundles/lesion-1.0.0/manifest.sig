@@ -1,0 +1,1 @@
+W/PehrAzE4EIy4P4vh2E2iHtT+iZktKdQiZHTAVrWm5WAEBJQMF2kXb+GexckyI0s3alLgmhfXv9p7kx/QHzBQ==

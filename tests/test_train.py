@@ -1,0 +1,41 @@
+"""Training helpers (models/): the split and fine-tuning from a shipped bundle. Needs the `train` extra (torch)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+
+def test_held_out_split_is_fixed_and_sized():
+    from models.data import held_out
+
+    a, b = held_out(0), held_out(0)
+    assert a == b  # training and models.make_eval_set draw the same held-back slices
+    assert len(a["doctor"]) == 10 and len(a["noncovid"]) == 140
+    assert max(a["doctor"]) < 50 and max(a["noncovid"]) < 700
+    assert held_out(1) != a
+
+
+def test_fine_tune_starts_from_the_shipped_lesion_model():
+    torch = pytest.importorskip("torch", reason="torch is in the `train` extra, not installed here")
+    pytest.importorskip("onnx", reason="onnx is in the `train` extra, not installed here")
+    import onnxruntime as ort
+
+    from appliance.inference.bundle import default_bundle_dir, find_bundles
+    from models.train import load_folded_onnx
+    from models.unetpp import UNetPP
+
+    b = find_bundles(default_bundle_dir())["lesion"]
+    arch = b.manifest["arch"]
+    model = UNetPP(arch["width"], arch["levels"], stem=arch.get("stem", 1))
+    load_folded_onnx(model, b.path / "model.onnx")
+    model.eval()
+    x = np.random.default_rng(0).random((2, 1) + tuple(b.input_size), dtype=np.float32)
+    with torch.no_grad():
+        mine = torch.sigmoid(model(torch.from_numpy(x))).numpy()
+    sess = ort.InferenceSession(str(b.path / "model.onnx"), providers=["CPUExecutionProvider"])
+    ref = sess.run(None, {sess.get_inputs()[0].name: x})[0]
+    assert np.abs(mine - ref).max() < 1e-4
+
+    wrong = UNetPP(arch["width"] * 2, arch["levels"])
+    with pytest.raises(ValueError, match="weight"):
+        load_folded_onnx(wrong, b.path / "model.onnx")
