@@ -1,6 +1,8 @@
 """Training helpers (models/): the split and fine-tuning from a shipped bundle. Needs the `train` extra (torch)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -39,3 +41,25 @@ def test_fine_tune_starts_from_the_shipped_lesion_model():
     wrong = UNetPP(arch["width"] * 2, arch["levels"])
     with pytest.raises(ValueError, match="weight"):
         load_folded_onnx(wrong, b.path / "model.onnx")
+
+
+def test_make_eval_set_builds_evaluate_layout_outside_the_project(tmp_path):
+    from tests.conftest import shared_data
+
+    shared_data("covid-semiseg")
+    shared_data("lung-pet-ct-dx-A0001")
+    pytest.importorskip("nibabel", reason="nibabel is in the `train` extra, not installed here")
+    from appliance.evaluate import find_patients
+    from models.make_eval_set import build_images, main
+
+    counts = build_images(tmp_path / "images")
+    assert counts == {"covid": 10, "control": 140}
+    pats = {p.name: p for p in find_patients(tmp_path / "images")}
+    assert set(pats) == {"doctor-val", "noncovid-val"}
+    assert pats["doctor-val"].masks is not None and len(list(pats["doctor-val"].masks.iterdir())) == 10
+    assert all(f.is_symlink() for f in pats["noncovid-val"].folder.iterdir())  # links: nothing copied
+
+    project = Path(__file__).resolve().parents[1]
+    with pytest.raises(SystemExit, match="inside the project"):
+        main([str(project / "eval-here")])
+    assert not (project / "eval-here").exists()
