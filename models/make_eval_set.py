@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 from models.data import DATA, SEMI, VAL_PSEUDO_PATIENTS, doctor_files, held_out, noncovid_files
-from models.make_series import write_volume
+from models.make_series import write_volumes
 
 A0001 = DATA / "lung-pet-ct-dx-A0001" / "Lung-PET-CT-Dx"
 
@@ -58,11 +58,7 @@ def build_patients(out: Path) -> dict[str, int]:
     for p in series:
         _link(p, out / "control" / "lpcd-A0001" / p.name)
     counts["lpcd-A0001"] = len(series)
-    base = DATA / "totalsegmentator-ct-nifti" / "tests" / "reference_files"
-    counts["ts-chest"] = write_volume(base / "pulmonary_report" / "models" / "ct_cropped.nii.gz",
-                                      out / "control" / "ts-chest", "normal chest crop")
-    counts["ts-abdomen"] = write_volume(base / "example_ct.nii.gz", out / "control" / "ts-abdomen",
-                                        "abdomen with lung bases")
+    counts.update(write_volumes(out / "control"))
     return counts
 
 

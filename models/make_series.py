@@ -33,12 +33,21 @@ def write_volume(vol_path: Path, out: Path, description: str) -> int:
     return n
 
 
+TS = DATA / "totalsegmentator-ct-nifti" / "tests" / "reference_files"
+VOLUMES = {  # folder name -> (NIfTI volume, series description)
+    "ts-chest": (TS / "pulmonary_report" / "models" / "ct_cropped.nii.gz", "normal chest crop, 1.5 mm"),
+    "ts-abdomen": (TS / "example_ct.nii.gz", "abdomen with lung bases, 3 mm"),
+}
+
+
+def write_volumes(out: Path) -> dict[str, int]:
+    """Every research volume as a DICOM series in out/<name>/; returns the slice count of each."""
+    return {name: write_volume(path, out / name, desc) for name, (path, desc) in VOLUMES.items()}
+
+
 def main(argv: list[str] | None = None) -> None:
     out = Path((argv or sys.argv[1:])[0])
-    base = DATA / "totalsegmentator-ct-nifti" / "tests" / "reference_files"
-    n1 = write_volume(base / "pulmonary_report" / "models" / "ct_cropped.nii.gz", out / "ts-chest-1.5mm", "normal chest crop")
-    n2 = write_volume(base / "example_ct.nii.gz", out / "ts-abdomen-3mm", "abdomen with lung bases")
-    print(f"{out}: ts-chest-1.5mm {n1} slices, ts-abdomen-3mm {n2} slices")
+    print(f"{out}:", ", ".join(f"{k} {n} slices" for k, n in write_volumes(out).items()))
 
 
 if __name__ == "__main__":

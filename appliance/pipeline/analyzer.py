@@ -79,8 +79,8 @@ class Analyzer:
             res = self.valid_area([slices[i].hu for i in hu_idx], [slices[i].pixel_spacing for i in hu_idx])  # type: ignore[misc]
             for i, a in zip(hu_idx, res):
                 areas[i] = a
+            t["valid_area"] = time.perf_counter() - t0  # stays 0 for crop images: the stage does not run
         t1 = time.perf_counter()
-        t["valid_area"] = t1 - t0 if hu_idx and self.valid_area is not None else 0.0  # crops: the stage never ran
         crops, which, rects, crop_rects = [], [], [], []
         for i, s in enumerate(slices):
             if s.hu is not None:
