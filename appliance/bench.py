@@ -50,7 +50,8 @@ def _pcts(values: list[float]) -> dict[str, float]:
     return {"median": round(float(np.median(a)), 3), "p95": round(float(np.percentile(a, 95)), 3)}
 
 
-def bench_backend(path: Path, backend: str, precision: str, threads: int | None, streaming_slices: int) -> dict:
+def bench_backend(path: Path, backend: str, precision: str, threads: int | None, streaming_slices: int,
+                  bundles: Path | None = None) -> dict:
     """Run in the child: the whole series once (batch mode), then a streaming tail."""
     from appliance.analyze import analyze_series, read_headers, discover
     from appliance.config import AnalysisConfig
@@ -60,7 +61,7 @@ def bench_backend(path: Path, backend: str, precision: str, threads: int | None,
     from appliance.pipeline.case_logic import decide
 
     t_load = time.perf_counter()
-    analyzer = Analyzer.load(AnalysisConfig(backend=backend, precision=precision, threads=threads or 0))
+    analyzer = Analyzer.load(AnalysisConfig(backend=backend, precision=precision, threads=threads or 0), bundles)
     load_s = time.perf_counter() - t_load
     files, _ = discover(path)
     headers, rejected = read_headers(files, 10.0)
@@ -121,7 +122,8 @@ def bench_backend(path: Path, backend: str, precision: str, threads: int | None,
 
 
 def run_bench(path: Path | None, backends: list[str], precision: str = "int8", slices: int = 120,
-              syntax: str = "explicit", threads: int | None = None, streaming_slices: int = 8) -> dict:
+              syntax: str = "explicit", threads: int | None = None, streaming_slices: int = 8,
+              bundles: Path | None = None) -> dict:
     """Parent: generate a series if needed, run each backend in a child process, collect the results."""
     tmp = None
     if path is None:
@@ -137,6 +139,8 @@ def run_bench(path: Path | None, backends: list[str], precision: str = "int8", s
                    "--precision", precision, "--streaming-slices", str(streaming_slices)]
             if threads:
                 cmd += ["--threads", str(threads)]
+            if bundles:
+                cmd += ["--bundles", str(bundles)]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:
                 out["backends"][be] = {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
@@ -155,8 +159,9 @@ def _child(argv: list[str]) -> int:
     ap.add_argument("--precision", default="int8")
     ap.add_argument("--threads", type=int)
     ap.add_argument("--streaming-slices", type=int, default=8)
+    ap.add_argument("--bundles", type=Path)
     a = ap.parse_args(argv)
-    res = bench_backend(Path(a.child), a.backend, a.precision, a.threads, a.streaming_slices)
+    res = bench_backend(Path(a.child), a.backend, a.precision, a.threads, a.streaming_slices, a.bundles)
     print(json.dumps(res))
     return 0
 

@@ -2,8 +2,10 @@
 a self-test with golden inputs and outputs, and manifest.json with every file's sha256.
 
     python -m models.export --run lesion-w8l4-c --name lesion --version 1.0.0
+    # or a new version of a shipped bundle with thresholds tuned on validation (same model files):
+    python -m models.export --from-bundle models/bundles/lesion-1.0.0 --version 1.1.0 --threshold 0.3 --min-score 0.9
     # write MODEL_CARD.md into the bundle, then hash it into the manifest and sign:
-    ctriage models sign models/bundles/lesion-1.0.0 --key SIGNING_KEY --rehash
+    ctriage models sign models/bundles/lesion-X.Y.Z --key SIGNING_KEY --rehash
 
 Both runtimes run the same quantized network, so their verdicts agree; NNCF's own INT8 IR is measured for the
 record (its FP32 agreement is in the manifest) but not shipped: a second, different quantization would make the two
@@ -148,9 +150,9 @@ def run_all(paths: dict[str, Path], x: np.ndarray) -> dict[str, np.ndarray]:
     }
 
 
-def agreement(a: np.ndarray, b: np.ndarray) -> float:
-    """Mean mask Dice between two probability batches at 0.5 (empty vs empty counts as 1)."""
-    return float(np.mean([dice_np(p >= 0.5, q >= 0.5) for p, q in zip(a[:, 0], b[:, 0])]))
+def agreement(a: np.ndarray, b: np.ndarray, threshold: float = 0.5) -> float:
+    """Mean mask Dice between two probability batches at `threshold` (empty vs empty counts as 1)."""
+    return float(np.mean([dice_np(p >= threshold, q >= threshold) for p, q in zip(a[:, 0], b[:, 0])]))
 
 
 def build(run: str, name: str, version: str, output: dict, metrics: dict | None = None,
@@ -226,15 +228,69 @@ def build(run: str, name: str, version: str, output: dict, metrics: dict | None 
     return out
 
 
+def rebundle(src: Path, version: str, output: dict, reason: str, dest_root: Path = BUNDLES,
+             inputs: np.ndarray | None = None) -> Path:
+    """A new version of a bundle with the same model files and new output thresholds (tuned on validation).
+
+    The manifest records what it was derived from and why; INT8 vs FP32 agreement is re-measured at the new
+    mask threshold on `inputs` (default: 48 real held calibration crops). MODEL_CARD.md is copied as it is: update
+    it, then re-hash and sign (`ctriage models sign`).
+    """
+    from appliance.inference.bundle import load_bundle
+
+    src = Path(src)
+    old = load_bundle(src, verify=True)
+    m = json.loads((src / "manifest.json").read_text())
+    out = dest_root / f"{m['name']}-{version}"
+    if out.resolve() == src.resolve():
+        raise SystemExit(f"{out} is the source bundle; choose a new version")
+    if out.exists():
+        shutil.rmtree(out)
+    shutil.copytree(src, out, ignore=shutil.ignore_patterns("manifest.sig", "manifest.json"))
+    m["version"] = version
+    m["created"] = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    m["output"] = {**m["output"], **output}
+    m["derived_from"] = {"name": old.name, "version": old.version, "manifest_sha256": old.sha256,
+                         "same_model_files": True, "reason": reason}
+    if m["task"] == "lesion":
+        size = int(m["input"]["size"][0])
+        paths = {"onnx": out / "model.onnx", "onnx_int8": out / "model.int8.onnx",
+                 "openvino_int8": out / "openvino" / "model.xml"}
+        outs = run_all(paths, calibration("lesion", n=48, seed=1, size=size) if inputs is None else inputs)
+        thr = float(m["output"]["threshold"])
+        m["quantization"].update({
+            "mask_threshold": thr,
+            "fp32_vs_int8_onnxruntime_mask_dice": agreement(outs["fp32"], outs["int8_onnxruntime"], thr),
+            "fp32_vs_int8_openvino_mask_dice": agreement(outs["fp32"], outs["int8_openvino"], thr),
+            "int8_onnxruntime_vs_int8_openvino_mask_dice": agreement(outs["int8_onnxruntime"], outs["int8_openvino"], thr),
+        })
+    m["metrics"] = {}
+    m["files"] = {str(p.relative_to(out)): sha256_file(p) for p in sorted(out.rglob("*")) if p.is_file()}
+    (out / "manifest.json").write_text(json.dumps(m, indent=1) + "\n")
+    print(json.dumps({"bundle": str(out), "output": m["output"], "quantization": m.get("quantization")}, indent=1))
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--run", required=True)
-    ap.add_argument("--name", required=True, choices=["lesion", "valid-area"])
+    ap.add_argument("--from-bundle", metavar="DIR", default=None,
+                    help="derive a new version of this bundle (same model files) with new thresholds")
+    ap.add_argument("--reason", default="output thresholds tuned on the validation split (python -m models.tune --sweep)")
+    ap.add_argument("--run", required=False)
+    ap.add_argument("--name", choices=["lesion", "valid-area"], default="lesion")
     ap.add_argument("--version", required=True)
     ap.add_argument("--threshold", type=float, default=0.5)
     ap.add_argument("--min-area", type=float, default=25.0)
     ap.add_argument("--min-score", type=float, default=None)
     a = ap.parse_args(argv)
+    if a.from_bundle:
+        changes = {"threshold": a.threshold, "min_area_px": a.min_area}
+        if a.min_score is not None:
+            changes["min_score"] = a.min_score
+        rebundle(Path(a.from_bundle), a.version, changes, a.reason)
+        return
+    if not a.run:
+        ap.error("--run is required (or --from-bundle)")
     if a.name == "lesion":
         output = {"kind": "probability", "threshold": a.threshold, "min_area_px": a.min_area, "area_scale": 512,
                   "min_score": a.min_score if a.min_score is not None else a.threshold}

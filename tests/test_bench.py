@@ -29,3 +29,24 @@ def test_bench_json_reports_every_field(capsys):
 def test_bench_table_and_bad_path(tmp_path, capsys):
     assert main(["bench", str(tmp_path / "missing")]) == 2
     assert "no such folder" in capsys.readouterr().err
+
+
+def test_bench_runs_the_bundles_it_is_given(tmp_path, capsys):
+    """--bundles: a candidate bundle set is measured instead of the shipped one."""
+    import shutil
+
+    from appliance.inference.bundle import default_bundle_dir, find_bundles, load_bundle
+
+    shipped = find_bundles(default_bundle_dir())
+    for b in shipped.values():
+        shutil.copytree(b.path, tmp_path / b.path.name)
+    cand = tmp_path / shipped["lesion"].path.name / "manifest.json"
+    m = json.loads(cand.read_text())
+    m["version"] = "0.0.1"
+    cand.write_text(json.dumps(m))
+    want = {(b.name, b.version, b.sha256) for b in (shipped["valid-area"], load_bundle(cand.parent))}
+    assert main(["bench", "--json", "--slices", "8", "--backend", "openvino", "--bundles", str(tmp_path)]) == 0
+    r = json.loads(capsys.readouterr().out)["backends"]["openvino"]
+    assert {(b["name"], b["version"], b["sha256"]) for b in r["bundles"]} == want
+    assert main(["bench", "--bundles", str(tmp_path / "none")]) == 2
+    assert "no such folder" in capsys.readouterr().err

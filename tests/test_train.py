@@ -63,3 +63,28 @@ def test_make_eval_set_builds_evaluate_layout_outside_the_project(tmp_path):
     with pytest.raises(SystemExit, match="inside the project"):
         main([str(project / "eval-here")])
     assert not (project / "eval-here").exists()
+
+
+def test_rebundle_keeps_the_model_files_and_records_new_thresholds(tmp_path):
+    pytest.importorskip("torch", reason="torch is in the `train` extra, not installed here")
+    import json
+
+    from appliance.inference.bundle import default_bundle_dir, find_bundles, load_bundle
+    from models.export import rebundle
+
+    src = find_bundles(default_bundle_dir())["lesion"]
+    inputs = np.load(src.path / "selftest.npz")["inputs"].astype(np.float32)
+    out = rebundle(src.path, "99.0.0", {"threshold": 0.3}, "test", dest_root=tmp_path, inputs=inputs)
+    b = load_bundle(out, verify=True)  # every file hash in the new manifest matches
+    m = json.loads((out / "manifest.json").read_text())
+    assert (b.name, b.version) == (src.name, "99.0.0") and b.sha256 != src.sha256
+    assert m["output"]["threshold"] == 0.3 and m["quantization"]["mask_threshold"] == 0.3
+    assert m["output"]["min_score"] == src.manifest["output"]["min_score"]  # untouched fields carried over
+    assert m["derived_from"] == {"name": src.name, "version": src.version, "manifest_sha256": src.sha256,
+                                 "same_model_files": True, "reason": "test"}
+    for f in ("model.onnx", "model.int8.onnx", "openvino/model.xml", "openvino/model.bin"):
+        assert m["files"][f] == src.manifest["files"][f]
+    assert not (out / "manifest.sig").exists()  # a derived bundle is unsigned until the release key signs it
+    assert 0.9 <= m["quantization"]["fp32_vs_int8_openvino_mask_dice"] <= 1.0
+    with pytest.raises(SystemExit):
+        rebundle(out, "99.0.0", {}, "same version", dest_root=tmp_path, inputs=inputs)

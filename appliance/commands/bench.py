@@ -24,6 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--syntax", choices=["explicit", "jpeg-lossless", "jpeg2000"], default="explicit",
                    help="transfer syntax of the generated series")
     p.add_argument("--threads", type=int, help="inference threads (default: all cores)")
+    p.add_argument("--bundles", metavar="DIR", help="directory holding the model bundles (default: the shipped ones)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -36,7 +37,10 @@ def run(args: argparse.Namespace) -> int:
     path = Path(args.path) if args.path else None
     if path is not None and not path.exists():
         raise UsageError(f"{path}: no such folder")
-    res = run_bench(path, backends, args.precision, args.slices, args.syntax, args.threads)
+    bundles = Path(args.bundles) if args.bundles else None
+    if bundles is not None and not bundles.is_dir():
+        raise UsageError(f"{bundles}: no such folder")
+    res = run_bench(path, backends, args.precision, args.slices, args.syntax, args.threads, bundles=bundles)
     if args.json:
         print(json.dumps(res))
         return 0 if all("error" not in v for v in res["backends"].values()) else 1

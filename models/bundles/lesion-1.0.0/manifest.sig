@@ -1,1 +1,0 @@
-9QvNRzILnHyIorHx7fHFT/mISmWKvsuZ5DKgiwpP1JK+pDjwSpM/XY1a7lgS9+s9z5C4TAtbJLuoe1CdFlXNDA==
