@@ -185,16 +185,18 @@ def build(run: str, name: str, version: str, output: dict, metrics: dict | None 
         nncf_xml = Path(tmp) / "nncf.xml"
         quantize_nncf(paths["onnx"], nncf_xml, calib)
         nncf_out = OpenVINOAdapter(nncf_xml, "int8").infer(held)
+    thr = float(output.get("threshold", 0.5))  # agreement of the masks the appliance actually uses
     agree = {
         "scheme": "one INT8 QDQ model for both runtimes (ONNX Runtime quantizer: per-channel, 7-bit weights, "
                   "min-max activations; first and last convolutions in FP32); OpenVINO IR converted from it",
         "kept_fp32": kept_fp32,
         "torch_vs_onnx_fp32_max_abs": float(np.abs(torch_ref - outs["fp32"]).max()),
-        "fp32_vs_int8_onnxruntime_mask_dice": agreement(outs["fp32"], outs["int8_onnxruntime"]),
-        "fp32_vs_int8_openvino_mask_dice": agreement(outs["fp32"], outs["int8_openvino"]),
-        "int8_onnxruntime_vs_int8_openvino_mask_dice": agreement(outs["int8_onnxruntime"], outs["int8_openvino"]),
-        "not_shipped_nncf_mixed_fp32_vs_int8_mask_dice": agreement(outs["fp32"], nncf_out),
-        "not_shipped_nncf_vs_int8_onnxruntime_mask_dice": agreement(outs["int8_onnxruntime"], nncf_out),
+        "mask_threshold": thr,
+        "fp32_vs_int8_onnxruntime_mask_dice": agreement(outs["fp32"], outs["int8_onnxruntime"], thr),
+        "fp32_vs_int8_openvino_mask_dice": agreement(outs["fp32"], outs["int8_openvino"], thr),
+        "int8_onnxruntime_vs_int8_openvino_mask_dice": agreement(outs["int8_onnxruntime"], outs["int8_openvino"], thr),
+        "not_shipped_nncf_mixed_fp32_vs_int8_mask_dice": agreement(outs["fp32"], nncf_out, thr),
+        "not_shipped_nncf_vs_int8_onnxruntime_mask_dice": agreement(outs["int8_onnxruntime"], nncf_out, thr),
         "n_inputs": int(len(held)),
     }
 

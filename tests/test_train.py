@@ -88,3 +88,25 @@ def test_rebundle_keeps_the_model_files_and_records_new_thresholds(tmp_path):
     assert 0.9 <= m["quantization"]["fp32_vs_int8_openvino_mask_dice"] <= 1.0
     with pytest.raises(SystemExit):
         rebundle(out, "99.0.0", {}, "same version", dest_root=tmp_path, inputs=inputs)
+
+
+def test_weight_average_of_two_models():
+    torch = pytest.importorskip("torch", reason="torch is in the `train` extra, not installed here")
+    from models.soup import average_state
+    from models.unetpp import UNetPP
+
+    torch.manual_seed(0)
+    a, b = UNetPP(4, 2).state_dict(), UNetPP(4, 2).state_dict()
+    b = {k: (v + 1.0 if v.dtype.is_floating_point else v + 3) for k, v in b.items()}
+    mid = average_state(a, b, 0.25)
+    k = "nodes.x0_0.0.weight"
+    assert torch.allclose(mid[k], 0.25 * a[k] + 0.75 * b[k])
+    assert torch.equal(average_state(a, b, 1.0)[k], a[k])
+    counter = "nodes.x0_0.1.num_batches_tracked"
+    assert mid[counter].dtype == torch.int64 and mid[counter] == b[counter]  # integer buffers are not averaged
+    model = UNetPP(4, 2)
+    model.load_state_dict(mid)  # a valid model of the same architecture
+    with pytest.raises(ValueError, match="alpha"):
+        average_state(a, b, 1.5)
+    with pytest.raises(ValueError, match="differ in parameters"):
+        average_state(a, UNetPP(4, 3).state_dict(), 0.5)

@@ -1,1 +1,0 @@
-smqsfZLPoWdchM65G54nHWA0MJbEwnc674ov+jfIPh7L6YU4+bNE5YOERzYsa8nx5nPjH3w6/A/twVbAt5ZcCw==

@@ -1,0 +1,1 @@
+MZFackhUm5vznIGZHlY3gmiFypiR4N1n6dpI9BWAZQsaFbnbZezJDnVv8xT16HFgguzFUjNK+i42t50+7i6FCg==

@@ -1,0 +1,77 @@
+"""Weight averaging ("model soup", Wortsman et al. 2022) of a shipped lesion model and a fine-tune started from it.
+
+    python -m models.train_lesion --name lesion-ft-e --init-onnx models/bundles/lesion-1.1.0/model.onnx ...
+    python -m models.soup --onnx models/bundles/lesion-1.1.0/model.onnx --run lesion-ft-e --name lesion-soup-i
+    python -m models.export --run lesion-soup-i --name lesion --version X.Y.Z --threshold 0.3 --min-score 0.9
+
+Both models share the BatchNorm-folded parameterisation (`load_folded_onnx`, and `freeze_bn` in the fine-tune),
+so a convex combination of their weights is a valid model of the same architecture. The averaged checkpoint is
+validated on the trainer's held-back split and saved as `models/runs/NAME/best.pt`, ready for export.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from models.train import RUNS, TrainConfig, load_folded_onnx
+from models.unetpp import UNetPP
+
+
+def average_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
+    """alpha·a + (1 − alpha)·b for floating-point tensors; integer buffers (BatchNorm's step counter) from b."""
+    if set(a) != set(b):
+        raise ValueError(f"the two models differ in parameters: {sorted(set(a) ^ set(b))[:5]}")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    out = {}
+    for k, v in a.items():
+        if v.shape != b[k].shape:
+            raise ValueError(f"{k}: shapes differ ({tuple(v.shape)} vs {tuple(b[k].shape)})")
+        out[k] = alpha * v + (1.0 - alpha) * b[k] if v.dtype.is_floating_point else b[k].clone()
+    return out
+
+
+def soup(onnx: Path, run: str, name: str, alpha: float = 0.5) -> Path:
+    from models.train_lesion import load, make_validate
+
+    ck = torch.load(RUNS / run / "best.pt", map_location="cpu", weights_only=False)
+    cfg = dict(ck["config"])
+    if not cfg.get("extra", {}).get("freeze_bn"):
+        raise SystemExit(f"{run} was not fine-tuned with frozen BatchNorm from a shipped model: its weights do not "
+                         "live in the same parameterisation")
+    base = UNetPP(cfg["width"], cfg["levels"], stem=cfg.get("stem", 1))
+    load_folded_onnx(base, Path(onnx))
+    model = UNetPP(cfg["width"], cfg["levels"], stem=cfg.get("stem", 1))
+    model.load_state_dict(average_state(base.state_dict(), ck["state_dict"], alpha))
+    model.eval()
+    cfg["name"] = name
+    cfg["extra"] = {**cfg.get("extra", {}), "soup": {"alpha": alpha, "base_onnx": str(onnx), "fine_tune": run,
+                                                      "fine_tune_step": ck["step"]}}
+    tc = TrainConfig(**{k: v for k, v in cfg.items() if k in TrainConfig.__dataclass_fields__})
+    _, val = load(tc)
+    with torch.no_grad():
+        metrics = make_validate(val)(model)
+    out = RUNS / name
+    out.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": model.state_dict(), "config": cfg, "step": ck["step"], "metrics": metrics},
+               out / "best.pt")
+    (out / "summary.json").write_text(json.dumps({"soup": cfg["extra"]["soup"], **metrics}, indent=1) + "\n")
+    print(json.dumps({"run": str(out), "validation": metrics}, indent=1))
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--onnx", required=True, help="the shipped model.onnx the fine-tune started from")
+    ap.add_argument("--run", required=True, help="the fine-tune run (trained with --init-onnx)")
+    ap.add_argument("--name", required=True, help="run name for the averaged checkpoint")
+    ap.add_argument("--alpha", type=float, default=0.5, help="weight of the shipped model (default 0.5)")
+    a = ap.parse_args(argv)
+    soup(Path(a.onnx), a.run, a.name, a.alpha)
+
+
+if __name__ == "__main__":
+    main()
