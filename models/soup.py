@@ -34,29 +34,34 @@ def average_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], alpha:
     return out
 
 
-def soup(onnx: Path, run: str, name: str, alpha: float = 0.5) -> Path:
+def soup(onnx: Path, runs: list[str], name: str, alpha: float = 0.5) -> Path:
+    """The shipped model (weight `alpha`) averaged with one or more fine-tunes of it (sharing 1 − alpha equally)."""
     from models.train_lesion import load, make_validate
 
-    ck = torch.load(RUNS / run / "best.pt", map_location="cpu", weights_only=False)
-    cfg = dict(ck["config"])
-    if not cfg.get("extra", {}).get("freeze_bn"):
-        raise SystemExit(f"{run} was not fine-tuned with frozen BatchNorm from a shipped model: its weights do not "
-                         "live in the same parameterisation")
+    cks = [torch.load(RUNS / r / "best.pt", map_location="cpu", weights_only=False) for r in runs]
+    for r, ck in zip(runs, cks):
+        if not ck["config"].get("extra", {}).get("freeze_bn"):
+            raise SystemExit(f"{r} was not fine-tuned with frozen BatchNorm from a shipped model: its weights do "
+                             "not live in the same parameterisation")
+    cfg = dict(cks[0]["config"])
     base = UNetPP(cfg["width"], cfg["levels"], stem=cfg.get("stem", 1))
     load_folded_onnx(base, Path(onnx))
+    tuned = cks[0]["state_dict"]
+    for k, ck in enumerate(cks[1:], start=2):  # running mean of the fine-tunes
+        tuned = average_state(tuned, ck["state_dict"], (k - 1) / k)
     model = UNetPP(cfg["width"], cfg["levels"], stem=cfg.get("stem", 1))
-    model.load_state_dict(average_state(base.state_dict(), ck["state_dict"], alpha))
+    model.load_state_dict(average_state(base.state_dict(), tuned, alpha))
     model.eval()
     cfg["name"] = name
-    cfg["extra"] = {**cfg.get("extra", {}), "soup": {"alpha": alpha, "base_onnx": str(onnx), "fine_tune": run,
-                                                      "fine_tune_step": ck["step"]}}
+    cfg["extra"] = {**cfg.get("extra", {}), "soup": {"alpha": alpha, "base_onnx": str(onnx), "fine_tunes": runs,
+                                                      "fine_tune_steps": [ck["step"] for ck in cks]}}
     tc = TrainConfig(**{k: v for k, v in cfg.items() if k in TrainConfig.__dataclass_fields__})
     _, val = load(tc)
     with torch.no_grad():
         metrics = make_validate(val)(model)
     out = RUNS / name
     out.mkdir(parents=True, exist_ok=True)
-    torch.save({"state_dict": model.state_dict(), "config": cfg, "step": ck["step"], "metrics": metrics},
+    torch.save({"state_dict": model.state_dict(), "config": cfg, "step": cks[0]["step"], "metrics": metrics},
                out / "best.pt")
     (out / "summary.json").write_text(json.dumps({"soup": cfg["extra"]["soup"], **metrics}, indent=1) + "\n")
     print(json.dumps({"run": str(out), "validation": metrics}, indent=1))
@@ -66,9 +71,11 @@ def soup(onnx: Path, run: str, name: str, alpha: float = 0.5) -> Path:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--onnx", required=True, help="the shipped model.onnx the fine-tune started from")
-    ap.add_argument("--run", required=True, help="the fine-tune run (trained with --init-onnx)")
+    ap.add_argument("--run", required=True, action="append",
+                    help="a fine-tune run (trained with --init-onnx from --onnx); repeat for several")
     ap.add_argument("--name", required=True, help="run name for the averaged checkpoint")
-    ap.add_argument("--alpha", type=float, default=0.5, help="weight of the shipped model (default 0.5)")
+    ap.add_argument("--alpha", type=float, default=0.5,
+                    help="weight of the shipped model; the runs share the rest equally (default 0.5)")
     a = ap.parse_args(argv)
     soup(Path(a.onnx), a.run, a.name, a.alpha)
 
