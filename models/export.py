@@ -3,7 +3,7 @@ a self-test with golden inputs and outputs, and manifest.json with every file's 
 
     python -m models.export --run lesion-w8l4-c --name lesion --version 1.0.0
     # or a new version of a shipped bundle with thresholds tuned on validation (same model files):
-    python -m models.export --from-bundle models/bundles/lesion-1.0.0 --version 1.1.0 --threshold 0.3 --min-score 0.9
+    python -m models.export --from-bundle models/bundles/lesion-X.Y.Z --version X.Y+1.0 --threshold 0.3 --min-score 0.9
     # write MODEL_CARD.md into the bundle, then hash it into the manifest and sign:
     ctriage models sign models/bundles/lesion-X.Y.Z --key SIGNING_KEY --rehash
 
@@ -155,6 +155,17 @@ def agreement(a: np.ndarray, b: np.ndarray, threshold: float = 0.5) -> float:
     return float(np.mean([dice_np(p >= threshold, q >= threshold) for p, q in zip(a[:, 0], b[:, 0])]))
 
 
+def runtime_agreement(outs: dict[str, np.ndarray], threshold: float) -> dict[str, float]:
+    """The manifest's FP32 vs INT8 (each runtime) and runtime vs runtime mask agreement at `threshold`."""
+    return {
+        "mask_threshold": threshold,
+        "fp32_vs_int8_onnxruntime_mask_dice": agreement(outs["fp32"], outs["int8_onnxruntime"], threshold),
+        "fp32_vs_int8_openvino_mask_dice": agreement(outs["fp32"], outs["int8_openvino"], threshold),
+        "int8_onnxruntime_vs_int8_openvino_mask_dice": agreement(outs["int8_onnxruntime"], outs["int8_openvino"],
+                                                                 threshold),
+    }
+
+
 def build(run: str, name: str, version: str, output: dict, metrics: dict | None = None,
           notes: dict | None = None) -> Path:
     model, ck = load_model(run)
@@ -191,10 +202,7 @@ def build(run: str, name: str, version: str, output: dict, metrics: dict | None 
                   "min-max activations; first and last convolutions in FP32); OpenVINO IR converted from it",
         "kept_fp32": kept_fp32,
         "torch_vs_onnx_fp32_max_abs": float(np.abs(torch_ref - outs["fp32"]).max()),
-        "mask_threshold": thr,
-        "fp32_vs_int8_onnxruntime_mask_dice": agreement(outs["fp32"], outs["int8_onnxruntime"], thr),
-        "fp32_vs_int8_openvino_mask_dice": agreement(outs["fp32"], outs["int8_openvino"], thr),
-        "int8_onnxruntime_vs_int8_openvino_mask_dice": agreement(outs["int8_onnxruntime"], outs["int8_openvino"], thr),
+        **runtime_agreement(outs, thr),
         "not_shipped_nncf_mixed_fp32_vs_int8_mask_dice": agreement(outs["fp32"], nncf_out, thr),
         "not_shipped_nncf_vs_int8_onnxruntime_mask_dice": agreement(outs["int8_onnxruntime"], nncf_out, thr),
         "n_inputs": int(len(held)),
@@ -259,13 +267,7 @@ def rebundle(src: Path, version: str, output: dict, reason: str, dest_root: Path
         paths = {"onnx": out / "model.onnx", "onnx_int8": out / "model.int8.onnx",
                  "openvino_int8": out / "openvino" / "model.xml"}
         outs = run_all(paths, calibration("lesion", n=48, seed=1, size=size) if inputs is None else inputs)
-        thr = float(m["output"]["threshold"])
-        m["quantization"].update({
-            "mask_threshold": thr,
-            "fp32_vs_int8_onnxruntime_mask_dice": agreement(outs["fp32"], outs["int8_onnxruntime"], thr),
-            "fp32_vs_int8_openvino_mask_dice": agreement(outs["fp32"], outs["int8_openvino"], thr),
-            "int8_onnxruntime_vs_int8_openvino_mask_dice": agreement(outs["int8_onnxruntime"], outs["int8_openvino"], thr),
-        })
+        m["quantization"].update(runtime_agreement(outs, float(m["output"]["threshold"])))
     m["metrics"] = {}
     m["files"] = {str(p.relative_to(out)): sha256_file(p) for p in sorted(out.rglob("*")) if p.is_file()}
     (out / "manifest.json").write_text(json.dumps(m, indent=1) + "\n")

@@ -1,7 +1,7 @@
 """Weight averaging ("model soup", Wortsman et al. 2022) of a shipped lesion model and a fine-tune started from it.
 
-    python -m models.train_lesion --name lesion-ft-e --init-onnx models/bundles/lesion-1.1.0/model.onnx ...
-    python -m models.soup --onnx models/bundles/lesion-1.1.0/model.onnx --run lesion-ft-e --name lesion-soup-i
+    python -m models.train_lesion --name lesion-ft-e --init-onnx models/bundles/lesion-X.Y.Z/model.onnx ...
+    python -m models.soup --onnx models/bundles/lesion-X.Y.Z/model.onnx --run lesion-ft-e --name lesion-soup-i
     python -m models.export --run lesion-soup-i --name lesion --version X.Y.Z --threshold 0.3 --min-score 0.9
 
 Both models share the BatchNorm-folded parameterisation (`load_folded_onnx`, and `freeze_bn` in the fine-tune),
