@@ -291,7 +291,12 @@ def main(argv: list[str] | None = None) -> None:
         changes = {"threshold": a.threshold, "min_area_px": a.min_area}
         if a.min_score is not None:
             changes["min_score"] = a.min_score
-        rebundle(Path(a.from_bundle), a.version, changes, a.reason)
+        from appliance.inference.bundle import BundleError
+
+        try:
+            rebundle(Path(a.from_bundle), a.version, changes, a.reason)
+        except BundleError as e:
+            raise SystemExit(f"--from-bundle: {e}") from None
         return
     if not a.run:
         ap.error("--run is required (or --from-bundle)")

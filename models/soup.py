@@ -38,6 +38,9 @@ def soup(onnx: Path, runs: list[str], name: str, alpha: float = 0.5) -> Path:
     """The shipped model (weight `alpha`) averaged with one or more fine-tunes of it (sharing 1 − alpha equally)."""
     from models.train_lesion import load, make_validate
 
+    missing = [str(p) for p in [Path(onnx)] + [RUNS / r / "best.pt" for r in runs] if not p.is_file()]
+    if missing:
+        raise SystemExit(f"not found: {', '.join(missing)}")
     cks = [torch.load(RUNS / r / "best.pt", map_location="cpu", weights_only=False) for r in runs]
     for r, ck in zip(runs, cks):
         if not ck["config"].get("extra", {}).get("freeze_bn"):

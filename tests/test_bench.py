@@ -50,3 +50,7 @@ def test_bench_runs_the_bundles_it_is_given(tmp_path, capsys):
     assert {(b["name"], b["version"], b["sha256"]) for b in r["bundles"]} == want
     assert main(["bench", "--bundles", str(tmp_path / "none")]) == 2
     assert "no such folder" in capsys.readouterr().err
+    empty = tmp_path / "empty"
+    empty.mkdir()  # a folder without bundles: each backend reports why, and the exit status says it failed
+    assert main(["bench", "--slices", "4", "--backend", "openvino", "--bundles", str(empty)]) == 1
+    assert "no valid-area or lesion bundle" in capsys.readouterr().out
