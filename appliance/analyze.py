@@ -6,8 +6,7 @@ is decoded while the current one is in the models) and dropped once analysed, so
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -118,38 +117,32 @@ def _decode(batch: list[SliceImage], max_tilt_deg: float) -> tuple[list[SliceIma
     return ok, bad, time.perf_counter() - t
 
 
-def _batches(items: list, n: int) -> Iterator[list]:
-    for i in range(0, len(items), n):
-        yield items[i:i + n]
-
-
 def analyze_series(series: Series, analyzer: Analyzer, max_tilt_deg: float,
                    progress: Callable[[int], None] | None = None,
                    keep_prob: bool = False) -> tuple[list[SliceImage], list[SliceFinding], list[dict], float]:
-    """Decode and analyse a DICOM series batch by batch, decoding the next batch while the models run.
+    """Decode and analyse a DICOM series batch by batch, `analyzer.workers` batches at once (each worker decodes
+    its batch, then runs the models on its own inference stream), results in series order.
 
     keep_prob: keep each finding's lesion probability map (see Analyzer.findings).
     """
-    slices = list(series.slices)
+    def work(chunk: list[SliceImage]) -> tuple[list[SliceImage], list[SliceFinding], list[dict], float, int]:
+        ok, bad, dt = _decode(chunk, max_tilt_deg)
+        fs = analyzer.batch(ok, keep_prob=keep_prob) if ok else []
+        for s in ok:
+            s.hu = None  # drop pixels once analysed
+        return ok, fs, bad, dt, len(chunk)
+
     kept: list[SliceImage] = []
     findings: list[SliceFinding] = []
     rejected: list[dict] = []
     decode_s = 0.0
-    chunks = list(_batches(slices, analyzer.config.batch))
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode") as pool:
-        fut = pool.submit(_decode, chunks[0], max_tilt_deg) if chunks else None
-        for k in range(len(chunks)):
-            ok, bad, dt = fut.result()  # type: ignore[union-attr]
-            fut = pool.submit(_decode, chunks[k + 1], max_tilt_deg) if k + 1 < len(chunks) else None
-            decode_s += dt
-            rejected += bad
-            fs = analyzer.findings(ok, keep_prob=keep_prob)
-            for s in ok:
-                s.hu = None  # drop pixels once analysed
-            kept += ok
-            findings += fs
-            if progress:
-                progress(len(chunks[k]))
+    for ok, fs, bad, dt, n in analyzer.map(work, analyzer.chunks(list(series.slices))):
+        decode_s += dt
+        rejected += bad
+        kept += ok
+        findings += fs
+        if progress:
+            progress(n)
     return kept, findings, rejected, decode_s
 
 

@@ -30,6 +30,7 @@ class AnalysisConfig:
     precision: str = "int8"  # int8 | fp32
     threads: int = 0  # 0: all cores this process may use
     batch: int = 8
+    workers: int = 0  # batches analysed at once, each on its own inference stream; 0: 2 with 2+ threads, else 1
     min_run: int = 3  # consecutive slices with lesion in one quadrant for a positive
     min_slices: int = 20  # a series needs this many axial slices for a negative
     min_run_mm: float = 5.0  # ... and the run must cover at least this many mm along z (DICOM series)
@@ -42,6 +43,7 @@ class AnalysisConfig:
         _choice(where, "precision", self.precision, ("int8", "fp32"))
         _range(where, "threads", self.threads, 0, 256)
         _range(where, "batch", self.batch, 1, 256)
+        _range(where, "workers", self.workers, 0, 64)
         _range(where, "min_run", self.min_run, 1, 100)
         _range(where, "min_slices", self.min_slices, 1, 10000)
         _range(where, "gap_factor", self.gap_factor, 1.0, 10.0)

@@ -77,3 +77,19 @@ def test_int8_close_to_fp32_on_fixed_inputs(bundle, backend):
         s = a.sum() + b.sum()
         dices.append(1.0 if s == 0 else 2 * np.logical_and(a, b).sum() / s)
     assert float(np.mean(dices)) >= 0.9, dices
+
+
+@pytest.mark.parametrize("backend", available_backends())
+def test_streams_serve_concurrent_callers_with_the_same_outputs(bundle, backend):
+    from concurrent.futures import ThreadPoolExecutor
+
+    x = np.load(bundle.path / "selftest.npz")["inputs"]
+    one = bundle.adapter(backend, "int8", threads=2, streams=1)
+    two = bundle.adapter(backend, "int8", threads=2, streams=2)
+    assert (one.streams, two.streams) == (1, 2) and "2 streams" in two.describe()["device"]
+    want = one.infer(x)
+    parts = [x[i:i + 1] for i in range(len(x))] * 3
+    with ThreadPoolExecutor(4) as pool:  # more callers than streams: they queue for a free one
+        got = list(pool.map(two.infer, parts))
+    for i, g in enumerate(got):
+        assert float(np.abs(g - want[i % len(x)][None]).max()) < 1e-4

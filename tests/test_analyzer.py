@@ -1,5 +1,6 @@
 """The stage composition: crop geometry, batching, findings for DICOM and crop images."""
 import numpy as np
+import pytest
 
 from appliance.domain import Rect, SliceImage
 from appliance.pipeline.analyzer import min_crop
@@ -39,3 +40,68 @@ def test_crop_images_use_the_whole_image(analyzer):
     s = SliceImage(key="a.png", series_uid="f", study_uid="f", position=0.0, window01=img)
     (f,) = analyzer.findings([s])
     assert f.lung == Rect(0, 0, 200, 300) and f.crop is None and f.timings_ms["valid_area"] < 0.5
+
+
+def test_ordered_map_keeps_input_order_and_bounds_work_in_flight():
+    import threading
+    import time
+
+    from appliance.pipeline.analyzer import ordered_map
+
+    running, peak, lock = [0], [0], threading.Lock()
+
+    def slow(i: int) -> int:
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        time.sleep(0.02 if i % 3 == 0 else 0.001)  # later items finish first
+        with lock:
+            running[0] -= 1
+        return i * i
+
+    assert list(ordered_map(slow, range(20), 3)) == [i * i for i in range(20)]
+    assert 2 <= peak[0] <= 3
+    assert list(ordered_map(slow, range(5), 1)) == [0, 1, 4, 9, 16]
+    with pytest.raises(ZeroDivisionError):  # a failing batch fails the call, as it does with one worker
+        list(ordered_map(lambda i: 1 // (i - 4), range(8), 2))
+
+
+def test_two_workers_give_the_findings_of_one(phantom_dir):
+    from appliance.analyze import analyze_series, read_headers
+    from appliance.config import AnalysisConfig
+    from appliance.ingest.series import group_series
+    from appliance.pipeline.analyzer import Analyzer
+
+    def run(workers: int):
+        a = Analyzer.load(AnalysisConfig(backend="auto", threads=2, workers=workers, batch=4))
+        ser = group_series(read_headers(sorted(phantom_dir.glob("*.dcm")), 10.0)[0])[0]
+        return a, analyze_series(ser, a, 10.0)
+
+    a1, (kept1, f1, _, _) = run(1)
+    a2, (kept2, f2, _, _) = run(2)
+    assert (a1.workers, a2.workers) == (1, 2)
+    assert [s.key for s in kept2] == [f.key for f in f2] == [s.key for s in kept1]
+    assert sum(bool(f.boxes) for f in f1) > 0  # the phantom has lesions: the comparison means something
+    for x, y in zip(f1, f2):
+        assert x.lung == y.lung and [(b.rect, b.quadrant) for b in x.boxes] == [(b.rect, b.quadrant) for b in y.boxes]
+        assert abs(x.max_prob - y.max_prob) < 1e-4
+    # a batch smaller than workers × batch is split so that every worker gets a share
+    assert [len(c) for c in a2.chunks(list(range(8)))] == [4, 4]
+    assert [len(c) for c in a2.chunks(list(range(3)))] == [2, 1]
+    assert [len(c) for c in a1.chunks(list(range(9)))] == [4, 4, 1]
+
+
+def test_lung_region_is_the_dilated_hole_filled_lung():
+    from scipy import ndimage as ndi
+
+    from appliance.pipeline.valid_area import LungArea
+
+    lung = np.zeros((96, 96), bool)
+    lung[20:70, 10:40] = True
+    lung[40:45, 20:25] = False  # a hole (a vessel the model left out)
+    a = LungArea(Rect(0, 0, 512, 512), lung, (0, 0), 512 / 96, dilate=3)
+    assert "region" not in a.__dict__  # not computed until a lesion needs placing
+    want = ndi.binary_fill_holes(ndi.binary_dilation(lung, iterations=3))
+    assert a.contains(42 * a.scale, 22 * a.scale) and a.contains(18 * a.scale, 25 * a.scale)  # hole, margin
+    assert not a.contains(42 * a.scale, 60 * a.scale) and not a.contains(-5, 10)
+    assert np.array_equal(a.region, want)

@@ -22,10 +22,11 @@ class InferenceAdapter(ABC):
     backend: str = ""
     device: str = ""  # what the runtime reports it runs on, e.g. "CPU: AMD EPYC (f32)"
     precision: str = ""  # "int8" or "fp32" model file; the runtime's own compute precision is in `device`
+    streams: int = 1  # how many callers may run `infer` at the same time, each at full speed
 
     @abstractmethod
     def infer(self, batch: np.ndarray) -> np.ndarray:
-        """(N, 1, H, W) float32 in [0, 1] → (N, 1, H, W) float32 probabilities."""
+        """(N, 1, H, W) float32 in [0, 1] → (N, 1, H, W) float32 probabilities. Safe to call from several threads."""
 
     def describe(self) -> dict[str, str]:
         return {"backend": self.backend, "device": self.device, "precision": self.precision}
@@ -66,8 +67,13 @@ def default_threads() -> int:
     return int(os.environ.get("CTRIAGE_THREADS", 0)) or max(1, len(os.sched_getaffinity(0)))
 
 
+def default_streams(threads: int) -> int:
+    """Concurrent inference streams for `threads` threads: 2 from 2 threads up (see Analyzer.workers)."""
+    return 2 if threads >= 2 else 1
+
+
 def create_adapter(backend: str, model_files: dict[str, Path], precision: str = "int8",
-                   threads: int | None = None) -> InferenceAdapter:
+                   threads: int | None = None, streams: int | None = None) -> InferenceAdapter:
     """Build the adapter for `backend` ("auto" picks OpenVINO when installed, else ONNX Runtime).
 
     model_files: {"onnx": FP32 ONNX, "onnx_int8": INT8 QDQ ONNX, "openvino_int8": IR .xml}.
@@ -82,12 +88,13 @@ def create_adapter(backend: str, model_files: dict[str, Path], precision: str = 
     if backend not in avail:
         raise AdapterError(f"backend {backend} is not installed (available: {', '.join(avail) or 'none'})")
     threads = threads or default_threads()
+    streams = max(1, min(streams or default_streams(threads), threads))
     if backend == "openvino":
         from appliance.inference.openvino_adapter import OpenVINOAdapter
 
         path = model_files["openvino_int8"] if precision == "int8" else model_files["onnx"]
-        return OpenVINOAdapter(path, precision=precision, threads=threads)
+        return OpenVINOAdapter(path, precision=precision, threads=threads, streams=streams)
     from appliance.inference.onnxruntime_adapter import OnnxRuntimeAdapter
 
     path = model_files["onnx_int8"] if precision == "int8" else model_files["onnx"]
-    return OnnxRuntimeAdapter(path, precision=precision, threads=threads)
+    return OnnxRuntimeAdapter(path, precision=precision, threads=threads, streams=streams)

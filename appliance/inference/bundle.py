@@ -73,8 +73,9 @@ class Bundle:
         f = self.manifest.get("runtime_files", {})
         return {k: self.path / v for k, v in f.items()}
 
-    def adapter(self, backend: str = "auto", precision: str = "int8", threads: int | None = None) -> InferenceAdapter:
-        return create_adapter(backend, self.model_files(), precision=precision, threads=threads)
+    def adapter(self, backend: str = "auto", precision: str = "int8", threads: int | None = None,
+                streams: int | None = None) -> InferenceAdapter:
+        return create_adapter(backend, self.model_files(), precision=precision, threads=threads, streams=streams)
 
     def verify_files(self) -> None:
         """Raise BundleError unless every listed file exists with its recorded sha256."""

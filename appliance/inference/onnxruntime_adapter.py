@@ -16,12 +16,14 @@ class OnnxRuntimeAdapter(InferenceAdapter):
     backend = "onnxruntime"
 
     def __init__(self, model: Path, precision: str = "int8", threads: int = 2,
-                 providers: list[str] | None = None) -> None:
+                 providers: list[str] | None = None, streams: int = 1) -> None:
         import onnxruntime as ort
 
         self.precision = precision
+        self.streams = streams = max(1, int(streams))
         opts = ort.SessionOptions()
-        opts.intra_op_num_threads = int(threads)
+        # concurrent run() calls are safe on one session; with several callers each runs on its own thread share
+        opts.intra_op_num_threads = max(1, int(threads) // streams)
         opts.inter_op_num_threads = 1
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3
@@ -36,7 +38,8 @@ class OnnxRuntimeAdapter(InferenceAdapter):
             log.warning("ONNX Runtime fell back from %s to %s", wanted[0], used[0])
         self._input = self._sess.get_inputs()[0].name
         where = cpu_name() if used[0] == "CPUExecutionProvider" else "GPU"
-        self.device = f"{used[0].replace('ExecutionProvider', '')}: {where} ({threads} threads)"
+        share = f"{threads} threads" if streams == 1 else f"{threads} threads in {streams} streams"
+        self.device = f"{used[0].replace('ExecutionProvider', '')}: {where} ({share})"
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
         batch = np.ascontiguousarray(batch, dtype=np.float32)

@@ -1,9 +1,13 @@
 """Composes the stages for a batch of slices: valid area → lesion crop → lesion model → boxes → case rule."""
 from __future__ import annotations
 
+import math
 import time
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
@@ -16,6 +20,23 @@ from appliance.pipeline.lesions import LesionDetector
 from appliance.pipeline.valid_area import ValidArea
 
 STAGES = ("valid_area", "lesion_pre", "lesion_infer", "boxes")
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int) -> Iterator[R]:
+    """fn over items on `workers` threads, results in input order; at most workers + 1 items in flight."""
+    if workers <= 1:
+        yield from map(fn, items)
+        return
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="analyse") as pool:
+        pending: deque = deque()
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) > workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
 
 class Analyzer:
@@ -28,6 +49,7 @@ class Analyzer:
         """Load the newest `valid-area` and `lesion` bundles (default: the shipped ones) on the configured backend."""
         config = config or AnalysisConfig()
         backend, precision, threads = config.backend, config.precision, config.threads or None
+        streams = config.workers or None
         root = Path(bundle_dir or config.bundle_dir or default_bundle_dir())
         found = find_bundles(root)
         missing = [n for n in ("valid-area", "lesion") if n not in found]
@@ -37,8 +59,8 @@ class Analyzer:
         for name in ("valid-area", "lesion"):
             found[name].verify_files()
             bundles[name] = found[name]
-        va = ValidArea(bundles["valid-area"], bundles["valid-area"].adapter(backend, precision, threads))
-        le = LesionDetector(bundles["lesion"], bundles["lesion"].adapter(backend, precision, threads))
+        va = ValidArea(bundles["valid-area"], bundles["valid-area"].adapter(backend, precision, threads, streams))
+        le = LesionDetector(bundles["lesion"], bundles["lesion"].adapter(backend, precision, threads, streams))
         return cls(le, va, config)
 
     @property
@@ -58,18 +80,35 @@ class Analyzer:
     def precision(self) -> str:
         return self.lesion.adapter.precision
 
+    @property
+    def workers(self) -> int:
+        """Batches analysed at once: one per inference stream of the models."""
+        adapters = [self.lesion.adapter] + ([self.valid_area.adapter] if self.valid_area else [])
+        return max(1, min(int(getattr(a, "streams", 1)) for a in adapters))
+
+    def chunks(self, items: Sequence[T]) -> list[Sequence[T]]:
+        """Batches of at most `config.batch`, small enough that every worker gets one."""
+        if not items:
+            return []
+        size = max(1, min(self.config.batch, math.ceil(len(items) / self.workers)))
+        return [items[i:i + size] for i in range(0, len(items), size)]
+
+    def map(self, fn: Callable[[T], R], chunks: Iterable[T]) -> Iterator[R]:
+        """fn over chunks on this analyzer's workers, results in order."""
+        return ordered_map(fn, chunks, self.workers)
+
     def findings(self, slices: Sequence[SliceImage], keep_prob: bool = False) -> list[SliceFinding]:
-        """Analyse slices (any order) in batches; results in the same order as given.
+        """Analyse slices (any order) in batches, `workers` batches at once; results in the same order as given.
 
         keep_prob: keep each slice's lesion probability map (model scale, over the lung box) for Dice.
         """
         out: list[SliceFinding] = []
-        b = max(1, self.config.batch)
-        for i in range(0, len(slices), b):
-            out.extend(self._batch(slices[i:i + b], keep_prob))
+        for fs in self.map(lambda c: self.batch(c, keep_prob), self.chunks(slices)):
+            out.extend(fs)
         return out
 
-    def _batch(self, slices: Sequence[SliceImage], keep_prob: bool = False) -> list[SliceFinding]:
+    def batch(self, slices: Sequence[SliceImage], keep_prob: bool = False) -> list[SliceFinding]:
+        """One batch through every stage on the calling thread (`findings` spreads batches over the workers)."""
         n = len(slices)
         t = {k: 0.0 for k in STAGES}
         t0 = time.perf_counter()

@@ -51,17 +51,23 @@ class LesionDetector:
         lab, n = ndi.label(mask)
         sy, sx = crop.height / self.size[0], crop.width / self.size[1]
         to512 = 1.0 if crop_is_slice else (AREA_SCALE / slice_shape[0]) * (AREA_SCALE / slice_shape[1])
-        sizes = np.bincount(lab.ravel(), minlength=n + 1)
-        maxp = ndi.maximum(prob, lab, index=np.arange(1, n + 1))
+        # per-component size, peak and centre from the mask pixels only (a few hundred, not the 224² map)
+        idx = np.flatnonzero(lab)
+        labs = lab.ravel()[idx]
+        sizes = np.bincount(labs, minlength=n + 1)
+        peak = np.zeros(n + 1, np.float32)
+        np.maximum.at(peak, labs, prob.ravel()[idx])
+        rows, cols = np.divmod(idx, lab.shape[1])
+        counts = np.maximum(sizes, 1)
+        cys, cxs = np.bincount(labs, rows, n + 1) / counts, np.bincount(labs, cols, n + 1) / counts
         objs = ndi.find_objects(lab)
-        com = ndi.center_of_mass(mask, lab, index=np.arange(1, n + 1))
         out: list[Box] = []
         for i, sl in enumerate(objs, start=1):
             area = sizes[i] * sy * sx * to512
-            score = float(maxp[i - 1])
+            score = float(peak[i])
             if area <= self.min_area or score < self.min_score:
                 continue
-            cy, cx = crop.y0 + (com[i - 1][0] + 0.5) * sy, crop.x0 + (com[i - 1][1] + 0.5) * sx
+            cy, cx = crop.y0 + (cys[i] + 0.5) * sy, crop.x0 + (cxs[i] + 0.5) * sx
             if inside is not None and not inside(cy, cx):
                 continue
             rect = Rect(int(crop.y0 + sl[0].start * sy), int(crop.x0 + sl[1].start * sx),

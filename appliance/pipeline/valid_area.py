@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 from scipy import ndimage as ndi
@@ -17,9 +18,16 @@ class LungArea:
     """Lung box in slice pixels plus the low-resolution lung region used to keep lesions inside the lung."""
 
     box: Rect
-    region: np.ndarray  # bool, model resolution, square-padded frame; dilated and hole-filled
+    lung: np.ndarray  # bool, model resolution, square-padded frame: the lung components kept
     offset: tuple[int, int]  # (oy, ox) padding added to make the slice square
     scale: float  # slice pixels per model pixel
+    dilate: int = 3  # model pixels the lung is grown by for `region`
+
+    @cached_property
+    def region(self) -> np.ndarray:
+        """The lung dilated and hole-filled (model resolution); computed on first use: most slices have no lesion
+        to place, so most never need it."""
+        return ndi.binary_fill_holes(ndi.binary_dilation(self.lung, iterations=self.dilate))
 
     def contains(self, y: float, x: float) -> bool:
         """Is the slice point (y, x) inside the (dilated) lung region?"""
@@ -81,8 +89,7 @@ class ValidArea:
         box = Rect(max(0, int(y0 - dy)), max(0, int(x0 - dx)), min(h, int(np.ceil(y1 + dy))), min(w, int(np.ceil(x1 + dx))))
         if box.height < 8 or box.width < 8:
             return None
-        region = ndi.binary_fill_holes(ndi.binary_dilation(lung, iterations=self.region_dilate))
-        return LungArea(box, region, offset, scale)
+        return LungArea(box, lung, offset, scale, self.region_dilate)
 
     def __call__(self, hus: list[np.ndarray], spacings: list[tuple[float, float]]) -> list[LungArea | None]:
         if not hus:
