@@ -51,7 +51,7 @@ def _pcts(values: list[float]) -> dict[str, float]:
 
 
 def bench_backend(path: Path, backend: str, precision: str, threads: int | None, streaming_slices: int,
-                  bundles: Path | None = None) -> dict:
+                  bundles: Path | None = None, workers: int | None = None, batch: int | None = None) -> dict:
     """Run in the child: the whole series once (batch mode), then a streaming tail."""
     from appliance.analyze import analyze_series, read_headers, discover
     from appliance.config import AnalysisConfig
@@ -61,7 +61,10 @@ def bench_backend(path: Path, backend: str, precision: str, threads: int | None,
     from appliance.pipeline.case_logic import decide
 
     t_load = time.perf_counter()
-    analyzer = Analyzer.load(AnalysisConfig(backend=backend, precision=precision, threads=threads or 0), bundles)
+    cfg = AnalysisConfig(backend=backend, precision=precision, threads=threads or 0, workers=workers or 0)
+    if batch:
+        cfg.batch = batch
+    analyzer = Analyzer.load(cfg, bundles)
     load_s = time.perf_counter() - t_load
     files, _ = discover(path)
     headers, rejected = read_headers(files, 10.0)
@@ -116,6 +119,8 @@ def bench_backend(path: Path, backend: str, precision: str, threads: int | None,
         "result": verdict.result,
         "device": analyzer.device,
         "precision": precision,
+        "workers": analyzer.workers,
+        "batch": analyzer.config.batch,
         "bundles": analyzer.bundles,
         "rejected": len(rejected) + len(bad),
     }
@@ -123,7 +128,7 @@ def bench_backend(path: Path, backend: str, precision: str, threads: int | None,
 
 def run_bench(path: Path | None, backends: list[str], precision: str = "int8", slices: int = 120,
               syntax: str = "explicit", threads: int | None = None, streaming_slices: int = 8,
-              bundles: Path | None = None) -> dict:
+              bundles: Path | None = None, workers: int | None = None, batch: int | None = None) -> dict:
     """Parent: generate a series if needed, run each backend in a child process, collect the results."""
     tmp = None
     if path is None:
@@ -137,8 +142,9 @@ def run_bench(path: Path | None, backends: list[str], precision: str = "int8", s
         for be in backends:
             cmd = [sys.executable, "-m", "appliance.bench", "--child", str(path), "--backend", be,
                    "--precision", precision, "--streaming-slices", str(streaming_slices)]
-            if threads:
-                cmd += ["--threads", str(threads)]
+            for flag, value in (("--threads", threads), ("--workers", workers), ("--batch", batch)):
+                if value:
+                    cmd += [flag, str(value)]
             if bundles:
                 cmd += ["--bundles", str(bundles)]
             proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -158,13 +164,16 @@ def _child(argv: list[str]) -> int:
     ap.add_argument("--backend", required=True)
     ap.add_argument("--precision", default="int8")
     ap.add_argument("--threads", type=int)
+    ap.add_argument("--workers", type=int)
+    ap.add_argument("--batch", type=int)
     ap.add_argument("--streaming-slices", type=int, default=8)
     ap.add_argument("--bundles", type=Path)
     a = ap.parse_args(argv)
     from appliance.allocator import reuse_freed_buffers
 
     reuse_freed_buffers()  # as `ctriage` itself does
-    res = bench_backend(Path(a.child), a.backend, a.precision, a.threads, a.streaming_slices, a.bundles)
+    res = bench_backend(Path(a.child), a.backend, a.precision, a.threads, a.streaming_slices, a.bundles,
+                        a.workers, a.batch)
     print(json.dumps(res))
     return 0
 

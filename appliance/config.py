@@ -29,7 +29,7 @@ class AnalysisConfig:
     backend: str = "auto"  # auto | openvino | onnxruntime
     precision: str = "int8"  # int8 | fp32
     threads: int = 0  # 0: all cores this process may use
-    batch: int = 8
+    batch: int = 4  # slices per model call (per worker); activation memory grows with it, speed does not
     workers: int = 0  # batches analysed at once, each on its own inference stream; 0: 2 with 2+ threads, else 1
     min_run: int = 3  # consecutive slices with lesion in one quadrant for a positive
     min_slices: int = 20  # a series needs this many axial slices for a negative

@@ -501,7 +501,7 @@ class Daemon:
         pending = self._pending()
         busy = False
         if pending:  # files already spooled are processed even when the disk is short (they free the spool)
-            busy = self._process(pending[: max(1, self.analyzer.config.batch)], pending, hold > 0)
+            busy = self._process(pending[: max(1, self.analyzer.config.batch * self.analyzer.workers)], pending, hold > 0)
             pending = self._pending()
         if pending:
             self._idle_since = None

@@ -370,7 +370,7 @@ def _run_patient(src: PatientSource, dicom_files: list[Path], image_groups: dict
             seconds += time.perf_counter() - t0
             continue
         findings: list[SliceFinding] = []
-        b = max(1, analyzer.config.batch)
+        b = max(1, analyzer.config.batch * analyzer.workers)  # every worker busy
         for i in range(0, len(slices), b):
             findings += analyzer.findings(slices[i:i + b], keep_prob=True)
             if progress:

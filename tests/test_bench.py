@@ -24,6 +24,20 @@ def test_bench_json_reports_every_field(capsys):
         assert 50 < r["peak_rss_mb"] < 4096
         assert r["result"] in ("positive", "negative", "indeterminate")
         assert {b["name"] for b in r["bundles"]} == {"valid-area", "lesion"}
+        assert r["workers"] >= 1 and r["batch"] >= 1
+
+
+def test_bench_workers_and_batch_reach_the_pipeline(capsys):
+    backend = available_backends()[0]
+    assert main(["bench", "--json", "--slices", "12", "--backend", backend, "--threads", "2", "--workers", "1",
+                 "--batch", "2"]) == 0
+    r = json.loads(capsys.readouterr().out)["backends"][backend]
+    assert (r["workers"], r["batch"]) == (1, 2) and "streams" not in r["device"]
+    assert main(["bench", "--json", "--slices", "12", "--backend", backend, "--threads", "2", "--workers", "2"]) == 0
+    r = json.loads(capsys.readouterr().out)["backends"][backend]
+    assert r["workers"] == 2 and "2 streams" in r["device"]
+    assert main(["bench", "--slices", "12", "--workers", "0"]) == 2
+    assert "--workers must be between 1 and 256" in capsys.readouterr().err
 
 
 def test_bench_table_and_bad_path(tmp_path, capsys):

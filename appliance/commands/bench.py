@@ -24,6 +24,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--syntax", choices=["explicit", "jpeg-lossless", "jpeg2000"], default="explicit",
                    help="transfer syntax of the generated series")
     p.add_argument("--threads", type=int, help="inference threads (default: all cores)")
+    p.add_argument("--workers", type=int, help="batches analysed at once, each on its own inference stream "
+                                                "(default: 2 with 2+ threads)")
+    p.add_argument("--batch", type=int, help="slices per model call and worker (default: config, 4)")
     p.add_argument("--bundles", metavar="DIR", help="directory holding the model bundles (default: the shipped ones)")
 
 
@@ -40,7 +43,12 @@ def run(args: argparse.Namespace) -> int:
     bundles = Path(args.bundles) if args.bundles else None
     if bundles is not None and not bundles.is_dir():
         raise UsageError(f"{bundles}: no such folder")
-    res = run_bench(path, backends, args.precision, args.slices, args.syntax, args.threads, bundles=bundles)
+    for name in ("threads", "workers", "batch"):
+        v = getattr(args, name)
+        if v is not None and not 1 <= v <= 256:
+            raise UsageError(f"--{name} must be between 1 and 256")
+    res = run_bench(path, backends, args.precision, args.slices, args.syntax, args.threads, bundles=bundles,
+                    workers=args.workers, batch=args.batch)
     if args.json:
         print(json.dumps(res))
         return 0 if all("error" not in v for v in res["backends"].values()) else 1

@@ -18,6 +18,8 @@ def add_backend_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", choices=["int8", "fp32"], help="model precision (default: config, int8)")
     p.add_argument("--bundles", metavar="DIR", help="directory holding the model bundles (default: the shipped ones)")
     p.add_argument("--threads", type=int, help="inference threads (default: all cores)")
+    p.add_argument("--workers", type=int, help="batches analysed at once, each on its own inference stream "
+                                                "(default: config; 0 = 2 with 2+ threads)")
 
 
 def load_config(args: argparse.Namespace) -> Config:
@@ -30,6 +32,9 @@ def load_config(args: argparse.Namespace) -> Config:
         cfg.analysis.bundle_dir = args.bundles
     if getattr(args, "threads", None):
         cfg.analysis.threads = args.threads
+    if getattr(args, "workers", None) is not None:
+        cfg.analysis.workers = args.workers
+        cfg.analysis.validate("command line")  # says which value is out of range
     if getattr(args, "state_dir", None):
         cfg.state_dir = args.state_dir
     return cfg
