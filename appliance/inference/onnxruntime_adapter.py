@@ -36,7 +36,10 @@ class OnnxRuntimeAdapter(InferenceAdapter):
         used = self._sess.get_providers()
         if wanted[0] != used[0]:
             log.warning("ONNX Runtime fell back from %s to %s", wanted[0], used[0])
-        self._input = self._sess.get_inputs()[0].name
+        first = self._sess.get_inputs()[0]
+        self._input = first.name
+        # first call on this thread, before concurrent callers (as the OpenVINO adapter does)
+        self.infer(np.zeros([d if isinstance(d, int) else 1 for d in first.shape], np.float32))
         where = cpu_name() if used[0] == "CPUExecutionProvider" else "GPU"
         share = f"{threads} threads" if streams == 1 else f"{threads} threads in {streams} streams"
         self.device = f"{used[0].replace('ExecutionProvider', '')}: {where} ({share})"

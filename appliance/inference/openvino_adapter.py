@@ -35,6 +35,10 @@ class OpenVINOAdapter(InferenceAdapter):
         for _ in range(streams):
             self._requests.put(self._compiled.create_infer_request())
         self._input = self._compiled.input(0)
+        # One call before any concurrency: the bindings initialise function-local statics on the first call, and
+        # two threads racing there deadlock (one holds the GIL and waits for the static, the other the reverse).
+        shape = [d.get_length() if d.is_static else 1 for d in self._input.get_partial_shape()]
+        self.infer(np.zeros(shape, np.float32))
         try:
             name = core.get_property(device, "FULL_DEVICE_NAME")
         except Exception:
