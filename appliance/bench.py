@@ -169,9 +169,6 @@ def _child(argv: list[str]) -> int:
     ap.add_argument("--streaming-slices", type=int, default=8)
     ap.add_argument("--bundles", type=Path)
     a = ap.parse_args(argv)
-    from appliance.allocator import reuse_freed_buffers
-
-    reuse_freed_buffers()  # as `ctriage` itself does
     res = bench_backend(Path(a.child), a.backend, a.precision, a.threads, a.streaming_slices, a.bundles,
                         a.workers, a.batch)
     print(json.dumps(res))

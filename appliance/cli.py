@@ -55,12 +55,10 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2
-    from appliance.allocator import reuse_freed_buffers
     from appliance.config import ConfigError
     from appliance.inference.adapter import AdapterError
     from appliance.inference.bundle import BundleError
 
-    reuse_freed_buffers()
     try:
         return int(args._run(args) or 0)
     except (UsageError, ConfigError, BundleError, AdapterError) as e:

@@ -26,13 +26,11 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
 
-    from appliance.allocator import reuse_freed_buffers
     from appliance.broker import start_broker
     from appliance.config import from_dict
     from appliance.daemon import Daemon
     from appliance.phantom import PhantomSpec, write_phantom
 
-    reuse_freed_buffers()  # as `ctriage run` does
     work = Path(tempfile.mkdtemp(prefix="ctriage-mem-"))
     url, stop_broker = start_broker(workdir=work / "broker")
     cfg = from_dict({"device_id": "mem-bench", "state_dir": str(work / "state"),

@@ -1,1 +1,1 @@
-A1TlxyUgx+3XVW7P15cn6ejgbgFfJb0dYu84GY98qXOACVsd7kDqLfSO2kE6bLgbKpRDP3EJZO8ufaLcs8HlAw==
+aKtmJ28LosFDcFlqrWs+PIKasfsd+SMycqvGqvNKo5uu0vCxgqCoXodKPwFL/ukSOS+Q/S78TNafve8Vqx8YAA==
