@@ -1,7 +1,8 @@
 """One-shot analysis of a folder: discover files → read headers → group series → analyse → reports.
 
-Used by `ctriage analyze`, `evaluate`, `bench` and `demo`. Pixel data is decoded batch by batch (the next batch
-is decoded while the current one is in the models) and dropped once analysed, so memory stays flat.
+Used by `ctriage analyze`, `evaluate`, `bench` and `demo`. Pixel data is decoded batch by batch (each of the
+analyzer's workers decodes a batch while the other's is in the models) and dropped once analysed, so memory stays
+flat.
 """
 from __future__ import annotations
 

@@ -1,9 +1,11 @@
 """Benchmark of the per-slice pipeline: decode → valid area → lesion → boxes → case rule, per backend.
 
 Each backend runs in its own child process (`python -m appliance.bench --child …`) so that its peak RSS is its
-own. Reported per backend: end-to-end slices/s over the whole series (as in `analyze`: `workers`
-batches at once, each decoded and run on its own inference stream), ms per stage (median and p95 over batches), the time a 515-slice study would take at that rate,
-the streaming verdict latency after the last slice (slices fed one by one as a console exports them), peak RSS.
+own. Reported per backend: end-to-end slices/s over the whole series (as in `analyze`: `workers` batches at once,
+each decoded and run on its own inference stream), ms per stage (median and p95 over batches; per worker, so with
+two workers the stages add up to about twice the wall time per slice), the time a 515-slice study would take at
+that rate, the streaming verdict latency after the last slice (slices fed one by one as a console exports them),
+peak RSS, and the workers and batch size used.
 """
 from __future__ import annotations
 

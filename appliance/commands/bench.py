@@ -63,4 +63,9 @@ def run(args: argparse.Namespace) -> int:
         rows.append([be, f"{r['slices_per_s']:.1f}", f"{r['study_515_s']:.1f}", f"{r['streaming_latency_s']:.3f}",
                      f"{r['peak_rss_mb']:.0f}"] + [f"{r['stage_ms'][s]['median']:.1f}/{r['stage_ms'][s]['p95']:.1f}" for s in stages])
     print(table(rows, ["backend", "slices/s", "515-slice s", "stream lat s", "peak MB"] + [f"{s} ms" for s in stages]))
+    ok = [r for r in res["backends"].values() if "error" not in r]
+    if ok and max(r.get("workers", 1) for r in ok) > 1:
+        w = max(r.get("workers", 1) for r in ok)
+        print(f"\nstage times are median/p95 per slice within one worker; {w} workers run side by side, "
+              f"batch {ok[0].get('batch')}")
     return 0 if all("error" not in v for v in res["backends"].values()) else 1
