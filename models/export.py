@@ -44,7 +44,8 @@ LICENCE = (
 def load_model(run: str) -> tuple[UNetPP, dict]:
     ck = torch.load(RUNS / run / "best.pt", map_location="cpu", weights_only=False)
     cfg = ck["config"]
-    m = UNetPP(cfg["width"], cfg["levels"], with_sigmoid=True, stem=cfg.get("stem", 1))
+    m = UNetPP(cfg["width"], cfg["levels"], with_sigmoid=True, stem=cfg.get("stem", 1),
+               upsample=cfg.get("upsample", "bilinear"))
     m.load_state_dict(ck["state_dict"])
     return m.eval(), ck
 
@@ -221,6 +222,7 @@ def build(run: str, name: str, version: str, output: dict, metrics: dict | None 
         "created": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "task": task,
         "arch": {"type": "unet++", "width": cfg["width"], "levels": cfg["levels"], "stem": cfg.get("stem", 1),
+                 "upsample": cfg.get("upsample", "bilinear"),
                  "params": count_params(model)},
         "input": {"size": [size, size], "window": [-1350, 150], "layout": "NCHW", "range": [0, 1],
                   "content": "lung-window lung-box crop" if task == "lesion" else "lung-window full slice, square-padded"},

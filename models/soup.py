@@ -47,12 +47,12 @@ def soup(onnx: Path, runs: list[str], name: str, alpha: float = 0.5) -> Path:
             raise SystemExit(f"{r} was not fine-tuned with frozen BatchNorm from a shipped model: its weights do "
                              "not live in the same parameterisation")
     cfg = dict(cks[0]["config"])
-    base = UNetPP(cfg["width"], cfg["levels"], stem=cfg.get("stem", 1))
+    base = UNetPP(cfg["width"], cfg["levels"], stem=cfg.get("stem", 1), upsample=cfg.get("upsample", "bilinear"))
     load_folded_onnx(base, Path(onnx))
     tuned = cks[0]["state_dict"]
     for k, ck in enumerate(cks[1:], start=2):  # running mean of the fine-tunes
         tuned = average_state(tuned, ck["state_dict"], (k - 1) / k)
-    model = UNetPP(cfg["width"], cfg["levels"], stem=cfg.get("stem", 1))
+    model = UNetPP(cfg["width"], cfg["levels"], stem=cfg.get("stem", 1), upsample=cfg.get("upsample", "bilinear"))
     model.load_state_dict(average_state(base.state_dict(), tuned, alpha))
     model.eval()
     cfg["name"] = name

@@ -29,6 +29,7 @@ class TrainConfig:
     width: int = 8
     levels: int = 5
     stem: int = 1
+    upsample: str = "bilinear"  # or "nearest"
     size: int = 256
     steps: int = 2000
     batch: int = 8
@@ -266,7 +267,7 @@ def run(
     out.mkdir(parents=True, exist_ok=True)
     log = (out / "train.log").open("a")
 
-    model = UNetPP(cfg.width, cfg.levels, stem=cfg.stem)
+    model = UNetPP(cfg.width, cfg.levels, stem=cfg.stem, upsample=cfg.upsample)
     if cfg.extra.get("init_onnx"):
         load_folded_onnx(model, Path(cfg.extra["init_onnx"]))
     if cfg.extra.get("init"):

@@ -110,3 +110,26 @@ def test_weight_average_of_two_models():
         average_state(a, b, 1.5)
     with pytest.raises(ValueError, match="differ in parameters"):
         average_state(a, UNetPP(4, 3).state_dict(), 0.5)
+
+
+def test_nearest_upsampling_has_the_same_parameters_and_exports_as_nearest_resize(tmp_path):
+    torch = pytest.importorskip("torch", reason="torch is in the `train` extra, not installed here")
+    onnx = pytest.importorskip("onnx", reason="onnx is in the `train` extra, not installed here")
+    from models.unetpp import UNetPP
+
+    torch.manual_seed(0)
+    lin = UNetPP(8, 3, with_sigmoid=True).eval()
+    near = UNetPP(8, 3, with_sigmoid=True, upsample="nearest").eval()
+    near.load_state_dict(lin.state_dict())  # same parameters: a bilinear model fine-tunes into a nearest one
+    x = torch.rand(1, 1, 64, 64)
+    with torch.no_grad():
+        a, b = lin(x), near(x)
+    assert a.shape == b.shape and 0 < float((a - b).abs().max()) < 0.5  # close, not the same function
+    from models.export import export_onnx
+
+    export_onnx(near, 64, tmp_path / "m.onnx")  # as the bundles are built
+    modes = {a.s for n in onnx.load(str(tmp_path / "m.onnx")).graph.node if n.op_type == "Resize"
+             for a in n.attribute if a.name == "mode"}
+    assert modes == {b"nearest"}
+    with pytest.raises(ValueError, match="bilinear or nearest"):
+        UNetPP(8, 3, upsample="bicubic")
