@@ -1,1 +1,1 @@
-aKtmJ28LosFDcFlqrWs+PIKasfsd+SMycqvGqvNKo5uu0vCxgqCoXodKPwFL/ukSOS+Q/S78TNafve8Vqx8YAA==
+LAeAQiGplthD1UorNM4bhxkCXZhFuEifNl5+NV/1f2Jbe9a8zek2JTihrTDRMGHqEjmKnS462ait7J5l7buoCA==
