@@ -96,13 +96,24 @@ def discover(path: Path) -> tuple[list[Path], dict[Path, list[Path]]]:
     return others, images
 
 
-def read_headers(files: list[Path], max_tilt_deg: float) -> tuple[list[SliceImage], list[dict]]:
+KEEP_HEADERS = 1024  # parsed headers kept for the pixel pass (~60 kB each for a real vendor header)
+
+
+def read_headers(files: list[Path], max_tilt_deg: float,
+                 keep: int = KEEP_HEADERS) -> tuple[list[SliceImage], list[dict]]:
+    """Header pass over the files (pixel data left on disk). The first `keep` parsed headers are kept for the
+    pixel pass, so those files are parsed once; beyond that the pixel pass reads the file again (bounded memory
+    for large folders)."""
     slices, rejected = [], []
     for p in files:
         try:
-            slices.append(read_slice(p, max_tilt_deg=max_tilt_deg, with_pixels=False))
+            s = read_slice(p, max_tilt_deg=max_tilt_deg, with_pixels=False)
         except Rejected as e:
             rejected.append({"file": str(p), "reason": e.reason, "series_uid": getattr(e, "series_uid", "")})
+            continue
+        if len(slices) >= keep:
+            s.source = None
+        slices.append(s)
     return slices, rejected
 
 

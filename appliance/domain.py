@@ -63,6 +63,8 @@ class SliceImage:
     manufacturer: str = ""
     transfer_syntax: str = ""
     expected_count: int | None = None  # from ImagesInAcquisition / NumberOfSlices when present
+    # the parsed header of a header-only read, kept until its pixels are decoded (so the file is parsed once)
+    source: object | None = field(default=None, repr=False, compare=False)
 
     @property
     def shape(self) -> tuple[int, int]:

@@ -35,6 +35,22 @@ def test_findings_keep_order_and_geometry(analyzer, phantom_dir):
                 assert r.y0 <= b.rect.y0 and b.rect.y1 <= r.y1 + 1 and r.x0 <= b.rect.x0 and b.rect.x1 <= r.x1 + 1
 
 
+def test_kept_headers_give_the_same_findings_and_are_released(analyzer, phantom_dir):
+    from appliance.analyze import analyze_series, read_headers
+    from appliance.ingest.series import group_series
+
+    files = sorted(phantom_dir.glob("*.dcm"))
+    runs = []
+    for keep in (len(files), 3):
+        headers, _ = read_headers(files, 10.0, keep=keep)
+        assert sum(h.source is not None for h in headers) == min(keep, len(files))
+        ser = group_series(headers)[0]
+        kept, found, bad, _ = analyze_series(ser, analyzer, 10.0)
+        assert not bad and all(s.source is None for s in ser.slices)
+        runs.append([(f.key, f.boxes) for f in found])
+    assert runs[0] == runs[1]
+
+
 def test_crop_images_use_the_whole_image(analyzer):
     img = np.full((200, 300), 0.3, np.float32)
     s = SliceImage(key="a.png", series_uid="f", study_uid="f", position=0.0, window01=img)

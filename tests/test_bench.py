@@ -6,7 +6,7 @@ import json
 from appliance.cli import main
 from appliance.inference.adapter import available_backends
 
-STAGES = {"decode", "valid_area", "lesion_pre", "lesion_infer", "boxes", "case_logic"}
+STAGES = {"headers", "decode", "valid_area", "lesion_pre", "lesion_infer", "boxes", "case_logic"}
 
 
 def test_bench_json_reports_every_field(capsys):

@@ -10,7 +10,7 @@ import pytest
 from pydicom.data import get_testdata_file
 from pydicom.uid import JPEG2000Lossless, RLELossless
 
-from appliance.ingest.dicom_reader import Rejected, read_slice, to_display
+from appliance.ingest.dicom_reader import Rejected, load_pixels, read_slice, to_display
 from appliance.jpeg_lossless import JPEG_LOSSLESS_SV1
 from appliance.phantom import PhantomSpec, phantom_series, write_phantom
 
@@ -46,6 +46,35 @@ def test_header_only_pass_leaves_pixels(one):
     path, _ = one
     img = read_slice(path, with_pixels=False)
     assert img.hu is None and img.position == pytest.approx(-5.0)
+
+
+@pytest.mark.parametrize("syntax", [None, JPEG_LOSSLESS_SV1], ids=["explicit", "jpeg-lossless"])
+def test_pixels_after_header_pass_parse_the_file_once(tmp_path, monkeypatch, syntax):
+    path = write_phantom(tmp_path, PhantomSpec(slices=1, seed=4), **({"transfer_syntax": syntax} if syntax else {}))[0]
+    full = read_slice(path).hu
+    img = read_slice(path, with_pixels=False)
+    assert img.source is not None
+    parses = []
+    real = pydicom.dcmread
+    monkeypatch.setattr(pydicom, "dcmread", lambda *a, **k: parses.append(a) or real(*a, **k))
+    load_pixels(img)
+    assert parses == [] and img.source is None
+    np.testing.assert_array_equal(img.hu, full)
+    img.hu = None
+    load_pixels(img)  # no kept header: the file is read again
+    assert len(parses) == 1
+    np.testing.assert_array_equal(img.hu, full)
+
+
+def test_file_changed_after_header_pass_is_rejected_with_reason(tmp_path):
+    a, b = write_phantom(tmp_path, PhantomSpec(slices=2, seed=6))
+    ia, ib = read_slice(a, with_pixels=False), read_slice(b, with_pixels=False)
+    a.write_bytes(a.read_bytes()[: a.stat().st_size - 4096])  # cut short: pixel data incomplete
+    b.unlink()
+    with pytest.raises(Rejected, match="pixel data|cannot read"):
+        load_pixels(ia)
+    with pytest.raises(Rejected, match="cannot read file"):
+        load_pixels(ib)
 
 
 @pytest.mark.parametrize("syntax", [JPEG_LOSSLESS_SV1, JPEG2000Lossless, RLELossless],

@@ -206,10 +206,29 @@ def read_slice(path: str | os.PathLike, max_tilt_deg: float = 10.0, with_pixels:
 
 
 def load_pixels(img: SliceImage, max_tilt_deg: float = 10.0) -> SliceImage:
-    """Decode the pixel data of a header-only SliceImage read from a file (sets img.hu)."""
-    full = read_slice(img.key, max_tilt_deg=max_tilt_deg, with_pixels=True)
-    img.hu = full.hu
+    """Decode the pixel data of a header-only SliceImage read from a file (sets img.hu).
+
+    Uses the header parsed by the header-only read (its pixel data was left on disk), so each file is parsed
+    once; without it (a SliceImage made elsewhere) the file is read again.
+    """
+    ds, img.source = img.source, None
+    if ds is None:
+        img.hu = read_slice(img.key, max_tilt_deg=max_tilt_deg, with_pixels=True).hu
+        return img
+    try:
+        img.hu = _display_hu(ds)
+    except Rejected:
+        raise
+    except OSError as e:  # the file went away or became unreadable since its header was read
+        raise Rejected(f"cannot read file: {e.strerror or e}") from None
+    except (ValueError, TypeError, AttributeError, KeyError, IndexError, OverflowError) as e:
+        raise Rejected(f"malformed DICOM pixel data: {type(e).__name__}: {str(e)[:160]}") from None
     return img
+
+
+def _display_hu(ds: pydicom.Dataset) -> np.ndarray:
+    iop = _floats(ds.get("ImageOrientationPatient"), 6) or [1, 0, 0, 0, 1, 0]
+    return to_display(hounsfield(ds), iop)
 
 
 def from_dataset(ds: pydicom.Dataset, key: str, max_tilt_deg: float = 10.0, with_pixels: bool = True) -> SliceImage:
@@ -251,4 +270,6 @@ def from_dataset(ds: pydicom.Dataset, key: str, max_tilt_deg: float = 10.0, with
     )
     if with_pixels:
         img.hu = to_display(hounsfield(ds), iop)
+    else:
+        img.source = ds
     return img
