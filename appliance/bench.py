@@ -70,8 +70,11 @@ def bench_backend(path: Path, backend: str, precision: str, threads: int | None,
     analyzer = Analyzer.load(cfg, bundles)
     load_s = time.perf_counter() - t_load
     files, _ = discover(path)
-    # warm-up on the first files (the first inference allocates); their headers are read again below
-    warm, _ = read_headers(files[: analyzer.config.batch * analyzer.workers], 10.0)
+    # warm-up on files from the middle of the series (lung there, so both models run; the first inference
+    # allocates); their headers are read again below
+    k = analyzer.config.batch * analyzer.workers
+    mid = max(0, len(files) // 2 - k // 2)
+    warm, _ = read_headers(files[mid: mid + k], 10.0)
     if warm:
         w = max(group_series(warm), key=lambda s: len(s.slices))
         analyze_series(w, analyzer, 10.0)
