@@ -1,1 +1,1 @@
-LAeAQiGplthD1UorNM4bhxkCXZhFuEifNl5+NV/1f2Jbe9a8zek2JTihrTDRMGHqEjmKnS462ait7J5l7buoCA==
+AzG3r/cXpLZmi/8JHFvGk5oD7nKQ00S8QGtsNhcNR0YJn+rItosjSfa+3QuFV4ck7MXGTMg+iI7oyckMda7EAA==
