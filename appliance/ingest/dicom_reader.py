@@ -184,6 +184,10 @@ def hounsfield(ds: pydicom.Dataset) -> np.ndarray:
     return hu
 
 
+#: what pydicom raises for a value it parsed that makes no sense (text in a number, a wrong multiplicity …)
+VALUE_ERRORS = (ValueError, TypeError, AttributeError, KeyError, IndexError, OverflowError)
+
+
 def read_slice(path: str | os.PathLike, max_tilt_deg: float = 10.0, with_pixels: bool = True) -> SliceImage:
     """Read and check one file; raise Rejected with the reason when it is not usable.
 
@@ -200,7 +204,7 @@ def read_slice(path: str | os.PathLike, max_tilt_deg: float = 10.0, with_pixels:
         return from_dataset(ds, key=str(p), max_tilt_deg=max_tilt_deg, with_pixels=with_pixels)
     except Rejected:
         raise
-    except (ValueError, TypeError, AttributeError, KeyError, IndexError, OverflowError) as e:
+    except VALUE_ERRORS as e:
         # a header value pydicom parsed but that makes no sense (text in a number, a wrong multiplicity …)
         raise Rejected(f"malformed DICOM header: {type(e).__name__}: {str(e)[:160]}") from None
 
@@ -221,7 +225,7 @@ def load_pixels(img: SliceImage, max_tilt_deg: float = 10.0) -> SliceImage:
         raise
     except OSError as e:  # the file went away or became unreadable since its header was read
         raise Rejected(f"cannot read file: {e.strerror or e}") from None
-    except (ValueError, TypeError, AttributeError, KeyError, IndexError, OverflowError) as e:
+    except VALUE_ERRORS as e:
         raise Rejected(f"malformed DICOM pixel data: {type(e).__name__}: {str(e)[:160]}") from None
     return img
 
@@ -269,7 +273,7 @@ def from_dataset(ds: pydicom.Dataset, key: str, max_tilt_deg: float = 10.0, with
         expected_count=int(expected) if expected not in (None, "") and str(expected).isdigit() else None,
     )
     if with_pixels:
-        img.hu = to_display(hounsfield(ds), iop)
+        img.hu = _display_hu(ds)
     else:
         img.source = ds
     return img
