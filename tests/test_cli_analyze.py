@@ -53,6 +53,17 @@ def test_mixed_folder_rejects_with_reasons(phantom_dir, tmp_path, capsys):
     assert "not a DICOM" in reasons["notes.txt"] and "junk.dcm" in reasons
 
 
+def test_cut_short_copy_of_a_slice_is_rejected_and_the_intact_one_kept(phantom_dir, tmp_path, capsys):
+    d = tmp_path / "series"
+    shutil.copytree(phantom_dir, d)
+    src = sorted(d.glob("*.dcm"))[10]
+    (d / "a-cut.dcm").write_bytes(src.read_bytes()[:200_000])  # sorts first, same SOP instance as src
+    code, objs = run_json(capsys, d)
+    assert code == 0 and objs[0]["slices"] == 24 and objs[0]["gaps"] == 0
+    (r,) = objs[0]["rejected"]
+    assert Path(r["file"]).name == "a-cut.dcm" and "cut short" in r["reason"]
+
+
 def test_nothing_usable_exits_2_with_one_line(tmp_path, capsys):
     (tmp_path / "a.txt").write_text("x")
     assert main(["analyze", str(tmp_path)]) == 2

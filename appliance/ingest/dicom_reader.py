@@ -184,6 +184,8 @@ def hounsfield(ds: pydicom.Dataset) -> np.ndarray:
     return hu
 
 
+PIXEL_DATA = 0x7FE00010
+
 #: what pydicom raises for a value it parsed that makes no sense (text in a number, a wrong multiplicity …)
 VALUE_ERRORS = (ValueError, TypeError, AttributeError, KeyError, IndexError, OverflowError)
 
@@ -195,11 +197,14 @@ def read_slice(path: str | os.PathLike, max_tilt_deg: float = 10.0, with_pixels:
     """
     p = Path(path)
     try:
-        if p.stat().st_size == 0:
-            raise Rejected("empty file")
+        size = p.stat().st_size
     except OSError as e:
         raise Rejected(f"cannot read file: {e.strerror}") from None
+    if size == 0:
+        raise Rejected("empty file")
     ds = read_dataset(p, defer=not with_pixels)
+    if not with_pixels:
+        _check_not_cut_short(ds, size)
     try:
         return from_dataset(ds, key=str(p), max_tilt_deg=max_tilt_deg, with_pixels=with_pixels)
     except Rejected:
@@ -207,6 +212,17 @@ def read_slice(path: str | os.PathLike, max_tilt_deg: float = 10.0, with_pixels:
     except VALUE_ERRORS as e:
         # a header value pydicom parsed but that makes no sense (text in a number, a wrong multiplicity …)
         raise Rejected(f"malformed DICOM header: {type(e).__name__}: {str(e)[:160]}") from None
+
+
+def _check_not_cut_short(ds: pydicom.Dataset, size: int) -> None:
+    """A header-only read leaves the pixel data on disk: check the file holds as many bytes as the header says,
+    so a cut-short copy is rejected here (before it can stand in for an intact duplicate), not at decode time."""
+    raw = ds.get_item(PIXEL_DATA, keep_deferred=True) if PIXEL_DATA in ds else None
+    length, start = getattr(raw, "length", None), getattr(raw, "value_tell", None)
+    if length is None or start is None or length == 0xFFFFFFFF:  # read already, or encapsulated (undefined length)
+        return
+    if start + length > size:
+        raise Rejected(f"file cut short: pixel data declares {length} bytes, the file holds {max(0, size - start)}")
 
 
 def load_pixels(img: SliceImage, max_tilt_deg: float = 10.0) -> SliceImage:
