@@ -16,7 +16,7 @@ import numpy as np
 from appliance.domain import SeriesVerdict, SliceFinding, SliceImage
 from appliance.ingest.dicom_reader import Rejected, load_pixels, read_slice
 from appliance.ingest.image_reader import image_series, is_image_file, natural_key
-from appliance.ingest.series import group_series, sort_key
+from appliance.ingest.series import Series, group_series, sort_key
 from appliance.pipeline.analyzer import Analyzer, stage_summary
 from appliance.privacy import pseudonym
 from appliance.publish.overlays import render, slice_grey
@@ -125,8 +125,99 @@ def _decode(batch: list[SliceImage], max_tilt_deg: float) -> tuple[list[SliceIma
             load_pixels(s, max_tilt_deg)
             ok.append(s)
         except Rejected as e:
-            bad.append({"file": s.key, "reason": e.reason})
+            bad.append({"file": s.key, "reason": e.reason, "series_uid": s.series_uid})
     return ok, bad, time.perf_counter() - t
+
+
+def _analyse_chunk(analyzer: Analyzer, chunk: list[SliceImage], max_tilt_deg: float, keep_prob: bool
+                   ) -> tuple[list[SliceImage], list[SliceFinding], list[dict], float, int]:
+    """One worker's share: decode the chunk, run it through the models, drop the pixels."""
+    ok, bad, dt = _decode(chunk, max_tilt_deg)
+    fs = analyzer.batch(ok, keep_prob=keep_prob) if ok else []
+    for s in ok:
+        s.hu = None  # drop pixels once analysed
+    return ok, fs, bad, dt, len(chunk)
+
+
+@dataclass
+class SeriesAnalysis:
+    """One series as `analyze_files` leaves it: slices analysed (arrival order), their findings, decode failures."""
+
+    series: Series
+    kept: list[SliceImage] = field(default_factory=list)
+    findings: list[SliceFinding] = field(default_factory=list)
+    rejected: list[dict] = field(default_factory=list)
+    decode_s: float = 0.0
+    seconds: float = 0.0  # from the start of the pass until this series' last slice was analysed
+
+
+@dataclass
+class FilesAnalysis:
+    series: list[SeriesAnalysis]  # first-seen order
+    rejected: list[dict]  # files the header pass refused (with series_uid where known)
+    header_s: float = 0.0  # time spent reading headers (overlapped with the analysis)
+    duplicates: int = 0
+
+
+def analyze_files(files: list[Path], analyzer: Analyzer, max_tilt_deg: float,
+                  progress: Callable[[int], None] | None = None, keep_prob: bool = False) -> FilesAnalysis:
+    """Header pass and analysis overlapped: each file's header is read (pixel data left on disk) and the slice is
+    grouped into its series at once (first seen wins among duplicates, as `group_series`); every full batch goes
+    to the analyzer's workers while the next headers are read, so the header pass no longer runs alone on one core.
+
+    Findings do not depend on the other slices of a batch, so they are the same as `analyze_series` gives. Every
+    file is counted once through `progress` (analysed, rejected or duplicate). Parsed headers are held only until
+    their batch is decoded, so memory does not grow with the number of files.
+    """
+    t0 = time.perf_counter()
+    groups: dict[str, Series] = {}
+    out: dict[str, SeriesAnalysis] = {}
+    res = FilesAnalysis([], [])
+    size = max(1, analyzer.config.batch)
+
+    def batches():
+        batch: list[SliceImage] = []
+        for p in files:
+            t = time.perf_counter()
+            try:
+                s = read_slice(p, max_tilt_deg=max_tilt_deg, with_pixels=False)
+            except Rejected as e:
+                res.rejected.append({"file": str(p), "reason": e.reason, "series_uid": getattr(e, "series_uid", "")})
+                s = None
+            res.header_s += time.perf_counter() - t
+            if s is None or not groups.setdefault(s.series_uid, Series(s.series_uid, s.study_uid)).add(s):
+                if s is not None:
+                    s.source, res.duplicates = None, res.duplicates + 1
+                if progress:
+                    progress(1)
+                continue
+            out.setdefault(s.series_uid, SeriesAnalysis(groups[s.series_uid]))
+            batch.append(s)
+            if len(batch) == size:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
+
+    for ok, fs, bad, dt, n in analyzer.map(lambda c: _analyse_chunk(analyzer, c, max_tilt_deg, keep_prob), batches()):
+        now = time.perf_counter() - t0
+        for s, f in zip(ok, fs):
+            a = out[s.series_uid]
+            a.kept.append(s)
+            a.findings.append(f)
+            a.seconds = now
+        for b in bad:
+            a = out[b.pop("series_uid")]
+            a.rejected.append(b)
+            a.seconds = now
+        if ok:
+            share = dt / len(ok)
+            for s in ok:
+                out[s.series_uid].decode_s += share
+        if progress:
+            progress(n)
+    res.series = list(out.values())
+    return res
 
 
 def analyze_series(series: Series, analyzer: Analyzer, max_tilt_deg: float,
@@ -138,11 +229,7 @@ def analyze_series(series: Series, analyzer: Analyzer, max_tilt_deg: float,
     keep_prob: keep each finding's lesion probability map (see Analyzer.findings).
     """
     def work(chunk: list[SliceImage]) -> tuple[list[SliceImage], list[SliceFinding], list[dict], float, int]:
-        ok, bad, dt = _decode(chunk, max_tilt_deg)
-        fs = analyzer.batch(ok, keep_prob=keep_prob) if ok else []
-        for s in ok:
-            s.hu = None  # drop pixels once analysed
-        return ok, fs, bad, dt, len(chunk)
+        return _analyse_chunk(analyzer, chunk, max_tilt_deg, keep_prob)
 
     kept: list[SliceImage] = []
     findings: list[SliceFinding] = []
@@ -150,7 +237,7 @@ def analyze_series(series: Series, analyzer: Analyzer, max_tilt_deg: float,
     decode_s = 0.0
     for ok, fs, bad, dt, n in analyzer.map(work, analyzer.chunks(list(series.slices))):
         decode_s += dt
-        rejected += bad
+        rejected += [{k: v for k, v in b.items() if k != "series_uid"} for b in bad]
         kept += ok
         findings += fs
         if progress:
@@ -163,24 +250,22 @@ def analyze_path(path: Path, analyzer: Analyzer, secret: bytes, max_tilt_deg: fl
                  on_total: Callable[[int], None] | None = None) -> tuple[list[SeriesReport], list[dict]]:
     """Analyse every series found under `path`. Returns (reports, rejected files not tied to a report)."""
     dicom_files, image_groups = discover(path)
-    headers, rejected = read_headers(dicom_files, max_tilt_deg)
-    series_list = group_series(headers)
     if on_total:
-        on_total(len(headers) + sum(len(v) for v in image_groups.values()))
+        on_total(len(dicom_files) + sum(len(v) for v in image_groups.values()))
+    done = analyze_files(dicom_files, analyzer, max_tilt_deg, progress)
+    rejected = done.rejected
     reports: list[SeriesReport] = []
     uid_report: dict[str, SeriesReport] = {}
-    for ser in series_list:
-        t0 = time.perf_counter()
-        kept, findings, bad, decode_s = analyze_series(ser, analyzer, max_tilt_deg, progress)
-        verdict, ordered = analyzer.verdict(kept, findings)
+    for a in done.series:
+        ser, kept = a.series, a.kept
+        verdict, ordered = analyzer.verdict(kept, a.findings)
         order = sorted(range(len(kept)), key=lambda i: sort_key(kept[i]))
         ordered_slices = [kept[i] for i in order]
         folder = _common_folder([s.key for s in ser.slices])
-        timings = stage_summary(ordered)
-        timings = {"decode": round(decode_s * 1000 / max(1, len(ser.slices)), 3), **timings}
+        timings = {"decode": round(a.decode_s * 1000 / max(1, len(ser.slices)), 3), **stage_summary(ordered)}
         rep = SeriesReport("dicom", folder, pseudonym(secret, ser.uid), pseudonym(secret, ser.study_uid),
-                           ser.description, verdict, ordered, ordered_slices, bad, timings,
-                           time.perf_counter() - t0, ser.spacing, ordered_slices[0].thickness if ordered_slices else None)
+                           ser.description, verdict, ordered, ordered_slices, a.rejected, timings,
+                           a.seconds, ser.spacing, ordered_slices[0].thickness if ordered_slices else None)
         reports.append(rep)
         uid_report[ser.uid] = rep
     for folder, files in sorted(image_groups.items(), key=lambda kv: natural_key(str(kv[0]))):

@@ -1,9 +1,9 @@
 """Benchmark of the per-slice pipeline: header pass → decode → valid area → lesion → boxes → case rule, per backend.
 
 Each backend runs in its own child process (`python -m appliance.bench --child …`) so that its peak RSS is its
-own. Reported per backend: end-to-end slices/s over the whole series (as in `analyze`: one header pass over the
-files to group and order the series, then `workers` batches at once, each decoded and run on its own inference
-stream), ms per stage (median and p95 over batches; per worker, so with
+own. Reported per backend: end-to-end slices/s over the whole series (as in `analyze`: the header pass reads and
+groups the files while `workers` batches already read are decoded and run, each on its own inference stream;
+`headers` is the time spent reading headers, overlapped with the rest), ms per stage (median and p95 over batches; per worker, so with
 two workers the stages add up to about twice the wall time per slice), the time a 515-slice study would take at
 that rate, the streaming verdict latency after the last slice (slices fed one by one as a console exports them),
 peak RSS, and the workers and batch size used.
@@ -56,10 +56,10 @@ def _pcts(values: list[float]) -> dict[str, float]:
 def bench_backend(path: Path, backend: str, precision: str, threads: int | None, streaming_slices: int,
                   bundles: Path | None = None, workers: int | None = None, batch: int | None = None) -> dict:
     """Run in the child: the whole series once (batch mode), then a streaming tail."""
-    from appliance.analyze import analyze_series, read_headers, discover
+    from appliance.analyze import analyze_files, discover
     from appliance.config import AnalysisConfig
     from appliance.ingest.dicom_reader import load_pixels
-    from appliance.ingest.series import group_series, sort_key
+    from appliance.ingest.series import sort_key
     from appliance.pipeline.analyzer import STAGES, Analyzer
     from appliance.pipeline.case_logic import decide
 
@@ -71,22 +71,23 @@ def bench_backend(path: Path, backend: str, precision: str, threads: int | None,
     load_s = time.perf_counter() - t_load
     files, _ = discover(path)
     # warm-up on files from the middle of the series (lung there, so both models run; the first inference
-    # allocates); their headers are read again below
+    # allocates); they are read again below
     k = analyzer.config.batch * analyzer.workers
     mid = max(0, len(files) // 2 - k // 2)
-    warm, _ = read_headers(files[mid: mid + k], 10.0)
-    if warm:
-        w = max(group_series(warm), key=lambda s: len(s.slices))
-        analyze_series(w, analyzer, 10.0)
+    analyze_files(files[mid: mid + k], analyzer, 10.0)
 
     per_stage: dict[str, list[float]] = {k: [] for k in ("headers", "decode") + STAGES + ("case_logic",)}
-    # end to end, as `analyze` does it: one header pass (group and order the series), then decode + analysis
+    # end to end, as `analyze` does it: the header pass (group and order the series) overlapped with decode and
+    # analysis of the batches already read
     t0 = time.perf_counter()
-    headers, rejected = read_headers(files, 10.0)
-    series = max(group_series(headers), key=lambda s: len(s.slices))
+    done = analyze_files(files, analyzer, 10.0)
+    if not done.series:
+        raise SystemExit(f"{path}: no usable DICOM series")
+    main = max(done.series, key=lambda a: len(a.series.slices))
+    series, kept, findings = main.series, main.kept, main.findings
     n = len(series.slices)
-    headers_s = time.perf_counter() - t0
-    kept, findings, bad, decode_s = analyze_series(series, analyzer, 10.0)
+    analysed = sum(len(a.kept) + len(a.rejected) for a in done.series)  # every series found is analysed
+    rejected, bad, decode_s = done.rejected, main.rejected, main.decode_s
     t_case = time.perf_counter()
     order = sorted(range(len(kept)), key=lambda i: sort_key(kept[i]))
     c = analyzer.config
@@ -98,7 +99,7 @@ def bench_backend(path: Path, backend: str, precision: str, threads: int | None,
     for i in range(0, len(findings), batch):
         for k in STAGES:
             per_stage[k].append(findings[i].timings_ms.get(k, 0.0))
-    per_stage["headers"].append(headers_s * 1000.0 / max(1, len(files)))
+    per_stage["headers"].append(done.header_s * 1000.0 / max(1, len(files)))
     per_stage["decode"].append(decode_s * 1000.0 / max(1, n))
     per_stage["case_logic"].append(case_ms / max(1, n))
 
@@ -116,9 +117,9 @@ def bench_backend(path: Path, backend: str, precision: str, threads: int | None,
         decide(stream_findings, final=False, min_slices=c.min_slices, min_run=c.min_run, gap_factor=c.gap_factor,
                min_run_mm=c.min_run_mm)
         lat = time.perf_counter() - t
-    sps = n / wall if wall > 0 else 0.0
+    sps = analysed / wall if wall > 0 else 0.0
     return {
-        "slices": n,
+        "slices": analysed,
         "wall_s": round(wall, 3),
         "slices_per_s": round(sps, 2),
         "study_515_s": round(515 / sps, 2) if sps else None,

@@ -21,11 +21,10 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from scipy import ndimage as ndi
 
-from appliance.analyze import analyze_series, discover, read_headers
+from appliance.analyze import analyze_files, discover
 from appliance.domain import Rect, SliceFinding
 from appliance.imaging import resize
 from appliance.ingest.image_reader import image_series, natural_key
-from appliance.ingest.series import group_series
 from appliance.pipeline.lesions import AREA_SCALE
 
 GROUPS = ("covid", "control")
@@ -345,21 +344,20 @@ def _run_patient(src: PatientSource, dicom_files: list[Path], image_groups: dict
     seconds = 0.0
     runs = []  # (kind, verdict, ordered findings)
     t0 = time.perf_counter()
-    headers, rejected = read_headers(dicom_files, max_tilt_deg)
-    rejected += [{"file": str(q), "reason": "broken symbolic link"} for q in sorted(src.folder.rglob("*"))
-                 if q.is_symlink() and not q.exists()]
+    done = analyze_files(dicom_files, analyzer, max_tilt_deg, progress, keep_prob=True)
+    rejected = done.rejected
+    broken = [{"file": str(q), "reason": "broken symbolic link"} for q in sorted(src.folder.rglob("*"))
+              if q.is_symlink() and not q.exists()]
+    rejected += broken
     for r in rejected:
         r.pop("series_uid", None)
-    if progress and rejected:
-        progress(len(rejected))
-    seconds += time.perf_counter() - t0
-    for ser in group_series(headers):
-        t0 = time.perf_counter()
-        kept, findings, bad, _ = analyze_series(ser, analyzer, max_tilt_deg, progress, keep_prob=True)
-        verdict, ordered = analyzer.verdict(kept, findings)
-        seconds += time.perf_counter() - t0
-        rejected += bad
+    if progress and broken:
+        progress(len(broken))
+    for a in done.series:
+        verdict, ordered = analyzer.verdict(a.kept, a.findings)
+        rejected += a.rejected
         runs.append(("dicom", verdict, ordered))
+    seconds += time.perf_counter() - t0
     for folder, files in sorted(image_groups.items(), key=lambda kv: natural_key(str(kv[0]))):
         t0 = time.perf_counter()
         slices, bad = image_series(folder, files)

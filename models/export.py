@@ -277,6 +277,57 @@ def rebundle(src: Path, version: str, output: dict, reason: str, dest_root: Path
     return out
 
 
+def requantize(src: Path, version: str, keep_fp32_first: int, keep_fp32_last: int, reason: str,
+               dest_root: Path = BUNDLES, calib: np.ndarray | None = None, inputs: np.ndarray | None = None) -> Path:
+    """A new version of a bundle with the same FP32 model and a new INT8 model (other convolutions kept in FP32).
+
+    The INT8 QDQ model and its OpenVINO IR are rebuilt from the bundle's model.onnx, calibrated on `calib`
+    (default: the same 64 real training crops as `build`); FP32 vs INT8 agreement is re-measured at the bundle's
+    mask threshold on `inputs` (default: 48 held real crops) and the self-test's INT8 outputs are regenerated.
+    MODEL_CARD.md is copied as it is: update it, then re-hash and sign (`ctriage models sign`).
+    """
+    from appliance.inference.bundle import load_bundle
+
+    src = Path(src)
+    old = load_bundle(src, verify=True)
+    m = json.loads((src / "manifest.json").read_text())
+    out = dest_root / f"{m['name']}-{version}"
+    if out.resolve() == src.resolve():
+        raise SystemExit(f"{out} is the source bundle; choose a new version")
+    if out.exists():
+        shutil.rmtree(out)
+    shutil.copytree(src, out, ignore=shutil.ignore_patterns("manifest.sig", "manifest.json", "model.int8.onnx",
+                                                            "openvino", "selftest.npz"))
+    size, task = int(m["input"]["size"][0]), m["task"]
+    paths = {"onnx": out / "model.onnx", "onnx_int8": out / "model.int8.onnx",
+             "openvino_int8": out / "openvino" / "model.xml"}
+    kept = quantize_ort(paths["onnx"], paths["onnx_int8"], calibration(task, size=size) if calib is None else calib,
+                        keep_fp32_first, keep_fp32_last)
+    openvino_ir_from_qdq(paths["onnx_int8"], paths["openvino_int8"])
+    held = calibration(task, n=48, seed=1, size=size) if inputs is None else inputs
+    thr = float(m["output"].get("threshold", 0.5))
+    q = {k: v for k, v in m.get("quantization", {}).items() if "vs_int8_onnxruntime" not in k or "fp32_vs" in k}
+    q.update({"scheme": "one INT8 QDQ model for both runtimes (ONNX Runtime quantizer: per-channel, 7-bit weights, "
+                        f"min-max activations; the first {keep_fp32_first} and last {keep_fp32_last} convolutions in "
+                        "FP32); OpenVINO IR converted from it",
+              "kept_fp32": kept, **runtime_agreement(run_all(paths, held), thr), "n_inputs": int(len(held))})
+    m["quantization"] = q
+    with np.load(src / "selftest.npz") as st_old:
+        st_in, expected_fp32 = st_old["inputs"], st_old["expected_fp32"]
+    st = run_all(paths, st_in.astype(np.float32))
+    np.savez_compressed(out / "selftest.npz", inputs=st_in, expected_fp32=expected_fp32,
+                        expected_int8_onnxruntime=st["int8_onnxruntime"], expected_int8_openvino=st["int8_openvino"])
+    m["version"] = version
+    m["created"] = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    m["derived_from"] = {"name": old.name, "version": old.version, "manifest_sha256": old.sha256,
+                         "same_fp32_model": True, "reason": reason}
+    m["metrics"] = {}
+    m["files"] = {str(p.relative_to(out)): sha256_file(p) for p in sorted(out.rglob("*")) if p.is_file()}
+    (out / "manifest.json").write_text(json.dumps(m, indent=1) + "\n")
+    print(json.dumps({"bundle": str(out), "quantization": q}, indent=1))
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--from-bundle", metavar="DIR", default=None,
@@ -288,7 +339,19 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threshold", type=float, default=0.5)
     ap.add_argument("--min-area", type=float, default=25.0)
     ap.add_argument("--min-score", type=float, default=None)
+    ap.add_argument("--requantize", action="store_true",
+                    help="with --from-bundle: same FP32 model, a new INT8 model (see --keep-fp32-first/--keep-fp32-last)")
+    ap.add_argument("--keep-fp32-first", type=int, default=2, help="convolutions kept in FP32 at the input end")
+    ap.add_argument("--keep-fp32-last", type=int, default=3, help="convolutions kept in FP32 at the output end")
+    ap.add_argument("--dest", type=Path, default=BUNDLES, help="where the new bundle is written")
     a = ap.parse_args(argv)
+    if a.requantize:
+        if not a.from_bundle:
+            ap.error("--requantize needs --from-bundle")
+        reason = a.reason if a.reason != ap.get_default("reason") else (
+            f"re-quantized: first {a.keep_fp32_first} and last {a.keep_fp32_last} convolutions kept in FP32")
+        requantize(Path(a.from_bundle), a.version, a.keep_fp32_first, a.keep_fp32_last, reason, a.dest)
+        return
     if a.from_bundle:
         changes = {"threshold": a.threshold, "min_area_px": a.min_area}
         if a.min_score is not None:
@@ -296,7 +359,7 @@ def main(argv: list[str] | None = None) -> None:
         from appliance.inference.bundle import BundleError
 
         try:
-            rebundle(Path(a.from_bundle), a.version, changes, a.reason)
+            rebundle(Path(a.from_bundle), a.version, changes, a.reason, a.dest)
         except BundleError as e:
             raise SystemExit(f"--from-bundle: {e}") from None
         return

@@ -1,4 +1,6 @@
 """The stage composition: crop geometry, batching, findings for DICOM and crop images."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -49,6 +51,73 @@ def test_kept_headers_give_the_same_findings_and_are_released(analyzer, phantom_
         assert not bad and all(s.source is None for s in ser.slices)
         runs.append([(f.key, f.boxes) for f in found])
     assert runs[0] == runs[1]
+
+
+def test_analyze_files_overlaps_the_header_pass_and_matches_the_two_pass_analysis(analyzer, phantom_dir, tmp_path,
+                                                                                monkeypatch):
+    import random
+    import shutil
+
+    import appliance.analyze as an
+    from appliance.analyze import analyze_files, analyze_series, read_headers
+    from appliance.ingest.series import group_series
+    from appliance.phantom import PhantomSpec, write_phantom
+
+    # two series in one folder, their files interleaved in no particular order, plus a duplicate copy
+    other = write_phantom(tmp_path / "b", PhantomSpec(slices=9, seed=3, lesion_side="left"))
+    files = sorted(phantom_dir.glob("*.dcm")) + other
+    random.Random(0).shuffle(files)
+    dup = tmp_path / "copy.dcm"
+    shutil.copy(files[5], dup)
+    files.append(dup)
+
+    expected = {}
+    for ser in group_series(read_headers(files, 10.0)[0]):
+        kept, found, bad, _ = analyze_series(ser, analyzer, 10.0)
+        expected[ser.uid] = {f.key: (f.lung, [(b.rect, b.quadrant) for b in f.boxes]) for f in found}
+
+    events = []
+    read, batch = an.read_slice, analyzer.batch
+    monkeypatch.setattr(an, "read_slice", lambda *a, **k: events.append("header") or read(*a, **k))
+    monkeypatch.setattr(analyzer, "batch", lambda *a, **k: events.append("batch") or batch(*a, **k))
+    counted = []
+    done = analyze_files(files, analyzer, 10.0, progress=counted.append)
+
+    assert sum(counted) == len(files) and done.duplicates == 1 and not done.rejected
+    assert events.index("batch") < len(events) - 1 - events[::-1].index("header")  # analysis began before the last header
+    assert {a.series.uid for a in done.series} == set(expected)
+    for a in done.series:
+        assert not a.rejected and len(a.kept) == len(a.findings) == len(a.series.slices) == len(expected[a.series.uid])
+        got = {f.key: (f.lung, [(b.rect, b.quadrant) for b in f.boxes]) for f in a.findings}
+        assert got == expected[a.series.uid]
+        assert all(s.source is None and s.hu is None for s in a.kept)  # headers and pixels released
+    assert sum(bool(v[1]) for e in expected.values() for v in e.values()) > 0  # lesions found: comparison means something
+
+
+def test_analyze_files_routes_decode_failures_to_their_series(analyzer, phantom_dir, tmp_path, monkeypatch):
+    import shutil
+
+    import appliance.analyze as an
+    from appliance.analyze import analyze_files
+
+    for f in sorted(phantom_dir.glob("*.dcm"))[:6]:
+        shutil.copy(f, tmp_path / f.name)
+    files = sorted(tmp_path.glob("*.dcm"))
+    victim = files[2]
+    read = an.read_slice
+
+    def read_then_vanish(path, *a, **k):  # the file goes away after its header was read, before its pixels
+        s = read(path, *a, **k)
+        if Path(path) == victim:
+            victim.unlink()
+        return s
+
+    monkeypatch.setattr(an, "read_slice", read_then_vanish)
+    done = analyze_files(files, analyzer, 10.0)
+    (a,) = done.series
+    assert not done.rejected and len(a.kept) == 5 and victim.name not in {Path(s.key).name for s in a.kept}
+    assert a.rejected == [{"file": str(victim), "reason": a.rejected[0]["reason"]}]  # no UID leaks into reports
+    assert a.rejected[0]["reason"].startswith("cannot read file")
 
 
 def test_crop_images_use_the_whole_image(analyzer):

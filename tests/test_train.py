@@ -90,6 +90,35 @@ def test_rebundle_keeps_the_model_files_and_records_new_thresholds(tmp_path):
         rebundle(out, "99.0.0", {}, "same version", dest_root=tmp_path, inputs=inputs)
 
 
+def test_requantize_keeps_the_fp32_model_and_rebuilds_int8(tmp_path):
+    pytest.importorskip("torch", reason="torch is in the `train` extra, not installed here")
+    import json
+
+    import onnx
+
+    from appliance.inference.bundle import default_bundle_dir, find_bundles, load_bundle
+    from appliance.inference.openvino_adapter import OpenVINOAdapter
+    from models.export import requantize
+
+    src = find_bundles(default_bundle_dir())["lesion"]
+    inputs = np.load(src.path / "selftest.npz")["inputs"].astype(np.float32)
+    out = requantize(src.path, "99.0.1", 1, 1, "test", dest_root=tmp_path, calib=inputs, inputs=inputs)
+    b = load_bundle(out, verify=True)
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["files"]["model.onnx"] == src.manifest["files"]["model.onnx"]  # the same FP32 model
+    assert m["files"]["model.int8.onnx"] != src.manifest["files"]["model.int8.onnx"]
+    assert m["derived_from"]["same_fp32_model"] and m["derived_from"]["version"] == src.version
+    convs = [n.name for n in onnx.load(str(out / "model.int8.onnx")).graph.node if n.op_type == "Conv"]
+    assert m["quantization"]["kept_fp32"] == [convs[0], convs[-1]]  # only these stay float convolutions
+    assert 0.5 <= m["quantization"]["fp32_vs_int8_openvino_mask_dice"] <= 1.0
+    report = b.selftest(OpenVINOAdapter(b.path / "openvino" / "model.xml", "int8"))  # regenerated expectations
+    assert report["max_abs_diff"] <= 1e-4
+    new, old = np.load(out / "selftest.npz"), np.load(src.path / "selftest.npz")
+    assert np.array_equal(new["expected_fp32"], old["expected_fp32"])
+    assert not np.array_equal(new["expected_int8_openvino"], old["expected_int8_openvino"])
+    assert not (out / "manifest.sig").exists()
+
+
 def test_weight_average_of_two_models():
     torch = pytest.importorskip("torch", reason="torch is in the `train` extra, not installed here")
     from models.soup import average_state
