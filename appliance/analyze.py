@@ -1,8 +1,9 @@
-"""One-shot analysis of a folder: discover files → read headers → group series → analyse → reports.
+"""One-shot analysis of a folder: discover files → read headers and group series, analysing each batch as soon
+as it is read → case rule per series → reports.
 
 Used by `ctriage analyze`, `evaluate`, `bench` and `demo`. Pixel data is decoded batch by batch (each of the
-analyzer's workers decodes a batch while the other's is in the models) and dropped once analysed, so memory stays
-flat.
+analyzer's workers decodes a batch while the other's is in the models, and the calling thread reads the next
+headers) and dropped once analysed, so memory stays flat.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import numpy as np
 from appliance.domain import SeriesVerdict, SliceFinding, SliceImage
 from appliance.ingest.dicom_reader import Rejected, load_pixels, read_slice
 from appliance.ingest.image_reader import image_series, is_image_file, natural_key
-from appliance.ingest.series import Series, group_series, sort_key
+from appliance.ingest.series import Series, sort_key
 from appliance.pipeline.analyzer import Analyzer, stage_summary
 from appliance.privacy import pseudonym
 from appliance.publish.overlays import render, slice_grey
@@ -96,27 +97,6 @@ def discover(path: Path) -> tuple[list[Path], dict[Path, list[Path]]]:
     return others, images
 
 
-KEEP_HEADERS = 1024  # parsed headers kept for the pixel pass (~60 kB each for a real vendor header)
-
-
-def read_headers(files: list[Path], max_tilt_deg: float,
-                 keep: int = KEEP_HEADERS) -> tuple[list[SliceImage], list[dict]]:
-    """Header pass over the files (pixel data left on disk). The first `keep` parsed headers are kept for the
-    pixel pass, so those files are parsed once; beyond that the pixel pass reads the file again (bounded memory
-    for large folders)."""
-    slices, rejected = [], []
-    for p in files:
-        try:
-            s = read_slice(p, max_tilt_deg=max_tilt_deg, with_pixels=False)
-        except Rejected as e:
-            rejected.append({"file": str(p), "reason": e.reason, "series_uid": getattr(e, "series_uid", "")})
-            continue
-        if len(slices) >= keep:
-            s.source = None
-        slices.append(s)
-    return slices, rejected
-
-
 def _decode(batch: list[SliceImage], max_tilt_deg: float) -> tuple[list[SliceImage], list[dict], float]:
     t = time.perf_counter()
     ok, bad = [], []
@@ -165,9 +145,9 @@ def analyze_files(files: list[Path], analyzer: Analyzer, max_tilt_deg: float,
     grouped into its series at once (first seen wins among duplicates, as `group_series`); every full batch goes
     to the analyzer's workers while the next headers are read, so the header pass no longer runs alone on one core.
 
-    Findings do not depend on the other slices of a batch, so they are the same as `analyze_series` gives. Every
-    file is counted once through `progress` (analysed, rejected or duplicate). Parsed headers are held only until
-    their batch is decoded, so memory does not grow with the number of files.
+    Findings do not depend on the other slices of a batch (nor on their order). Every file is counted once through
+    `progress` (analysed, rejected or duplicate). A parsed header is held only until its batch is decoded, so
+    memory does not grow with the number of files.
     """
     t0 = time.perf_counter()
     groups: dict[str, Series] = {}
@@ -218,31 +198,6 @@ def analyze_files(files: list[Path], analyzer: Analyzer, max_tilt_deg: float,
             progress(n)
     res.series = list(out.values())
     return res
-
-
-def analyze_series(series: Series, analyzer: Analyzer, max_tilt_deg: float,
-                   progress: Callable[[int], None] | None = None,
-                   keep_prob: bool = False) -> tuple[list[SliceImage], list[SliceFinding], list[dict], float]:
-    """Decode and analyse a DICOM series batch by batch, `analyzer.workers` batches at once (each worker decodes
-    its batch, then runs the models on its own inference stream), results in series order.
-
-    keep_prob: keep each finding's lesion probability map (see Analyzer.findings).
-    """
-    def work(chunk: list[SliceImage]) -> tuple[list[SliceImage], list[SliceFinding], list[dict], float, int]:
-        return _analyse_chunk(analyzer, chunk, max_tilt_deg, keep_prob)
-
-    kept: list[SliceImage] = []
-    findings: list[SliceFinding] = []
-    rejected: list[dict] = []
-    decode_s = 0.0
-    for ok, fs, bad, dt, n in analyzer.map(work, analyzer.chunks(list(series.slices))):
-        decode_s += dt
-        rejected += [{k: v for k, v in b.items() if k != "series_uid"} for b in bad]
-        kept += ok
-        findings += fs
-        if progress:
-            progress(n)
-    return kept, findings, rejected, decode_s
 
 
 def analyze_path(path: Path, analyzer: Analyzer, secret: bytes, max_tilt_deg: float = 10.0,

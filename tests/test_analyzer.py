@@ -23,12 +23,11 @@ def test_min_crop_grows_small_boxes_about_their_centre_within_the_slice():
 
 
 def test_findings_keep_order_and_geometry(analyzer, phantom_dir):
-    from appliance.analyze import analyze_series, read_headers
-    from appliance.ingest.series import group_series
+    from appliance.analyze import analyze_files
 
-    ser = group_series(read_headers(sorted(phantom_dir.glob("*.dcm")), 10.0)[0])[0]
-    kept, found, bad, _ = analyze_series(ser, analyzer, 10.0)
-    assert not bad and [s.key for s in kept] == [f.key for f in found]
+    (a,) = analyze_files(sorted(phantom_dir.glob("*.dcm")), analyzer, 10.0).series
+    kept, found = a.kept, a.findings
+    assert not a.rejected and [s.key for s in kept] == [f.key for f in found]
     for f in found:
         if f.lung is not None:
             r = f.prob_rect
@@ -37,30 +36,14 @@ def test_findings_keep_order_and_geometry(analyzer, phantom_dir):
                 assert r.y0 <= b.rect.y0 and b.rect.y1 <= r.y1 + 1 and r.x0 <= b.rect.x0 and b.rect.x1 <= r.x1 + 1
 
 
-def test_kept_headers_give_the_same_findings_and_are_released(analyzer, phantom_dir):
-    from appliance.analyze import analyze_series, read_headers
-    from appliance.ingest.series import group_series
-
-    files = sorted(phantom_dir.glob("*.dcm"))
-    runs = []
-    for keep in (len(files), 3):
-        headers, _ = read_headers(files, 10.0, keep=keep)
-        assert sum(h.source is not None for h in headers) == min(keep, len(files))
-        ser = group_series(headers)[0]
-        kept, found, bad, _ = analyze_series(ser, analyzer, 10.0)
-        assert not bad and all(s.source is None for s in ser.slices)
-        runs.append([(f.key, f.boxes) for f in found])
-    assert runs[0] == runs[1]
-
-
 def test_analyze_files_overlaps_the_header_pass_and_matches_the_two_pass_analysis(analyzer, phantom_dir, tmp_path,
                                                                                 monkeypatch):
     import random
     import shutil
 
     import appliance.analyze as an
-    from appliance.analyze import analyze_files, analyze_series, read_headers
-    from appliance.ingest.series import group_series
+    from appliance.analyze import analyze_files
+    from appliance.ingest.dicom_reader import read_slice
     from appliance.phantom import PhantomSpec, write_phantom
 
     # two series in one folder, their files interleaved in no particular order, plus a duplicate copy
@@ -71,10 +54,11 @@ def test_analyze_files_overlaps_the_header_pass_and_matches_the_two_pass_analysi
     shutil.copy(files[5], dup)
     files.append(dup)
 
-    expected = {}
-    for ser in group_series(read_headers(files, 10.0)[0]):
-        kept, found, bad, _ = analyze_series(ser, analyzer, 10.0)
-        expected[ser.uid] = {f.key: (f.lung, [(b.rect, b.quadrant) for b in f.boxes]) for f in found}
+    expected: dict[str, dict] = {}  # reference: every distinct file read whole and analysed on its own
+    for f in files[:-1]:
+        s = read_slice(f, 10.0)
+        (found,) = analyzer.findings([s])
+        expected.setdefault(s.series_uid, {})[found.key] = (found.lung, [(b.rect, b.quadrant) for b in found.boxes])
 
     events = []
     read, batch = an.read_slice, analyzer.batch
@@ -152,18 +136,17 @@ def test_ordered_map_keeps_input_order_and_bounds_work_in_flight():
 
 
 def test_two_workers_give_the_findings_of_one(phantom_dir):
-    from appliance.analyze import analyze_series, read_headers
+    from appliance.analyze import analyze_files
     from appliance.config import AnalysisConfig
-    from appliance.ingest.series import group_series
     from appliance.pipeline.analyzer import Analyzer
 
     def run(workers: int):
         a = Analyzer.load(AnalysisConfig(backend="auto", threads=2, workers=workers, batch=4))
-        ser = group_series(read_headers(sorted(phantom_dir.glob("*.dcm")), 10.0)[0])[0]
-        return a, analyze_series(ser, a, 10.0)
+        (res,) = analyze_files(sorted(phantom_dir.glob("*.dcm")), a, 10.0).series
+        return a, (res.kept, res.findings)
 
-    a1, (kept1, f1, _, _) = run(1)
-    a2, (kept2, f2, _, _) = run(2)
+    a1, (kept1, f1) = run(1)
+    a2, (kept2, f2) = run(2)
     assert (a1.workers, a2.workers) == (1, 2)
     assert [s.key for s in kept2] == [f.key for f in f2] == [s.key for s in kept1]
     assert sum(bool(f.boxes) for f in f1) > 0  # the phantom has lesions: the comparison means something

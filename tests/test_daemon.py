@@ -226,12 +226,10 @@ def test_streaming_provisional_then_final_duplicates_and_a_second_series(tmp_pat
         assert prov["evidence"]["quadrant"] == "lower-right"
         assert final["result"] == "positive" and final["counts"]["slices"] == 24
         # the streaming verdict is the one-shot analysis of the same slices
-        from appliance.analyze import analyze_series, read_headers
-        from appliance.ingest.series import group_series
+        from appliance.analyze import analyze_files
 
-        ser = group_series(read_headers(list(study["pos"]), 10.0)[0])[0]
-        kept, found, _, _ = analyze_series(ser, rule_analyzer, 10.0)
-        batch, _ = rule_analyzer.verdict(kept, found)
+        (one,) = analyze_files(list(study["pos"]), rule_analyzer, 10.0).series
+        batch, _ = rule_analyzer.verdict(one.kept, one.findings)
         assert batch.evidence is not None and final["evidence"] == batch.evidence.as_dict()
         first_ev, last_ev = batch.evidence.first_slice, batch.evidence.last_slice
         assert final["complete_reason"] == "quiet: no new slice for 3 s"

@@ -4,6 +4,7 @@ Order is head → feet (descending position along a head-pointing normal), never
 """
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -37,6 +38,11 @@ def links(positions: list[float] | np.ndarray, gap_factor: float = GAP_FACTOR) -
     return d <= gap_factor * med + 1e-6
 
 
+def _identities(s: SliceImage) -> list[tuple]:
+    """What makes two slices the same: the SOP instance UID, or the same file at the same position."""
+    return ([("sop", s.sop_uid)] if s.sop_uid else []) + [("file", s.position, s.key)]
+
+
 @dataclass
 class Series:
     """The slices of one series, kept sorted; duplicates (same SOP instance or same position) are dropped."""
@@ -45,15 +51,19 @@ class Series:
     study_uid: str
     slices: list[SliceImage] = field(default_factory=list)
     duplicates: int = 0
+    _seen: set = field(default_factory=set, repr=False, compare=False)
 
     def add(self, s: SliceImage) -> bool:
         """Insert in order; False when it duplicates a slice already held."""
-        for o in self.slices:
-            if (s.sop_uid and o.sop_uid == s.sop_uid) or (o.position == s.position and o.key == s.key):
-                self.duplicates += 1
-                return False
-        self.slices.append(s)
-        self.slices.sort(key=sort_key)
+        if not self._seen and self.slices:  # slices given to the constructor
+            for o in self.slices:
+                self._seen.update(_identities(o))
+        ids = _identities(s)
+        if any(i in self._seen for i in ids):
+            self.duplicates += 1
+            return False
+        self._seen.update(ids)
+        bisect.insort(self.slices, s, key=sort_key)
         return True
 
     @property

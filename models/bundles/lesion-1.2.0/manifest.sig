@@ -1,1 +1,0 @@
-AzG3r/cXpLZmi/8JHFvGk5oD7nKQ00S8QGtsNhcNR0YJn+rItosjSfa+3QuFV4ck7MXGTMg+iI7oyckMda7EAA==

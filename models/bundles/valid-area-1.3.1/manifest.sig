@@ -1,1 +1,0 @@
-Vct1+2/pyjbW3O213tjtqYS7Sny5kUTz85acgjk5SAh3/5l3C3c5dZ4DmC+vBiIjgbX4SrSzfV9MVRzB9cdABA==
