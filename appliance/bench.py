@@ -140,13 +140,21 @@ def bench_backend(path: Path, backend: str, precision: str, threads: int | None,
 
 def run_bench(path: Path | None, backends: list[str], precision: str = "int8", slices: int = 120,
               syntax: str = "explicit", threads: int | None = None, streaming_slices: int = 8,
-              bundles: Path | None = None, workers: int | None = None, batch: int | None = None) -> dict:
-    """Parent: generate a series if needed, run each backend in a child process, collect the results."""
+              bundles: Path | None = None, workers: int | None = None, batch: int | None = None,
+              resample_mm: float | None = None) -> dict:
+    """Parent: generate (or resample) a series if asked, run each backend in a child process, collect the results."""
     tmp = None
     if path is None:
         tmp = tempfile.TemporaryDirectory(prefix="ctriage-bench-")
         path = generate_series(Path(tmp.name), slices, syntax)
         source = f"generated phantom, {slices} slices, {syntax}"
+    elif resample_mm:
+        from appliance.resample import resample_series
+
+        tmp = tempfile.TemporaryDirectory(prefix="ctriage-bench-")
+        n = resample_series(path, Path(tmp.name), resample_mm)
+        source = f"{path} resampled to {resample_mm:g} mm: {n} slices (interpolated pixels, vendor headers)"
+        path = Path(tmp.name)
     else:
         source = str(path)
     out: dict = {"machine": machine(), "source": source, "backends": {}}

@@ -28,6 +28,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                                 "(default: 2 with 2+ threads)")
     p.add_argument("--batch", type=int, help="slices per model call and worker (default: config, 4)")
     p.add_argument("--bundles", metavar="DIR", help="directory holding the model bundles (default: the shipped ones)")
+    p.add_argument("--resample", type=float, metavar="MM",
+                   help="run PATH's series rewritten at MM between slices (a thin-slice series from a thick one: "
+                        "real headers, pixels interpolated; for speed and memory only)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -40,6 +43,8 @@ def run(args: argparse.Namespace) -> int:
     path = Path(args.path) if args.path else None
     if path is not None and not path.exists():
         raise UsageError(f"{path}: no such folder")
+    if args.resample is not None and path is None:
+        raise UsageError("--resample needs PATH: the series to resample")
     bundles = Path(args.bundles) if args.bundles else None
     if bundles is not None and not bundles.is_dir():
         raise UsageError(f"{bundles}: no such folder")
@@ -47,8 +52,13 @@ def run(args: argparse.Namespace) -> int:
         v = getattr(args, name)
         if v is not None and not 1 <= v <= 256:
             raise UsageError(f"--{name} must be between 1 and 256")
-    res = run_bench(path, backends, args.precision, args.slices, args.syntax, args.threads, bundles=bundles,
-                    workers=args.workers, batch=args.batch)
+    from appliance.resample import ResampleError
+
+    try:
+        res = run_bench(path, backends, args.precision, args.slices, args.syntax, args.threads, bundles=bundles,
+                        workers=args.workers, batch=args.batch, resample_mm=args.resample)
+    except ResampleError as e:
+        raise UsageError(f"--resample: {e}") from None
     if args.json:
         print(json.dumps(res))
         return 0 if all("error" not in v for v in res["backends"].values()) else 1
