@@ -179,6 +179,9 @@ def run_bench(path: Path | None, backends: list[str], precision: str = "int8", s
 
 
 def _child(argv: list[str]) -> int:
+    from appliance.malloc import limit_arenas
+
+    limit_arenas()  # as every `ctriage` command does
     ap = argparse.ArgumentParser()
     ap.add_argument("--child", required=True)
     ap.add_argument("--backend", required=True)

@@ -26,6 +26,9 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
 
+    from appliance.malloc import limit_arenas
+
+    limit_arenas()  # as `ctriage run` does (export MALLOC_ARENA_MAX to compare another setting)
     from appliance.broker import start_broker
     from appliance.config import from_dict
     from appliance.daemon import Daemon
