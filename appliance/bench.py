@@ -3,10 +3,10 @@
 Each backend runs in its own child process (`python -m appliance.bench --child …`) so that its peak RSS is its
 own. Reported per backend: end-to-end slices/s over the whole series (as in `analyze`: the header pass reads and
 groups the files while `workers` batches already read are decoded and run, each on its own inference stream;
-`headers` is the time spent reading headers, overlapped with the rest), ms per stage (median and p95 over batches; per worker, so with
-two workers the stages add up to about twice the wall time per slice), the time a 515-slice study would take at
-that rate, the streaming verdict latency after the last slice (slices fed one by one as a console exports them),
-peak RSS, and the workers and batch size used.
+`headers` is the time spent reading headers, overlapped with the rest), ms per stage (median and p95 over
+batches; per worker, so with two workers the stages add up to about twice the wall time per slice), the time a
+515-slice study would take at that rate, the streaming verdict latency after the last slice (slices fed one by
+one as a console exports them), peak RSS, and the workers and batch size used.
 """
 from __future__ import annotations
 
@@ -83,11 +83,11 @@ def bench_backend(path: Path, backend: str, precision: str, threads: int | None,
     done = analyze_files(files, analyzer, 10.0)
     if not done.series:
         raise SystemExit(f"{path}: no usable DICOM series")
-    main = max(done.series, key=lambda a: len(a.series.slices))
-    series, kept, findings = main.series, main.kept, main.findings
+    largest = max(done.series, key=lambda a: len(a.series.slices))
+    series, kept, findings = largest.series, largest.kept, largest.findings
     n = len(series.slices)
     analysed = sum(len(a.kept) + len(a.rejected) for a in done.series)  # every series found is analysed
-    rejected, bad, decode_s = done.rejected, main.rejected, main.decode_s
+    rejected, bad, decode_s = done.rejected, largest.rejected, largest.decode_s
     t_case = time.perf_counter()
     order = sorted(range(len(kept)), key=lambda i: sort_key(kept[i]))
     c = analyzer.config

@@ -340,7 +340,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--min-area", type=float, default=25.0)
     ap.add_argument("--min-score", type=float, default=None)
     ap.add_argument("--requantize", action="store_true",
-                    help="with --from-bundle: same FP32 model, a new INT8 model (see --keep-fp32-first/--keep-fp32-last)")
+                    help="with --from-bundle: same FP32 model, a new INT8 model "
+                         "(see --keep-fp32-first/--keep-fp32-last)")
     ap.add_argument("--keep-fp32-first", type=int, default=2, help="convolutions kept in FP32 at the input end")
     ap.add_argument("--keep-fp32-last", type=int, default=3, help="convolutions kept in FP32 at the output end")
     ap.add_argument("--dest", type=Path, default=BUNDLES, help="where the new bundle is written")

@@ -68,14 +68,15 @@ def test_analyze_files_overlaps_the_header_pass_and_matches_the_two_pass_analysi
     done = analyze_files(files, analyzer, 10.0, progress=counted.append)
 
     assert sum(counted) == len(files) and done.duplicates == 1 and not done.rejected
-    assert events.index("batch") < len(events) - 1 - events[::-1].index("header")  # analysis began before the last header
+    last_header = len(events) - 1 - events[::-1].index("header")
+    assert events.index("batch") < last_header  # the analysis began before the last header was read
     assert {a.series.uid for a in done.series} == set(expected)
     for a in done.series:
         assert not a.rejected and len(a.kept) == len(a.findings) == len(a.series.slices) == len(expected[a.series.uid])
         got = {f.key: (f.lung, [(b.rect, b.quadrant) for b in f.boxes]) for f in a.findings}
         assert got == expected[a.series.uid]
         assert all(s.source is None and s.hu is None for s in a.kept)  # headers and pixels released
-    assert sum(bool(v[1]) for e in expected.values() for v in e.values()) > 0  # lesions found: comparison means something
+    assert sum(bool(v[1]) for e in expected.values() for v in e.values()) > 0  # lesions found: a real check
 
 
 def test_analyze_files_routes_decode_failures_to_their_series(analyzer, phantom_dir, tmp_path, monkeypatch):
