@@ -150,7 +150,6 @@ def analyze_files(files: list[Path], analyzer: Analyzer, max_tilt_deg: float,
     memory does not grow with the number of files.
     """
     t0 = time.perf_counter()
-    groups: dict[str, Series] = {}
     out: dict[str, SeriesAnalysis] = {}
     res = FilesAnalysis([], [])
     size = max(1, analyzer.config.batch)
@@ -165,13 +164,14 @@ def analyze_files(files: list[Path], analyzer: Analyzer, max_tilt_deg: float,
                 res.rejected.append({"file": str(p), "reason": e.reason, "series_uid": getattr(e, "series_uid", "")})
                 s = None
             res.header_s += time.perf_counter() - t
-            if s is None or not groups.setdefault(s.series_uid, Series(s.series_uid, s.study_uid)).add(s):
+            if s is not None and s.series_uid not in out:
+                out[s.series_uid] = SeriesAnalysis(Series(s.series_uid, s.study_uid))
+            if s is None or not out[s.series_uid].series.add(s):
                 if s is not None:
                     s.source, res.duplicates = None, res.duplicates + 1
                 if progress:
                     progress(1)
                 continue
-            out.setdefault(s.series_uid, SeriesAnalysis(groups[s.series_uid]))
             batch.append(s)
             if len(batch) == size:
                 yield batch

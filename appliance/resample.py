@@ -54,14 +54,17 @@ def resample_series(src: Path, out: Path, spacing_mm: float) -> int:
     slices = sorted(series.slices, key=sort_key)  # head → feet: positions descending
     if len(slices) < 2:
         raise ResampleError(f"{src}: a series of {len(slices)} slice cannot be resampled")
-    dss = [pydicom.dcmread(s.key) for s in slices]
-    for s in slices:
-        s.source = None
+    dss = [s.source if s.source is not None else pydicom.dcmread(s.key) for s in slices]  # headers parsed once
     pos = np.array([s.position for s in slices], dtype=float)
     if np.any(np.diff(pos) >= 0):
         raise ResampleError(f"{src}: slices share a position; cannot interpolate between them")
-    raws = [ds.pixel_array for ds in dss]
-    hus = [_stored_to_hu(ds) for ds in dss]
+    raws, hus = [], []
+    for s, ds in zip(slices, dss):
+        try:
+            raws.append(ds.pixel_array)
+            hus.append(_stored_to_hu(ds))
+        except Exception as e:  # pydicom and its decoders raise many kinds
+            raise ResampleError(f"{s.key}: pixel data could not be decoded ({type(e).__name__}: {e})") from None
     shape = hus[0].shape
     if any(h.shape != shape for h in hus):
         raise ResampleError(f"{src}: slices of different sizes")

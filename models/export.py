@@ -240,14 +240,9 @@ def build(run: str, name: str, version: str, output: dict, metrics: dict | None 
     return out
 
 
-def rebundle(src: Path, version: str, output: dict, reason: str, dest_root: Path = BUNDLES,
-             inputs: np.ndarray | None = None) -> Path:
-    """A new version of a bundle with the same model files and new output thresholds (tuned on validation).
-
-    The manifest records what it was derived from and why; INT8 vs FP32 agreement is re-measured at the new
-    mask threshold on `inputs` (default: 48 real held calibration crops). MODEL_CARD.md is copied as it is: update
-    it, then re-hash and sign (`ctriage models sign`).
-    """
+def _derive(src: Path, version: str, dest_root: Path, skip: tuple[str, ...] = ()) -> tuple:
+    """Start a new version of a bundle: verify the source, copy its files (but the manifest, its signature and
+    `skip`) to dest_root/<name>-<version>. Returns (source bundle, manifest to edit, new folder)."""
     from appliance.inference.bundle import load_bundle
 
     src = Path(src)
@@ -258,9 +253,28 @@ def rebundle(src: Path, version: str, output: dict, reason: str, dest_root: Path
         raise SystemExit(f"{out} is the source bundle; choose a new version")
     if out.exists():
         shutil.rmtree(out)
-    shutil.copytree(src, out, ignore=shutil.ignore_patterns("manifest.sig", "manifest.json"))
+    shutil.copytree(src, out, ignore=shutil.ignore_patterns("manifest.sig", "manifest.json", *skip))
     m["version"] = version
     m["created"] = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return old, m, out
+
+
+def _write_manifest(out: Path, m: dict) -> None:
+    """Hash every file of the new bundle into its manifest (metrics are re-measured by `ctriage evaluate`)."""
+    m["metrics"] = {}
+    m["files"] = {str(p.relative_to(out)): sha256_file(p) for p in sorted(out.rglob("*")) if p.is_file()}
+    (out / "manifest.json").write_text(json.dumps(m, indent=1) + "\n")
+
+
+def rebundle(src: Path, version: str, output: dict, reason: str, dest_root: Path = BUNDLES,
+             inputs: np.ndarray | None = None) -> Path:
+    """A new version of a bundle with the same model files and new output thresholds (tuned on validation).
+
+    The manifest records what it was derived from and why; INT8 vs FP32 agreement is re-measured at the new
+    mask threshold on `inputs` (default: 48 real held calibration crops). MODEL_CARD.md is copied as it is: update
+    it, then re-hash and sign (`ctriage models sign`).
+    """
+    old, m, out = _derive(src, version, dest_root)
     m["output"] = {**m["output"], **output}
     m["derived_from"] = {"name": old.name, "version": old.version, "manifest_sha256": old.sha256,
                          "same_model_files": True, "reason": reason}
@@ -270,9 +284,7 @@ def rebundle(src: Path, version: str, output: dict, reason: str, dest_root: Path
                  "openvino_int8": out / "openvino" / "model.xml"}
         outs = run_all(paths, calibration("lesion", n=48, seed=1, size=size) if inputs is None else inputs)
         m["quantization"].update(runtime_agreement(outs, float(m["output"]["threshold"])))
-    m["metrics"] = {}
-    m["files"] = {str(p.relative_to(out)): sha256_file(p) for p in sorted(out.rglob("*")) if p.is_file()}
-    (out / "manifest.json").write_text(json.dumps(m, indent=1) + "\n")
+    _write_manifest(out, m)
     print(json.dumps({"bundle": str(out), "output": m["output"], "quantization": m.get("quantization")}, indent=1))
     return out
 
@@ -286,18 +298,7 @@ def requantize(src: Path, version: str, keep_fp32_first: int, keep_fp32_last: in
     mask threshold on `inputs` (default: 48 held real crops) and the self-test's INT8 outputs are regenerated.
     MODEL_CARD.md is copied as it is: update it, then re-hash and sign (`ctriage models sign`).
     """
-    from appliance.inference.bundle import load_bundle
-
-    src = Path(src)
-    old = load_bundle(src, verify=True)
-    m = json.loads((src / "manifest.json").read_text())
-    out = dest_root / f"{m['name']}-{version}"
-    if out.resolve() == src.resolve():
-        raise SystemExit(f"{out} is the source bundle; choose a new version")
-    if out.exists():
-        shutil.rmtree(out)
-    shutil.copytree(src, out, ignore=shutil.ignore_patterns("manifest.sig", "manifest.json", "model.int8.onnx",
-                                                            "openvino", "selftest.npz"))
+    old, m, out = _derive(src, version, dest_root, skip=("model.int8.onnx", "openvino", "selftest.npz"))
     size, task = int(m["input"]["size"][0]), m["task"]
     paths = {"onnx": out / "model.onnx", "onnx_int8": out / "model.int8.onnx",
              "openvino_int8": out / "openvino" / "model.xml"}
@@ -312,18 +313,14 @@ def requantize(src: Path, version: str, keep_fp32_first: int, keep_fp32_last: in
                         "FP32); OpenVINO IR converted from it",
               "kept_fp32": kept, **runtime_agreement(run_all(paths, held), thr), "n_inputs": int(len(held))})
     m["quantization"] = q
-    with np.load(src / "selftest.npz") as st_old:
+    with np.load(Path(src) / "selftest.npz") as st_old:
         st_in, expected_fp32 = st_old["inputs"], st_old["expected_fp32"]
     st = run_all(paths, st_in.astype(np.float32))
     np.savez_compressed(out / "selftest.npz", inputs=st_in, expected_fp32=expected_fp32,
                         expected_int8_onnxruntime=st["int8_onnxruntime"], expected_int8_openvino=st["int8_openvino"])
-    m["version"] = version
-    m["created"] = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     m["derived_from"] = {"name": old.name, "version": old.version, "manifest_sha256": old.sha256,
                          "same_fp32_model": True, "reason": reason}
-    m["metrics"] = {}
-    m["files"] = {str(p.relative_to(out)): sha256_file(p) for p in sorted(out.rglob("*")) if p.is_file()}
-    (out / "manifest.json").write_text(json.dumps(m, indent=1) + "\n")
+    _write_manifest(out, m)
     print(json.dumps({"bundle": str(out), "quantization": q}, indent=1))
     return out
 

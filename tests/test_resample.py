@@ -53,6 +53,14 @@ def test_unusable_input_gives_a_clear_error(thick, tmp_path):
     (one / "x.dcm").write_bytes(next(thick.glob("*.dcm")).read_bytes())
     with pytest.raises(ResampleError, match="a series of 1 slice"):
         resample_series(one, tmp_path / "b", 1.0)
+    two = tmp_path / "two"
+    two.mkdir()
+    for f in sorted(thick.glob("*.dcm"))[:2]:
+        ds = pydicom.dcmread(f)
+        ds.Rows = ds.Rows * 2  # the header now asks for twice the pixels the file holds
+        ds.save_as(two / f.name)
+    with pytest.raises(ResampleError, match="pixel data could not be decoded"):
+        resample_series(two, tmp_path / "d", 1.0)
     (tmp_path / "empty" / "notes.txt").parent.mkdir()
     (tmp_path / "empty" / "notes.txt").write_text("no CT here")
     with pytest.raises(ResampleError, match="no usable CT slices"):
