@@ -7,9 +7,10 @@ a self-test with golden inputs and outputs, and manifest.json with every file's 
     # write MODEL_CARD.md into the bundle, then hash it into the manifest and sign:
     ctriage models sign models/bundles/lesion-X.Y.Z --key SIGNING_KEY --rehash
 
-Both runtimes run the same quantized network, so their verdicts agree; NNCF's own INT8 IR is measured for the
-record (its FP32 agreement is in the manifest) but not shipped: a second, different quantization would make the two
-backends disagree on borderline slices.
+Both runtimes run the same quantization of the same network, so their verdicts agree (OpenVINO's IR computes the
+bilinear upsamplings as nearest + a fixed filter, the same function, which it can keep in INT8: models.graph);
+NNCF's own INT8 IR is measured for the record (its FP32 agreement is in the manifest) but not shipped: a second,
+different quantization would make the two backends disagree on borderline slices.
 
 Calibration uses real training slices (from the local training cache, never shipped). The self-test inputs are
 synthetic phantom slices (appliance.phantom), so the bundle carries no patient data.
@@ -88,6 +89,26 @@ def export_onnx(model: UNetPP, size: int, path: Path) -> None:
                       dynamic_axes={"image": {0: "batch"}, "prob": {0: "batch"}}, opset_version=17, dynamo=False)
 
 
+def filter_upsampling_file(src: Path, dst: Path, inputs: np.ndarray, atol: float = 1e-5) -> dict:
+    """Write `src` with its bilinear ×2 upsamplings rewritten (models.graph.filter_upsampling) to `dst`, after
+    checking on `inputs` that both graphs give the same outputs (ONNX Runtime FP32, max abs difference ≤ atol).
+    Returns {"replaced": n, "max_abs_diff": d}."""
+    import onnx
+    import onnxruntime as ort
+
+    from models.graph import filter_upsampling
+
+    new, n = filter_upsampling(onnx.load(str(src)))
+    x = {"image": np.asarray(inputs, np.float32)}
+    a = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"]).run(None, x)[0]
+    b = ort.InferenceSession(new.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, x)[0]
+    diff = float(np.abs(a - b).max())
+    if diff > atol:
+        raise SystemExit(f"{src}: the rewritten upsampling changes the outputs by {diff:.2g} (> {atol:g}); not written")
+    onnx.save(new, str(dst))
+    return {"replaced": n, "max_abs_diff": diff}
+
+
 def quantize_ort(fp32: Path, out: Path, calib: np.ndarray, keep_fp32_first: int = 2, keep_fp32_last: int = 3) -> list[str]:
     """Static INT8 QDQ quantization (ONNX Runtime quantizer); returns the convolutions kept in FP32.
 
@@ -108,13 +129,19 @@ def quantize_ort(fp32: Path, out: Path, calib: np.ndarray, keep_fp32_first: int 
             x = next(self.it, None)
             return None if x is None else {"image": x}
 
+    from models.graph import FILTER_SUFFIX, exact_filter_weights
+
     pre = out.with_suffix(".pre.onnx")
     quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
-    convs = [n.name for n in onnx.load(str(pre)).graph.node if n.op_type == "Conv"]
+    convs = [n.name for n in onnx.load(str(pre)).graph.node
+             if n.op_type == "Conv" and not n.name.endswith(FILTER_SUFFIX)]  # the network's own convolutions
     keep = convs[:keep_fp32_first] + convs[len(convs) - keep_fp32_last:]
     quantize_static(str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True, reduce_range=True,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=keep)
     pre.unlink()
+    q = onnx.load(str(out))
+    if exact_filter_weights(q):  # upsampling filters: exact int8 weights instead of the quantizer's grid
+        onnx.save(q, str(out))
     return keep
 
 
@@ -125,6 +152,23 @@ def openvino_ir_from_qdq(int8_onnx: Path, out_xml: Path) -> None:
 
     out_xml.parent.mkdir(parents=True, exist_ok=True)
     ov.save_model(ov.convert_model(str(int8_onnx)), str(out_xml), compress_to_fp16=False)
+
+
+def openvino_ir_filtered(fp32: Path, out_xml: Path, calib: np.ndarray, keep_fp32_first: int,
+                         keep_fp32_last: int, check_inputs: np.ndarray) -> dict:
+    """The OpenVINO INT8 IR of the same network with its bilinear ×2 upsamplings rewritten (models.graph): quantized
+    exactly as the ONNX Runtime INT8 model (same calibration, same convolutions kept in FP32) plus the exact filter
+    weights. OpenVINO runs a linear Interpolate in FP32 whatever the precision around it (a fifth of the lesion
+    model's time on a 2-core x86); the rewrite runs in INT8. ONNX Runtime runs the rewrite slower than its own
+    bilinear Resize, so it keeps the plain graph. Returns {"replaced", "max_abs_diff"} of the FP32 check."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        f32, q = Path(tmp) / "filtered.onnx", Path(tmp) / "filtered.int8.onnx"
+        info = filter_upsampling_file(fp32, f32, check_inputs)
+        quantize_ort(f32, q, calib, keep_fp32_first, keep_fp32_last)
+        openvino_ir_from_qdq(q, out_xml)
+    return info
 
 
 def quantize_nncf(fp32: Path, out_xml: Path, calib: np.ndarray) -> None:
@@ -182,7 +226,8 @@ def build(run: str, name: str, version: str, output: dict, metrics: dict | None 
     export_onnx(model, size, paths["onnx"])
     calib = calibration(task, size=size)
     kept_fp32 = quantize_ort(paths["onnx"], paths["onnx_int8"], calib)
-    openvino_ir_from_qdq(paths["onnx_int8"], paths["openvino_int8"])
+    rewrite = openvino_ir_filtered(paths["onnx"], paths["openvino_int8"], calib, 2, 3,
+                                   selftest_inputs(task, size))
 
     # FP32 vs INT8 agreement on held-back real inputs (computed here, recorded in the manifest)
     held = calibration(task, n=48, seed=1, size=size)
@@ -199,9 +244,11 @@ def build(run: str, name: str, version: str, output: dict, metrics: dict | None 
         nncf_out = OpenVINOAdapter(nncf_xml, "int8").infer(held)
     thr = float(output.get("threshold", 0.5))  # agreement of the masks the appliance actually uses
     agree = {
-        "scheme": "one INT8 QDQ model for both runtimes (ONNX Runtime quantizer: per-channel, 7-bit weights, "
-                  "min-max activations; first and last convolutions in FP32); OpenVINO IR converted from it",
+        "scheme": "one INT8 QDQ quantization for both runtimes (ONNX Runtime quantizer: per-channel, 7-bit "
+                  "weights, min-max activations; first and last convolutions in FP32); OpenVINO IR converted from "
+                  "it with bilinear upsampling as nearest + exact filter (models.graph)",
         "kept_fp32": kept_fp32,
+        "openvino_upsampling_rewrite": rewrite,
         "torch_vs_onnx_fp32_max_abs": float(np.abs(torch_ref - outs["fp32"]).max()),
         **runtime_agreement(outs, thr),
         "not_shipped_nncf_mixed_fp32_vs_int8_mask_dice": agreement(outs["fp32"], nncf_out, thr),
@@ -290,21 +337,30 @@ def rebundle(src: Path, version: str, output: dict, reason: str, dest_root: Path
 
 
 def requantize(src: Path, version: str, keep_fp32_first: int, keep_fp32_last: int, reason: str,
-               dest_root: Path = BUNDLES, calib: np.ndarray | None = None, inputs: np.ndarray | None = None) -> Path:
+               dest_root: Path = BUNDLES, calib: np.ndarray | None = None, inputs: np.ndarray | None = None,
+               filter_upsample: bool = False) -> Path:
     """A new version of a bundle with the same FP32 model and a new INT8 model (other convolutions kept in FP32).
 
     The INT8 QDQ model and its OpenVINO IR are rebuilt from the bundle's model.onnx, calibrated on `calib`
     (default: the same 64 real training crops as `build`); FP32 vs INT8 agreement is re-measured at the bundle's
     mask threshold on `inputs` (default: 48 held real crops) and the self-test's INT8 outputs are regenerated.
-    MODEL_CARD.md is copied as it is: update it, then re-hash and sign (`ctriage models sign`).
+    With `filter_upsample`, the OpenVINO IR is built from the rewritten graph (`openvino_ir_filtered`); model.onnx
+    and model.int8.onnx stay as they were. MODEL_CARD.md is copied as it is: update it, then re-hash and sign
+    (`ctriage models sign`).
     """
     old, m, out = _derive(src, version, dest_root, skip=("model.int8.onnx", "openvino", "selftest.npz"))
     size, task = int(m["input"]["size"][0]), m["task"]
     paths = {"onnx": out / "model.onnx", "onnx_int8": out / "model.int8.onnx",
              "openvino_int8": out / "openvino" / "model.xml"}
-    kept = quantize_ort(paths["onnx"], paths["onnx_int8"], calibration(task, size=size) if calib is None else calib,
-                        keep_fp32_first, keep_fp32_last)
-    openvino_ir_from_qdq(paths["onnx_int8"], paths["openvino_int8"])
+    calib = calibration(task, size=size) if calib is None else calib
+    kept = quantize_ort(paths["onnx"], paths["onnx_int8"], calib, keep_fp32_first, keep_fp32_last)
+    rewrite = None
+    if filter_upsample:
+        with np.load(Path(src) / "selftest.npz") as st_old:
+            rewrite = openvino_ir_filtered(paths["onnx"], paths["openvino_int8"], calib, keep_fp32_first,
+                                           keep_fp32_last, st_old["inputs"].astype(np.float32))
+    else:
+        openvino_ir_from_qdq(paths["onnx_int8"], paths["openvino_int8"])
     held = calibration(task, n=48, seed=1, size=size) if inputs is None else inputs
     thr = float(m["output"].get("threshold", 0.5))
     q = {k: v for k, v in m.get("quantization", {}).items() if "vs_int8_onnxruntime" not in k or "fp32_vs" in k}
@@ -320,8 +376,11 @@ def requantize(src: Path, version: str, keep_fp32_first: int, keep_fp32_last: in
                         expected_int8_onnxruntime=st["int8_onnxruntime"], expected_int8_openvino=st["int8_openvino"])
     m["derived_from"] = {"name": old.name, "version": old.version, "manifest_sha256": old.sha256,
                          "same_fp32_model": True, "reason": reason}
+    if rewrite is not None:
+        q["scheme"] += "; the OpenVINO IR with bilinear upsampling as nearest + exact filter (models.graph)"
+        q["openvino_upsampling_rewrite"] = rewrite
     _write_manifest(out, m)
-    print(json.dumps({"bundle": str(out), "quantization": q}, indent=1))
+    print(json.dumps({"bundle": str(out), "quantization": q, "rewrite": rewrite}, indent=1))
     return out
 
 
@@ -341,6 +400,9 @@ def main(argv: list[str] | None = None) -> None:
                          "(see --keep-fp32-first/--keep-fp32-last)")
     ap.add_argument("--keep-fp32-first", type=int, default=2, help="convolutions kept in FP32 at the input end")
     ap.add_argument("--keep-fp32-last", type=int, default=3, help="convolutions kept in FP32 at the output end")
+    ap.add_argument("--filter-upsample", action="store_true",
+                    help="with --requantize: build the OpenVINO IR with bilinear upsampling rewritten as nearest + "
+                         "a fixed filter (the same function; OpenVINO keeps it in INT8)")
     ap.add_argument("--dest", type=Path, default=BUNDLES, help="where the new bundle is written")
     a = ap.parse_args(argv)
     if a.requantize:
@@ -348,7 +410,8 @@ def main(argv: list[str] | None = None) -> None:
             ap.error("--requantize needs --from-bundle")
         reason = a.reason if a.reason != ap.get_default("reason") else (
             f"re-quantized: first {a.keep_fp32_first} and last {a.keep_fp32_last} convolutions kept in FP32")
-        requantize(Path(a.from_bundle), a.version, a.keep_fp32_first, a.keep_fp32_last, reason, a.dest)
+        requantize(Path(a.from_bundle), a.version, a.keep_fp32_first, a.keep_fp32_last, reason, a.dest,
+                   filter_upsample=a.filter_upsample)
         return
     if a.from_bundle:
         changes = {"threshold": a.threshold, "min_area_px": a.min_area}

@@ -1,1 +1,0 @@
-+kR/rlJDCErVSQAKe8zrw5f72vzPH48yQMCbMUV9ufpnI73cmisPuXvyRe8jdTGZ0hNS5hUe11y8PVMubu0aAg==

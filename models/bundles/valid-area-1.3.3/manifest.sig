@@ -1,0 +1,1 @@
+ONx3GHbPWsj9jtLYFCLzYQIMhwv/5T4YzWV/tLHVflsfYlgCU+Grk4JkQ5emVexzMx7t2EDyjctf/oH64Q5FDQ==
