@@ -223,8 +223,10 @@ def load_folded_onnx(model: torch.nn.Module, path: Path) -> None:
     inits = {i.name: numpy_helper.to_array(i) for i in g.initializer}
     modules = dict(model.named_modules())
     done = 0
+    from models.graph import FILTER_SUFFIX
+
     for node in g.node:
-        if node.op_type != "Conv":
+        if node.op_type != "Conv" or node.name.endswith(FILTER_SUFFIX):  # fixed upsampling filters: no parameters
             continue
         local = node.name.strip("/").split("/")[-2]  # "/x0_0/x0_0.3/Conv" -> "x0_0.3"; "/head/Conv" -> "head"
         names = [n for n, m in modules.items() if isinstance(m, torch.nn.Conv2d) and (n == local or n.endswith("." + local))]
@@ -314,8 +316,13 @@ def run(
         # collapses to predicting nothing)
         b0, b1 = int(cfg.extra.get("blob_start", 300)), int(cfg.extra.get("blob_full", 800))
         ramp = min(1.0, max(0.0, (step - b0) / max(1, b1 - b0)))
-        loss = loss_fn(model(xb), yb, torch.tensor(ws), torch.tensor(dws),
-                       float(cfg.extra.get("blob_weight", 0.0)) * ramp)
+        w_t, dw_t, blob = torch.tensor(ws), torch.tensor(dws), float(cfg.extra.get("blob_weight", 0.0)) * ramp
+        ds = float(cfg.extra.get("deep_supervision", 0.0))
+        if ds > 0:  # UNet++ deep supervision: the shallower top-row nodes learn the mask too (shared head)
+            *aux, last = model.forward_all(xb)
+            loss = loss_fn(last, yb, w_t, dw_t, blob) + ds * sum(loss_fn(a, yb, w_t, dw_t, blob) for a in aux) / len(aux)
+        else:
+            loss = loss_fn(model(xb), yb, w_t, dw_t, blob)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -92,6 +92,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="start from an exported FP32 model (a bundle's model.onnx); BatchNorm statistics frozen")
     ap.add_argument("--blob-start", type=int, default=300, help="step where the blob penalty starts ramping in")
     ap.add_argument("--warmup", type=int, default=50)
+    ap.add_argument("--deep-supervision", type=float, default=0.0, metavar="W",
+                    help="UNet++ deep supervision: weight of the shallower top-row outputs' loss (0: off)")
     a = ap.parse_args(argv)
     mix = {k: float(v) for k, v in (kv.split("=") for kv in a.mix.split(","))}
     cfg = TrainConfig(name=a.name, task="lesion", width=a.width, levels=a.levels, stem=a.stem, upsample=a.upsample, size=a.size, steps=a.steps,
@@ -99,7 +101,8 @@ def main(argv: list[str] | None = None) -> None:
                       warmup=a.warmup, mix=mix,
                       extra={"blob_weight": a.blob_weight, "masses": a.masses, "init": a.init,
                              "blob_start": a.blob_start, "blob_full": a.blob_start + 500,
-                             "init_onnx": a.init_onnx, "freeze_bn": bool(a.init_onnx)})
+                             "init_onnx": a.init_onnx, "freeze_bn": bool(a.init_onnx),
+                             "deep_supervision": a.deep_supervision})
     data, val = load(cfg)
     run(cfg, data, make_validate(val), score)
 

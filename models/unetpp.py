@@ -57,7 +57,7 @@ class UNetPP(nn.Module):
         self.nodes = nn.ModuleDict(nodes)
         self.head = nn.Conv2d(ch[0], 1, 1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _nodes(self, x: torch.Tensor) -> dict[tuple[int, int], torch.Tensor]:
         X: dict[tuple[int, int], torch.Tensor] = {}
         if self.stem_conv is not None:
             x = self.stem_conv(x)
@@ -67,10 +67,23 @@ class UNetPP(nn.Module):
             for i in range(self.levels - j):
                 parts = [X[i, k] for k in range(j)] + [self.up(X[i + 1, j - 1])]
                 X[i, j] = self.nodes[f"x{i}_{j}"](torch.cat(parts, 1))
-        out = self.head(X[0, self.levels - 1])
+        return X
+
+    def _out(self, feat: torch.Tensor) -> torch.Tensor:
+        out = self.head(feat)
         if self.stem_conv is not None:
             out = self.up(out)
         return torch.sigmoid(out) if self.with_sigmoid else out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._out(self._nodes(x)[0, self.levels - 1])
+
+    def forward_all(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Deep supervision (training only): the output of every top-row node X[0][1..L-1] through the one shared
+        head, the full model's output last. Sharing the head adds no parameters, so the exported network, its
+        state and everything that loads it are unchanged."""
+        X = self._nodes(x)
+        return [self._out(X[0, j]) for j in range(1, self.levels)]
 
 
 def count_params(model: nn.Module) -> int:

@@ -119,6 +119,53 @@ def test_requantize_keeps_the_fp32_model_and_rebuilds_int8(tmp_path):
     assert not (out / "manifest.sig").exists()
 
 
+def test_requantize_can_build_the_openvino_model_with_filtered_upsampling(tmp_path):
+    pytest.importorskip("torch", reason="torch is in the `train` extra, not installed here")
+    import json
+
+    from appliance.inference.bundle import default_bundle_dir, find_bundles, load_bundle
+    from appliance.inference.openvino_adapter import OpenVINOAdapter
+    from models.export import requantize
+    from tests.test_graph import interpolate_modes
+
+    src = find_bundles(default_bundle_dir())["valid-area"]
+    inputs = np.load(src.path / "selftest.npz")["inputs"].astype(np.float32)
+    plain = requantize(src.path, "99.0.1", 2, 1, "test", dest_root=tmp_path / "a", calib=inputs, inputs=inputs)
+    filt = requantize(src.path, "99.0.1", 2, 1, "test", dest_root=tmp_path / "b", calib=inputs, inputs=inputs,
+                      filter_upsample=True)
+    assert set(interpolate_modes(plain / "openvino" / "model.xml")) == {"linear_onnx"}
+    assert set(interpolate_modes(filt / "openvino" / "model.xml")) == {"nearest"}
+    for f in ("model.onnx", "model.int8.onnx"):  # ONNX Runtime keeps its graph, byte for byte
+        assert (plain / f).read_bytes() == (filt / f).read_bytes()
+    q = json.loads((filt / "manifest.json").read_text())["quantization"]
+    assert q["openvino_upsampling_rewrite"]["replaced"] == 3 and q["openvino_upsampling_rewrite"]["max_abs_diff"] < 1e-5
+    assert q["int8_onnxruntime_vs_int8_openvino_mask_dice"] >= 0.95
+    b = load_bundle(filt, verify=True)
+    assert b.selftest(OpenVINOAdapter(b.path / "openvino" / "model.xml", "int8"))["max_abs_diff"] <= 1e-4
+
+
+def test_deep_supervision_adds_outputs_not_parameters():
+    torch = pytest.importorskip("torch", reason="torch is in the `train` extra, not installed here")
+    from models.train import loss_fn
+    from models.unetpp import UNetPP
+
+    torch.manual_seed(0)
+    m = UNetPP(4, 3).eval()
+    x = torch.rand(2, 1, 32, 32)
+    with torch.no_grad():
+        outs = m.forward_all(x)
+        assert len(outs) == 2 and all(o.shape == (2, 1, 32, 32) for o in outs)
+        assert torch.equal(outs[-1], m(x))  # the full model's output last
+        assert not torch.allclose(outs[0], outs[-1])  # the shallower node's own map
+    y = (torch.rand(2, 1, 32, 32) > 0.7).float()
+    w = torch.ones(2)
+    m.train()
+    loss = loss_fn(m.forward_all(x)[0], y, w, w)
+    loss.backward()  # the shallow output trains the shared head and the nodes under it, not the deeper ones
+    assert m.head.weight.grad is not None and m.nodes["x0_1"][0].weight.grad is not None
+    assert m.nodes["x0_2"][0].weight.grad is None
+
+
 def test_weight_average_of_two_models():
     torch = pytest.importorskip("torch", reason="torch is in the `train` extra, not installed here")
     from models.soup import average_state
