@@ -1,1 +1,1 @@
-tUtJwBSB38B7IYvXhz4Oq4D8+omKqfnZ5mp7z4xRa6vjMnD0MV0/W6WjJg4Ff+mwbims/4IvkxE/ua1qWe2CDw==
+acfBkgOQXf/g7DojjfJVowKxMhVMuD87WTDujMZYRbgXCGhilScs4S/CEX4Q4T1mW+XEp3BK8vkJmjfu96pnBg==
