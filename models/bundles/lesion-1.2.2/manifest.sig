@@ -1,1 +1,1 @@
-acfBkgOQXf/g7DojjfJVowKxMhVMuD87WTDujMZYRbgXCGhilScs4S/CEX4Q4T1mW+XEp3BK8vkJmjfu96pnBg==
+RkYLKnsxVzA/m95ajPTNE0xNM7L2nQ5vN1ffpOn3gdNnh+tk8IQnl5nkWyR+VzVboDaPAz4ZVrEWyi3XV9tnAA==
