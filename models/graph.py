@@ -41,8 +41,8 @@ def is_bilinear_x2(model, node) -> bool:
     if node.op_type != "Resize" or len(node.input) < 3 or not node.input[2] or (len(node.input) > 3 and node.input[3]):
         return False
     a = _attrs(node)
-    if a.get("mode", b"nearest") != b"linear" or a.get("coordinate_transformation_mode") not in (b"half_pixel",
-                                                                                                  b"pytorch_half_pixel"):
+    half_pixel = a.get("coordinate_transformation_mode") in (b"half_pixel", b"pytorch_half_pixel")
+    if a.get("mode", b"nearest") != b"linear" or not half_pixel:
         return False
     s = _scales(model, node.input[2])
     return s is not None and s.shape == (4,) and np.array_equal(s, [1.0, 1.0, 2.0, 2.0])

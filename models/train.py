@@ -320,7 +320,8 @@ def run(
         ds = float(cfg.extra.get("deep_supervision", 0.0))
         if ds > 0:  # UNet++ deep supervision: the shallower top-row nodes learn the mask too (shared head)
             *aux, last = model.forward_all(xb)
-            loss = loss_fn(last, yb, w_t, dw_t, blob) + ds * sum(loss_fn(a, yb, w_t, dw_t, blob) for a in aux) / len(aux)
+            aux_loss = sum(loss_fn(a, yb, w_t, dw_t, blob) for a in aux) / len(aux)
+            loss = loss_fn(last, yb, w_t, dw_t, blob) + ds * aux_loss
         else:
             loss = loss_fn(model(xb), yb, w_t, dw_t, blob)
         opt.zero_grad(set_to_none=True)

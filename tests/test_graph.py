@@ -41,7 +41,8 @@ def test_bilinear_x2_becomes_nearest_pad_and_filter_with_the_same_outputs(shape)
     model = _resize_model(shape[1])
     new, n = filter_upsampling(model)
     assert n == 1
-    ops = [(nd.op_type, {a.name: helper.get_attribute_value(a) for a in nd.attribute}.get("mode")) for nd in new.graph.node]
+    ops = [(nd.op_type, {a.name: helper.get_attribute_value(a) for a in nd.attribute}.get("mode"))
+           for nd in new.graph.node]
     assert ops == [("Resize", b"nearest"), ("Pad", b"edge"), ("Conv", None)]
     assert new.graph.node[-1].name.endswith(FILTER_SUFFIX)
     x = np.random.default_rng(0).normal(size=shape).astype(np.float32) * 10
