@@ -405,6 +405,8 @@ def main(argv: list[str] | None = None) -> None:
                          "a fixed filter (the same function; OpenVINO keeps it in INT8)")
     ap.add_argument("--dest", type=Path, default=BUNDLES, help="where the new bundle is written")
     a = ap.parse_args(argv)
+    if a.filter_upsample and not a.requantize:
+        ap.error("--filter-upsample needs --requantize (new models get it from the export itself)")
     if a.requantize:
         if not a.from_bundle:
             ap.error("--requantize needs --from-bundle")

@@ -223,10 +223,8 @@ def load_folded_onnx(model: torch.nn.Module, path: Path) -> None:
     inits = {i.name: numpy_helper.to_array(i) for i in g.initializer}
     modules = dict(model.named_modules())
     done = 0
-    from models.graph import FILTER_SUFFIX
-
     for node in g.node:
-        if node.op_type != "Conv" or node.name.endswith(FILTER_SUFFIX):  # fixed upsampling filters: no parameters
+        if node.op_type != "Conv":
             continue
         local = node.name.strip("/").split("/")[-2]  # "/x0_0/x0_0.3/Conv" -> "x0_0.3"; "/head/Conv" -> "head"
         names = [n for n, m in modules.items() if isinstance(m, torch.nn.Conv2d) and (n == local or n.endswith("." + local))]
