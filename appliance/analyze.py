@@ -51,6 +51,8 @@ class SeriesReport:
             "result": v.result,
             "state": v.state,
             "evidence": v.evidence.as_dict() if v.evidence else None,
+            "focal": v.focal.as_dict() if v.focal else None,
+            "foci": v.foci,
             "reason": v.reason,
             "slices": v.slices,
             "lung_slices": v.lung_slices,

@@ -92,7 +92,7 @@ def bench_backend(path: Path, backend: str, precision: str, threads: int | None,
     order = sorted(range(len(kept)), key=lambda i: sort_key(kept[i]))
     c = analyzer.config
     verdict = decide([findings[i] for i in order], min_slices=c.min_slices, min_run=c.min_run,
-                     gap_factor=c.gap_factor, min_run_mm=c.min_run_mm)
+                     gap_factor=c.gap_factor, min_run_mm=c.min_run_mm, min_foci=c.min_foci)
     case_ms = (time.perf_counter() - t_case) * 1000.0
     wall = time.perf_counter() - t0
     batch = analyzer.config.batch
@@ -115,7 +115,7 @@ def bench_backend(path: Path, backend: str, precision: str, threads: int | None,
         stream_findings.append(f)
         stream_findings.sort(key=lambda x: -x.position)
         decide(stream_findings, final=False, min_slices=c.min_slices, min_run=c.min_run, gap_factor=c.gap_factor,
-               min_run_mm=c.min_run_mm)
+               min_run_mm=c.min_run_mm, min_foci=c.min_foci)
         lat = time.perf_counter() - t
     sps = analysed / wall if wall > 0 else 0.0
     return {

@@ -34,6 +34,7 @@ class AnalysisConfig:
     min_run: int = 3  # consecutive slices with lesion in one quadrant for a positive
     min_slices: int = 20  # a series needs this many axial slices for a negative
     min_run_mm: float = 5.0  # ... and the run must cover at least this many mm along z (DICOM series)
+    min_foci: int = 2  # separate lesion foci, each spanning such a run, for a positive (1: the seed's rule)
     gap_factor: float = 1.5  # a gap > factor × median spacing breaks a run
     max_tilt_deg: float = 10.0  # slices tilted more than this from axial are rejected
     bundle_dir: str = ""  # empty: <state_dir>/bundles when it has bundles, else the shipped ones
@@ -48,6 +49,7 @@ class AnalysisConfig:
         _range(where, "min_slices", self.min_slices, 1, 10000)
         _range(where, "gap_factor", self.gap_factor, 1.0, 10.0)
         _range(where, "min_run_mm", self.min_run_mm, 0.0, 100.0)
+        _range(where, "min_foci", self.min_foci, 1, 20)
         _range(where, "max_tilt_deg", self.max_tilt_deg, 0.0, 45.0)
 
 

@@ -186,7 +186,8 @@ class Daemon:
         a = cfg.analysis
         self.tracker = SeriesTracker(min_run=a.min_run, min_slices=a.min_slices, gap_factor=a.gap_factor,
                                      quiet_seconds=cfg.series.quiet_seconds, max_open=cfg.series.max_open_series,
-                                     min_run_mm=a.min_run_mm)  # the daemon reads DICOM only: spacing is physical
+                                     min_run_mm=a.min_run_mm,  # the daemon reads DICOM only: spacing is physical
+                                     min_foci=a.min_foci)
         self.topics = msg.Topics(cfg.mqtt.prefix, cfg.device_id)
         self.analyzer = analyzer
         self.transport = transport
@@ -752,9 +753,10 @@ class Daemon:
                 self.pump.kick()
         if pacs_fp is not None:
             self._pacs_flush()
-        ev = sv.evidence
+        ev, fo = sv.evidence, sv.focal
         log.info("verdict %s %s for study %s (series %s%s)%s%s", sv.state, sv.result, study_key, lead.series_key,
-                 f", {ev.quadrant} run {ev.run}" if ev else "", f"; complete: {complete_reason}" if complete_reason
+                 f", {ev.quadrant} run {ev.run}" if ev else f", one focal lesion {fo.quadrant} run {fo.run}" if fo
+                 else "", f"; complete: {complete_reason}" if complete_reason
                  else "", "" if changed else " unchanged, not re-published")
 
     def _overlay_payload(self, row: Any, sv: Any, findings: list[SliceFinding]) -> dict[str, Any]:

@@ -140,5 +140,7 @@ class SeriesVerdict:
     slices: int
     lung_slices: int
     lesion_slices: int
-    reason: str | None = None  # why indeterminate, if it is
+    reason: str | None = None  # why indeterminate, if it is; or the note on a negative with a focal lesion
     gaps: int = 0  # breaks in the slice sequence (missing slices)
+    focal: Evidence | None = None  # a negative's single-focus run (the seed's rule fired on one lesion focus)
+    foci: int = 0  # lesion foci that each span a qualifying run

@@ -255,10 +255,12 @@ class PatientResult:
     lesion_slices: int
     rejected: list[dict] = field(default_factory=list)
     seconds: float = 0.0
+    focal: dict | None = None  # a negative's single lesion focus (its run), named for a radiologist
 
     def as_dict(self) -> dict:
         return {"patient": self.source.name, "group": self.source.group, "result": self.result,
-                "evidence": self.evidence, "slices": self.slices, "lesion_slices": self.lesion_slices,
+                "evidence": self.evidence, "focal": self.focal, "slices": self.slices,
+                "lesion_slices": self.lesion_slices,
                 "series": self.series, "reason": self.reason, "rejected": len(self.rejected)}
 
 
@@ -423,6 +425,9 @@ def _patient_verdict(src: PatientSource, runs: list, rejected: list[dict], secon
                              slices, lesion, rejected, seconds)
     neg = [v for _, v, _ in runs if v.result == "negative"]
     if neg:
-        return PatientResult(src, "negative", None, None, len(runs), slices, lesion, rejected, seconds)
+        focal = [v for v in neg if v.focal is not None]  # a single lesion focus: named, for a radiologist
+        best = max(focal, key=lambda v: v.focal.run) if focal else None  # type: ignore[union-attr]
+        return PatientResult(src, "negative", best.reason if best else None, None, len(runs), slices, lesion,
+                             rejected, seconds, focal=best.focal.as_dict() if best else None)
     reason = "; ".join(sorted({v.reason or "indeterminate" for _, v, _ in runs}))
     return PatientResult(src, "indeterminate", reason, None, len(runs), slices, lesion, rejected, seconds)

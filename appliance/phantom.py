@@ -28,6 +28,9 @@ class PhantomSpec:
     lesion: bool = True
     lesion_side: str = "right"  # image side (display): "right" = patient's left
     lesion_slices: tuple[float, float] = (0.45, 0.75)  # fraction of the series (head → feet) with lesions
+    # a second, smaller focus: anterior in the other lung over these fractions (COVID-19 pneumonia is multifocal;
+    # None: one focus only, like a tumour, which the case rule calls negative with a note)
+    second_focus: tuple[float, float] | None = (0.52, 0.68)
     seed: int = 7
     patient_name: str = "PHANTOM^SYNTHETIC"
     patient_id: str = "SYNTH-0001"
@@ -73,25 +76,33 @@ def phantom_slice(spec: PhantomSpec, k: int, rng: np.random.Generator) -> np.nda
     # table
     hu[int(c + s * 0.32):int(c + s * 0.33), int(s * 0.1):int(s * 0.9)] = 200.0
     lo, hi = spec.lesion_slices
+    side = 1 if spec.lesion_side == "right" else -1
     if spec.lesion and lung.any() and lo <= t <= hi:
         # patchy ground-glass opacity, subpleural and posterior, vessels still visible through it
-        side = 1 if spec.lesion_side == "right" else -1
-        cy, cx = c + s * 0.1, c + side * s * 0.22
-        env = np.zeros_like(hu)
-        for _ in range(7):
-            y, x = cy + rng.normal(0, s * 0.04), cx + rng.normal(0, s * 0.03)
-            r = rng.uniform(s * 0.025, s * 0.055)
-            env += _ellipse(hu.shape, y, x, r, r * 1.3)
-        env = ndi.gaussian_filter((env > 0).astype(np.float32), 4.0) * lung
-        patch = ndi.gaussian_filter(rng.normal(0, 1, hu.shape).astype(np.float32), 4.0)
-        patch = (patch - patch.mean()) / (patch.std() + 1e-6)
-        ggo = env * np.clip(0.55 + 0.45 * patch, 0.0, 1.0)
-        lesion = -860.0 + ggo * rng.uniform(380.0, 520.0)
-        hu = np.where(env > 0.15, np.maximum(hu, lesion), hu)
+        hu = _ggo(hu, lung, c + s * 0.1, c + side * s * 0.22, s, rng, 7)
+    if spec.lesion and spec.second_focus and lung.any() and spec.second_focus[0] <= t <= spec.second_focus[1]:
+        # its own random stream, so the first focus and the texture are the same with or without it
+        hu = _ggo(hu, lung, c - s * 0.08, c - side * s * 0.2, s, np.random.default_rng((spec.seed, k)), 4)
     if lung.any():  # parenchymal texture
         hu += ndi.gaussian_filter(rng.normal(0, 1, hu.shape).astype(np.float32), 1.2) * 40.0 * lung
     hu += rng.normal(0, 12, hu.shape).astype(np.float32) * body
     return hu
+
+
+def _ggo(hu: np.ndarray, lung: np.ndarray, cy: float, cx: float, s: int, rng: np.random.Generator,
+         blobs: int) -> np.ndarray:
+    """A patch of ground glass: overlapping ellipses about (cy, cx), smoothed, with a mottled density."""
+    env = np.zeros_like(hu)
+    for _ in range(blobs):
+        y, x = cy + rng.normal(0, s * 0.04), cx + rng.normal(0, s * 0.03)
+        r = rng.uniform(s * 0.025, s * 0.055)
+        env += _ellipse(hu.shape, y, x, r, r * 1.3)
+    env = ndi.gaussian_filter((env > 0).astype(np.float32), 4.0) * lung
+    patch = ndi.gaussian_filter(rng.normal(0, 1, hu.shape).astype(np.float32), 4.0)
+    patch = (patch - patch.mean()) / (patch.std() + 1e-6)
+    ggo = env * np.clip(0.55 + 0.45 * patch, 0.0, 1.0)
+    lesion = -860.0 + ggo * rng.uniform(380.0, 520.0)
+    return np.where(env > 0.15, np.maximum(hu, lesion), hu)
 
 
 def phantom_series(spec: PhantomSpec) -> list[np.ndarray]:

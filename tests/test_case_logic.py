@@ -1,5 +1,5 @@
 from appliance.domain import Box, Rect, SliceFinding
-from appliance.pipeline.case_logic import decide, find_evidence, longest_runs, quadrant_of
+from appliance.pipeline.case_logic import decide, find_evidence, foci, longest_runs, quadrant_of
 
 
 def finding(pos: float, quads=(), lung=True) -> SliceFinding:
@@ -95,3 +95,75 @@ def test_min_run_mm_scales_the_rule_with_slice_thickness():
     thick = series([(UL,)] * 3 + [()] * 20, spacing=5.0)  # 3 slices of 5 mm = 15 mm: the plain rule
     assert find_evidence(thick, min_run_mm=5.0).run == 3
     assert decide(thin, min_run_mm=5.0, min_slices=1).result == "negative"
+
+
+# -- foci: one lesion followed from slice to slice ------------------------------------------------------------------
+def boxed(pos: float, *rects: tuple[int, int, int, int]) -> SliceFinding:
+    """A slice with a box per (y0, x0, y1, x1); quadrant from the box centre in a 512² lung box."""
+    boxes = [Box(Rect(*r), 100.0, 0.95, quadrant_of((r[0] + r[2]) / 2, (r[1] + r[3]) / 2, 256, 256)) for r in rects]
+    return SliceFinding(f"s{pos}", pos, (512, 512), Rect(0, 0, 512, 512), boxes)
+
+
+TUMOUR = (300, 330, 360, 400)  # lower-right
+PATCH = (100, 80, 150, 140)  # upper-left, far from it
+
+
+def test_foci_follow_overlapping_boxes_and_split_distant_ones():
+    fs = [boxed(-i, TUMOUR, PATCH) if 2 <= i <= 5 else boxed(-i, TUMOUR) if i < 9 else boxed(-i) for i in range(12)]
+    assert foci(fs) == [(0, 8), (2, 5)]  # longest first
+    # a box that drifts a few pixels per slice stays one focus; one that jumps across the lung does not
+    drift = [boxed(-i, (300 + 4 * i, 330, 340 + 4 * i, 370)) for i in range(6)]
+    assert foci(drift) == [(0, 5)]
+    jump = [boxed(-i, TUMOUR if i % 2 else PATCH) for i in range(6)]
+    assert sorted(foci(jump)) == [(i, i) for i in range(6)]
+
+
+def test_boxes_just_apart_join_only_within_the_growth_margin():
+    a, b = (100, 100, 120, 120), (100, 125, 120, 145)  # 5 px apart; 2 % of 512 = 10.24 px
+    assert foci([boxed(0, a), boxed(-1, b)]) == [(0, 1)]
+    assert sorted(foci([boxed(0, a), boxed(-1, b)], grow=0.0)) == [(0, 0), (1, 1)]
+
+
+def test_a_missing_slice_splits_a_focus():
+    fs = [boxed(p, TUMOUR) for p in (0.0, -1.0, -2.0, -4.0, -5.0, -6.0)] + [boxed(-p) for p in range(7, 30)]
+    assert sorted(foci(fs)) == [(0, 2), (3, 5)]
+
+
+def test_single_focus_is_negative_with_the_focus_named():
+    """A tumour: one focus on 8 consecutive slices in one quadrant. The seed's rule (min_foci=1) fires; the
+    multifocal rule gives a negative that names the focus for a radiologist."""
+    fs = [boxed(-i) for i in range(10)] + [boxed(-i, TUMOUR) for i in range(10, 18)] + [boxed(-i) for i in range(18, 40)]
+    seed = decide(fs, min_slices=20)
+    assert seed.result == "positive" and seed.evidence.run == 8 and seed.foci == 1
+    v = decide(fs, min_slices=20, min_foci=2)
+    assert v.result == "negative" and v.evidence is None and v.foci == 1
+    assert (v.focal.quadrant, v.focal.first_slice, v.focal.last_slice, v.focal.run) == (LR, 10, 17, 8)
+    assert "single focal lesion (lower-right, slices 11–18)" in v.reason
+
+
+def test_two_foci_make_a_positive_even_in_one_quadrant():
+    """COVID-19 pneumonia: two separate patches, each on ≥ 3 slices — the same quadrant or not."""
+    other = (180, 300, 220, 340)  # upper-right... kept apart from TUMOUR by > the margin
+    fs = [boxed(-i, TUMOUR) if i < 6 else boxed(-i) for i in range(25)]
+    fs[8:11] = [boxed(-i, (400, 420, 430, 470)) for i in range(8, 11)]  # lower-right again, 3 slices, apart
+    v = decide(fs, min_slices=20, min_foci=2)
+    assert v.result == "positive" and v.foci == 2 and v.evidence.quadrant == LR and v.focal is None
+    fs[8:11] = [boxed(-i, other) for i in range(8, 10)] + [boxed(-10)]  # a second focus of only 2 slices
+    assert decide(fs, min_slices=20, min_foci=2).result == "negative"
+
+
+def test_focus_length_follows_the_extent_in_mm():
+    """On 1 mm slices a focus must span 5 slices (min_run_mm=5) to count, like a run."""
+    def two_foci(length):
+        return [boxed(-i, TUMOUR, PATCH) if i < length else boxed(-i) for i in range(30)]
+    assert decide(two_foci(4), min_slices=20, min_foci=2, min_run_mm=5.0).result == "negative"
+    assert decide(two_foci(4), min_slices=20, min_foci=2, min_run_mm=5.0).focal is None  # no run fired at all
+    assert decide(two_foci(5), min_slices=20, min_foci=2, min_run_mm=5.0).foci == 2
+    assert decide(two_foci(5), min_slices=20, min_foci=2, min_run_mm=5.0).result == "positive"
+
+
+def test_a_short_series_with_one_focus_stays_indeterminate_and_names_it():
+    fs = [boxed(-i, TUMOUR) for i in range(5)]
+    v = decide(fs, min_slices=20, min_foci=2, final=False)
+    assert v.result == "indeterminate" and v.state == "provisional" and v.focal is not None
+    assert v.reason.startswith("only 5 slice(s)") and "single focal lesion" in v.reason

@@ -42,6 +42,27 @@ def test_phantom_series_json_fields(phantom_dir, capsys):
     assert "19700101" not in text and "1.2.826.0.1.3680043" not in text  # birth date, DICOM UIDs
 
 
+def test_one_lesion_focus_is_negative_with_the_focus_named_and_two_are_positive(tmp_path, capsys):
+    """The committed models on two phantoms that differ only in a second, smaller focus in the other lung: one focus
+    on many slices in one quadrant (a tumour's pattern) is a negative that names it; two foci are positive."""
+    from appliance.phantom import PhantomSpec, write_phantom
+
+    base = dict(slices=24, size=256, spacing_mm=1.4, lesion=True, seed=7)
+    write_phantom(tmp_path / "one", PhantomSpec(**base, second_focus=None))
+    write_phantom(tmp_path / "two", PhantomSpec(**base))
+    _, (one,) = run_json(capsys, tmp_path / "one")
+    _, (two,) = run_json(capsys, tmp_path / "two")
+    assert two["result"] == "positive" and two["foci"] == 2 and two["focal"] is None
+    assert one["result"] == "negative" and one["foci"] == 1 and one["evidence"] is None
+    assert one["focal"] == two["evidence"], "the same run, reported as a focal lesion instead of a positive"
+    f = one["focal"]
+    assert f["quadrant"] in one["reason"] and f"slices {f['first_slice'] + 1}–{f['last_slice'] + 1}" in one["reason"]
+    assert one["lesion_slices"] == two["lesion_slices"]  # the second focus lies on slices the first already marks
+    code = main(["analyze", str(tmp_path / "one")])
+    out = capsys.readouterr().out
+    assert code == 0 and "NEGATIVE" in out and "a single focal lesion" in out
+
+
 def test_mixed_folder_rejects_with_reasons(phantom_dir, tmp_path, capsys):
     d = tmp_path / "mixed"
     shutil.copytree(phantom_dir, d / "series")

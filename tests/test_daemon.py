@@ -33,7 +33,8 @@ from .test_mqtt import Collector
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMAS = ROOT / "config" / "schemas"
-PHANTOM = dict(slices=24, size=256, spacing_mm=1.4)  # lesion slices 11–17 (lower-right) when lesion=True
+# lesion=True: foci on slices 11–17 (lower-right) and 12–15 (upper-left)
+PHANTOM = dict(slices=24, size=256, spacing_mm=1.4)
 
 
 # -- fixtures ----------------------------------------------------------------------------------------------------
@@ -223,7 +224,8 @@ def test_streaming_provisional_then_final_duplicates_and_a_second_series(tmp_pat
         (final,) = verdicts(sub, "final")
         assert prov["result"] == "positive" and prov["complete_reason"] is None
         assert prov["counts"]["slices"] <= 17, "fired mid-series, as soon as the run was there"
-        assert prov["evidence"]["quadrant"] == "lower-right"
+        # it fires when the second focus has its third slice: the longer run then depends on the arrival order
+        assert prov["evidence"]["quadrant"] in ("lower-right", "upper-left") and prov["counts"]["foci"] == 2
         assert final["result"] == "positive" and final["counts"]["slices"] == 24
         # the streaming verdict is the one-shot analysis of the same slices
         from appliance.analyze import analyze_files

@@ -130,7 +130,7 @@ def test_demo_once_runs_the_whole_chain_and_leaves_nothing_behind():
     # the committed models fire on the lesion phantom and not on the clear one
     assert final_lines(out) == {1: "POSITIVE", 2: "NEGATIVE"}, out
     table = out.split("Final verdicts", 1)[1]
-    assert re.search(r"^1 \(\w{6}\)\s+lesions in one lung\s+30\s+\d+\s+\d+\s+POSITIVE\s+\S+", table, re.M)
+    assert re.search(r"^1 \(\w{6}\)\s+lesions in both lungs\s+30\s+\d+\s+\d+\s+POSITIVE\s+\S+", table, re.M)
     assert re.search(r"^2 \(\w{6}\)\s+clear lungs\s+30\s+\d+\s+0\s+NEGATIVE\s+no lesion run", table, re.M)
     assert re.search(r"^triage display: http://127\.0\.0\.1:\d+/$", out, re.M)
     assert_cleaned_up(d)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from appliance.domain import Evidence
 from appliance.config import from_dict
 from appliance.publish import messages
 
@@ -152,10 +153,12 @@ def test_every_flag_renders_distinctly_and_the_newest_six_fit(browser, display, 
         ("ct-room-2", K["old"], "final", "negative", 50, None),
         ("ct-room-1", K["older"], "final", "negative", 95, None),
     ]
+    focal = Evidence("lower-right", 30, 40, 11)  # ct-room-2's older negative: a single focal lesion, named
     for room, key, state, result, mins, ov in studies:
         reason = "only 12 axial slices (need 20)" if result == "indeterminate" else None
         bus.publish(f"ctriage/{room}/verdict/{key}", verdict(room, key, state, result, created=ago(mins),
-                                                              reason=reason, lead_s=40))
+                                                              reason=reason, lead_s=40,
+                                                              focal=focal if key == K["old"] else None))
         if ov:
             bus.publish(f"ctriage/{room}/overlay/{key}", overlay(room, key, state, image=ov == "image"))
     expect(page.locator(".tile")).to_have_count(7)
@@ -197,6 +200,13 @@ def test_every_flag_renders_distinctly_and_the_newest_six_fit(browser, display, 
     assert "repeating-linear-gradient" in striped  # provisional is hatched, final is solid
 
     expect(tile(page, K["ind"]).locator(".detail")).to_have_text("only 12 axial slices (need 20)")
+    expect(tile(page, K["old"]).locator(".detail")).to_have_text("focal lesion · slices 31–41")
+    expect(tile(page, K["old"]).locator(".flag-word")).to_have_text("NEGATIVE")
+    expect(tile(page, K["old"]).locator(".flag-action")).to_have_text("radiologist to read")
+    expect(tile(page, K["old"]).locator(".key-none")).to_have_text("Key image pending")  # not "No lesion found"
+    amber = page.evaluate("""keys => keys.map(k => getComputedStyle(
+        document.querySelector(`.tile[data-id$="/${k}"] .detail`)).color)""", [K["old"], K["neg"]])
+    assert amber[0] == "rgb(255, 194, 10)" and amber[1] != amber[0]  # the note stands out from a plain negative
     assert_nothing_clipped(page)
 
     # the newest six are fully on screen without scrolling

@@ -39,10 +39,11 @@ def at(seconds: float) -> dt.datetime:
 
 def verdict(device: str, key: str, state: str = "final", result: str = "positive", *,
             created: dt.datetime | None = None, labels: dict[str, str] | None = None, slices: int = 180,
-            reason: str | None = None, lead_s: float = 4.0) -> dict:
+            reason: str | None = None, lead_s: float = 4.0, focal: Evidence | None = None) -> dict:
     ev = Evidence("lower-right", 112, 131, 20) if result == "positive" else None
     v = SeriesVerdict(result=result, state=state, evidence=ev, slices=slices, lung_slices=int(slices * 0.8),
-                      lesion_slices=41 if ev else 0, reason=reason)
+                      lesion_slices=41 if ev else focal.run if focal else 0, reason=reason, focal=focal,
+                      foci=2 if ev else 1 if focal else 0)
     p = messages.verdict_payload(device=device, study_key=key, series_key=key[::-1], verdict=v, bundles=BUNDLES,
                                  backend="openvino", device_type="CPU",
                                  complete_reason="quiet 5 s" if state == "final" else None,
@@ -125,6 +126,9 @@ def st(validators) -> DisplayState:
 def test_builders_make_schema_valid_payloads(validators):
     assert validators.problem("verdict", verdict(DEV, KEY)) is None
     assert validators.problem("verdict", verdict(DEV, KEY, "provisional", "negative")) is None
+    focal = verdict(DEV, KEY, "final", "negative", focal=Evidence("lower-right", 11, 21, 11), reason="one focus")
+    assert validators.problem("verdict", focal) is None
+    assert focal["focal"]["run"] == 11 and focal["counts"]["foci"] == 1 and focal["evidence"] is None
     assert validators.problem("overlay", overlay(DEV, KEY)) is None
     assert validators.problem("status", status(DEV)) is None
     assert validators.problem("status", messages.offline_payload(DEV)) is None

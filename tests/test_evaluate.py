@@ -283,6 +283,8 @@ def test_evaluate_generated_dataset_json_and_report(generated, tmp_path, capsys)
         assert 0 <= pats[name]["lesion_slices"] <= n
         ev = pats[name]["evidence"]
         assert (ev is not None) == (pats[name]["result"] == "positive")
+        if pats[name]["focal"] is not None:  # a single focus is only ever reported on a negative, with its note
+            assert pats[name]["result"] == "negative" and "single focal lesion" in pats[name]["reason"]
         if ev:
             assert ev["run"] >= 3 and ev["last_slice"] - ev["first_slice"] + 1 == ev["run"]
     assert d["ms_per_slice"] > 0

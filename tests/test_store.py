@@ -27,6 +27,12 @@ def test_finding_and_verdict_round_trip():
     assert finding_from_dict(finding_to_dict(no_lung)) == no_lung
     v = SeriesVerdict("positive", "final", Evidence("lower-right", 4, 9, 6), 60, 50, 12, None, 1)
     assert verdict_from_dict(verdict_to_dict(v)) == v
+    focal = SeriesVerdict("negative", "final", None, 60, 50, 11, "a single focal lesion", 0,
+                          focal=Evidence("lower-right", 11, 21, 11), foci=1)
+    assert verdict_from_dict(verdict_to_dict(focal)) == focal
+    old = verdict_to_dict(v)
+    del old["focal"], old["foci"]  # a verdict stored before foci were counted
+    assert verdict_from_dict(old) == v
 
 
 def test_wal_mode_and_slices_survive_reopen(tmp_path):

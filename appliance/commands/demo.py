@@ -3,7 +3,7 @@
 Starts a local MQTT broker (mosquitto when installed, else the embedded Python broker), the appliance daemon on a
 temporary watch folder and state folder, and the triage display on http://127.0.0.1:8080/ (or the next free port);
 then exports two synthetic chest phantom studies into the watch folder slice by slice, the way a CT console does
-(temporary name, then rename; a short pause between slices): study 1 has lesions in one lung (positive), study 2 has
+(temporary name, then rename; a short pause between slices): study 1 has lesions in both lungs (positive), study 2 has
 clear lungs (negative). The verdicts are printed as the display receives them (PROVISIONAL, then FINAL), then a
 table; the demo keeps running (drop more DICOM files into the watch folder) until Ctrl-C, which stops everything
 and removes the temporary folders.
@@ -75,11 +75,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def write_sample_studies(out: Path, slices: int = 60) -> list[DemoStudy]:
-    """Two SYNTHETIC studies (one series each, so the display shows two tiles): lesions in one quadrant over
+    """Two SYNTHETIC studies (one series each, so the display shows two tiles): two lesion foci (one per lung) over
     consecutive slices, and clear lungs."""
     from appliance.phantom import PhantomSpec, write_phantom
 
-    specs = [(1, "study1-lesions", "lesions in one lung", "positive", PhantomSpec(slices=slices, lesion=True, seed=7)),
+    specs = [(1, "study1-lesions", "lesions in both lungs", "positive", PhantomSpec(slices=slices, lesion=True, seed=7)),
              (2, "study2-clear", "clear lungs", "negative", PhantomSpec(slices=slices, lesion=False, seed=8))]
     return [DemoStudy(n, name, label, expected, write_phantom(out / name, spec, series_number=1))
             for n, name, label, expected, spec in specs]
@@ -111,6 +111,13 @@ def evidence_text(payload: dict[str, Any], short: bool = False) -> str:
                 f"{ANATOMY.get(q, q)}")
     if payload.get("result") == "indeterminate":
         return payload.get("reason") or "not enough to decide"
+    fo = payload.get("focal")
+    if fo:
+        slices = f"slices {fo['first_slice'] + 1}-{fo['last_slice'] + 1}"
+        if short:
+            return f"one focal lesion {fo['quadrant']}, {slices}"
+        return (f"one focal lesion ({fo['quadrant']}, {slices}): not the multifocal COVID-19 pattern; "
+                "a radiologist should see it")
     if short:
         return "no lesion run"
     return f"no lesion run; {c.get('lung_slices', 0)} of {c.get('slices', 0)} slices show lung"
@@ -362,7 +369,7 @@ def _run(args: argparse.Namespace, cfg: Any, work: Path, display_ports: list[int
         console.say(f"triage display at {display_url} — open it in a browser (Ctrl-C here stops the demo)")
 
     # the studies
-    console.say(f"writing 2 SYNTHETIC studies of {args.slices} slices (study 1: lesions in one lung; "
+    console.say(f"writing 2 SYNTHETIC studies of {args.slices} slices (study 1: lesions in both lungs; "
                 f"study 2: clear lungs) …")
     studies = write_sample_studies(work / "studies", args.slices)
     for s in studies:

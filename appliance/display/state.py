@@ -376,7 +376,7 @@ class DisplayState:
             "id": s.id, "device": s.device, "study_key": s.study_key, "short": s.study_key[:6],
             "flag": s.flag, "flag_since": iso(s.flag_since),
             "state": v.get("state") or (s.overlay or {}).get("state") or "provisional",
-            "result": v.get("result"), "reason": v.get("reason"), "evidence": ev,
+            "result": v.get("result"), "reason": v.get("reason"), "evidence": ev, "focal": v.get("focal"),
             "counts": v.get("counts"), "complete_reason": v.get("complete_reason"),
             "series": [{"result": x["result"], "state": x["state"]} for x in v.get("series", [])],
             "bundles": [{"name": b["name"], "version": b["version"]} for b in v.get("bundles", [])],

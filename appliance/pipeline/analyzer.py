@@ -168,7 +168,8 @@ class Analyzer:
         dicom = all(s.window01 is None for s in slices)  # image crops have no physical spacing
         v = decide(ordered, final=final, min_run=self.config.min_run,
                    min_slices=self.config.min_slices if min_slices is None else min_slices,
-                   gap_factor=self.config.gap_factor, min_run_mm=self.config.min_run_mm if dicom else 0.0)
+                   gap_factor=self.config.gap_factor, min_run_mm=self.config.min_run_mm if dicom else 0.0,
+                   min_foci=self.config.min_foci)
         return v, ordered
 
 

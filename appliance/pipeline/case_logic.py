@@ -1,18 +1,29 @@
-"""The case rule, pure: a series is positive when ≥ `min_run` consecutive slices show lesion in the same quadrant.
+"""The case rule, pure: a series is positive when ≥ `min_run` consecutive slices show lesion in the same quadrant
+(the seed's rule) and, with `min_foci` ≥ 2 (the appliance's default), the lesions form at least that many
+separate foci.
 
 Consecutive means neighbours in position order with a gap ≤ 1.5 × the series' median spacing: a missing slice
 breaks a run. Optionally (`min_run_mm`, on by default in the appliance) the run must also cover a minimum extent
-along z, so that 3 slices of 0.6 mm (a 2 mm vessel segment) do not count like 3 slices of 5 mm. Slices without lung count as negative (they break runs like any slice without lesion).
+along z, so that 3 slices of 0.6 mm (a 2 mm vessel segment) do not count like 3 slices of 5 mm. Slices without
+lung count as negative (they break runs like any slice without lesion).
+
+A *focus* is one lesion followed through the series: boxes on neighbouring slices that overlap (after growing
+each by `FOCUS_GROW` of the slice size) belong to the same focus; a focus counts when it spans as many slices
+as a qualifying run. COVID-19 pneumonia is multifocal (bilateral, peripheral patches: the "typical" pattern of
+the RSNA consensus), while a lung tumour — with its ground-glass halo the lesion model cannot tell from
+COVID ground glass — is one focus on many consecutive slices in one quadrant, which the seed's rule alone calls
+positive. Such a series is negative for COVID-19 with the single focus reported (`focal`) for a radiologist.
 """
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
 
-from appliance.domain import QUADRANTS, Evidence, SeriesVerdict, SliceFinding
+from appliance.domain import QUADRANTS, Evidence, Rect, SeriesVerdict, SliceFinding
 from appliance.ingest.series import GAP_FACTOR, links, median_spacing
 
 MIN_RUN = 3
+FOCUS_GROW = 0.02  # boxes on neighbouring slices within 2 % of the slice size of each other: the same focus
 
 
 def quadrant_of(cy: float, cx: float, lung_cy: float, lung_cx: float) -> str:
@@ -41,6 +52,50 @@ def longest_runs(findings: Sequence[SliceFinding], gap_factor: float = GAP_FACTO
     return best
 
 
+def slices_needed(findings: Sequence[SliceFinding], min_run: int = MIN_RUN, min_run_mm: float = 0.0) -> int:
+    """Slices a run (or a focus) must span: ≥ `min_run`, and ≥ `min_run_mm` along z at the median spacing."""
+    spacing = median_spacing([f.position for f in findings]) if min_run_mm > 0 else 0.0
+    return max(min_run, int(math.ceil(min_run_mm / spacing - 1e-9))) if spacing > 0 else min_run
+
+
+def _touch(a: Rect, b: Rect, grow: float) -> bool:
+    return a.y0 - grow < b.y1 and b.y0 - grow < a.y1 and a.x0 - grow < b.x1 and b.x0 - grow < a.x1
+
+
+def foci(findings: Sequence[SliceFinding], gap_factor: float = GAP_FACTOR,
+         grow: float = FOCUS_GROW) -> list[tuple[int, int]]:
+    """Lesion foci as (first slice, last slice) in series order, longest first.
+
+    Boxes on neighbouring slices (linked: no missing slice between) that overlap, each grown by `grow` × the
+    larger side of its slice, join one focus (union-find over boxes); a focus's slices are consecutive.
+    """
+    link = links([f.position for f in findings], gap_factor)
+    ids = [(i, j) for i, f in enumerate(findings) for j in range(len(f.boxes))]
+    parent = {k: k for k in ids}
+
+    def root(k: tuple[int, int]) -> tuple[int, int]:
+        while parent[k] != k:
+            parent[k] = parent[parent[k]]
+            k = parent[k]
+        return k
+
+    for i in range(1, len(findings)):
+        if not link[i - 1]:
+            continue
+        prev, cur = findings[i - 1], findings[i]
+        g = grow * max(cur.shape)
+        for j, b in enumerate(cur.boxes):
+            for k, c in enumerate(prev.boxes):
+                if _touch(b.rect, c.rect, g):
+                    parent[root((i, j))] = root((i - 1, k))
+    span: dict[tuple[int, int], list[int]] = {}
+    for k in ids:
+        r = root(k)
+        lo, hi = span.get(r, [k[0], k[0]])
+        span[r] = [min(lo, k[0]), max(hi, k[0])]
+    return sorted(((lo, hi) for lo, hi in span.values()), key=lambda s: (s[0] - s[1], s[0]))
+
+
 def find_evidence(findings: Sequence[SliceFinding], min_run: int = MIN_RUN,
                   gap_factor: float = GAP_FACTOR, min_run_mm: float = 0.0) -> Evidence | None:
     """The longest qualifying run (ties: the most superior), or None.
@@ -49,8 +104,7 @@ def find_evidence(findings: Sequence[SliceFinding], min_run: int = MIN_RUN,
     that thin-slice series need as much lesion extent as thick ones; 0 disables the extent check.
     """
     runs = longest_runs(findings, gap_factor)
-    spacing = median_spacing([f.position for f in findings]) if min_run_mm > 0 else 0.0
-    need = max(min_run, int(math.ceil(min_run_mm / spacing - 1e-9))) if spacing > 0 else min_run
+    need = slices_needed(findings, min_run, min_run_mm)
     cands = [(length, -start, q) for q, (start, length) in runs.items() if length >= need]
     if not cands:
         return None
@@ -60,13 +114,21 @@ def find_evidence(findings: Sequence[SliceFinding], min_run: int = MIN_RUN,
 
 
 def decide(findings: Sequence[SliceFinding], *, final: bool = True, min_run: int = MIN_RUN,
-           min_slices: int = 0, gap_factor: float = GAP_FACTOR, min_run_mm: float = 0.0) -> SeriesVerdict:
+           min_slices: int = 0, gap_factor: float = GAP_FACTOR, min_run_mm: float = 0.0,
+           min_foci: int = 1) -> SeriesVerdict:
     """Verdict for findings sorted in series order.
 
-    positive: a run fired. negative: no run, at least `min_slices` slices and some lung seen. Otherwise
+    positive: a run fired and the lesions form ≥ `min_foci` foci that each span a qualifying run. A run with
+    fewer foci: negative, the run reported as `focal` with a reason (a focal lesion for a radiologist, not the
+    COVID-19 pattern). negative: no run, at least `min_slices` slices and some lung seen. Otherwise
     indeterminate, with the reason. A verdict before the series is complete is `provisional`.
     """
     ev = find_evidence(findings, min_run, gap_factor, min_run_mm)
+    need = slices_needed(findings, min_run, min_run_mm)
+    n_foci = sum(1 for lo, hi in foci(findings, gap_factor) if hi - lo + 1 >= need)
+    focal = None
+    if ev is not None and n_foci < min_foci:
+        focal, ev = ev, None
     n = len(findings)
     lung = sum(1 for f in findings if f.lung is not None)
     lesion = sum(1 for f in findings if f.has_lesion)
@@ -80,5 +142,10 @@ def decide(findings: Sequence[SliceFinding], *, final: bool = True, min_run: int
         result, reason = "indeterminate", "no lung found on any slice (not a chest series?)"
     else:
         result = "negative"
+    if focal is not None:
+        note = (f"a single focal lesion ({focal.quadrant}, slices {focal.first_slice + 1}–{focal.last_slice + 1}):"
+                " not the multifocal pattern of COVID-19 pneumonia — for a radiologist")
+        reason = f"{reason}; {note}" if reason else note
     return SeriesVerdict(result=result, state="final" if final else "provisional", evidence=ev, slices=n,
-                         lung_slices=lung, lesion_slices=lesion, reason=reason, gaps=gaps)
+                         lung_slices=lung, lesion_slices=lesion, reason=reason, gaps=gaps, focal=focal,
+                         foci=n_foci)

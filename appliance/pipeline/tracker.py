@@ -75,9 +75,10 @@ class TrackedSeries:
 
 class SeriesTracker:
     def __init__(self, *, min_run: int = 3, min_slices: int = 20, gap_factor: float = 1.5,
-                 quiet_seconds: float = 5.0, max_open: int = 16, min_run_mm: float = 0.0) -> None:
+                 quiet_seconds: float = 5.0, max_open: int = 16, min_run_mm: float = 0.0,
+                 min_foci: int = 1) -> None:
         self.min_run, self.min_slices, self.gap_factor = min_run, min_slices, gap_factor
-        self.min_run_mm = min_run_mm
+        self.min_run_mm, self.min_foci = min_run_mm, min_foci
         self.quiet_seconds, self.max_open = quiet_seconds, max_open
         self.open: dict[str, TrackedSeries] = {}
 
@@ -93,7 +94,7 @@ class SeriesTracker:
     def verdict(self, uid: str, final: bool) -> SeriesVerdict:
         s = self.open[uid]
         return decide(s.findings, final=final, min_run=self.min_run, min_slices=self.min_slices,
-                      gap_factor=self.gap_factor, min_run_mm=self.min_run_mm)
+                      gap_factor=self.gap_factor, min_run_mm=self.min_run_mm, min_foci=self.min_foci)
 
     # -- events ------------------------------------------------------------------------------------------------
     def add(self, arrivals: Iterable[Arrival], now: float) -> list[Update]:
@@ -202,5 +203,6 @@ def study_verdict(series: list[SeriesSummary]) -> tuple[SeriesVerdict, SeriesSum
         lead = max(same, key=lambda s: s.updated)
     lv = lead.verdict
     v = SeriesVerdict(result=result, state=state, evidence=lv.evidence, slices=lv.slices,  # type: ignore[arg-type]
-                      lung_slices=lv.lung_slices, lesion_slices=lv.lesion_slices, reason=lv.reason, gaps=lv.gaps)
+                      lung_slices=lv.lung_slices, lesion_slices=lv.lesion_slices, reason=lv.reason, gaps=lv.gaps,
+                      focal=lv.focal, foci=lv.foci)
     return v, lead

@@ -189,6 +189,7 @@
     $(".flag-word", el).textContent = f.word;
     let action = f.action;
     if (s.flag === "pending" && s.result === "negative") action = "no lesion run so far — wait";
+    else if (s.flag === "negative" && s.focal) action = "radiologist to read";
     $(".flag-action", el).textContent = action;
 
     let strip;
@@ -236,6 +237,9 @@
     } else if (s.evidence) {
       const e = s.evidence;
       detail = "slices " + (e.first_slice + 1) + "–" + (e.last_slice + 1) + " · " + e.run + " in a row";
+    } else if (s.focal) {
+      const e = s.focal;
+      detail = "focal lesion · slices " + (e.first_slice + 1) + "–" + (e.last_slice + 1);
     } else if (c.slices !== undefined) {
       detail = c.slices + " slices" + (s.state === "provisional" ? " so far" : "") + " · "
         + (c.lesion_slices || 0) + " with lesion";
@@ -243,6 +247,7 @@
       detail = "waiting for the verdict";
     }
     $(".detail", el).textContent = detail;
+    $(".detail", el).classList.toggle("focal", !s.evidence && !!s.focal);
     $(".model", el).textContent = (s.bundles || []).length
       ? "model " + s.bundles.map((b) => b.name + " " + b.version).join(" · ") : "";
 
@@ -270,8 +275,8 @@
     }
     canvas.classList.add("hidden");
     none.classList.remove("hidden");
-    none.textContent = s.flag === "negative" ? "No lesion found" : s.flag === "pending" ? "Key image follows a finding"
-      : s.flag === "positive" ? "Key image pending" : "No key image";
+    none.textContent = s.flag === "negative" ? (s.focal ? "Key image pending" : "No lesion found")
+      : s.flag === "pending" ? "Key image follows a finding" : s.flag === "positive" ? "Key image pending" : "No key image";
   }
 
   function drawBoxes(canvas, boxes) {
