@@ -212,12 +212,12 @@ def runtime_agreement(outs: dict[str, np.ndarray], threshold: float) -> dict[str
 
 
 def build(run: str, name: str, version: str, output: dict, metrics: dict | None = None,
-          notes: dict | None = None) -> Path:
+          notes: dict | None = None, dest_root: Path = BUNDLES) -> Path:
     model, ck = load_model(run)
     cfg = ck["config"]
     size = int(cfg["size"])
     task = cfg["task"]
-    out = BUNDLES / f"{name}-{version}"
+    out = dest_root / f"{name}-{version}"
     if out.exists():
         shutil.rmtree(out)
     (out / "openvino").mkdir(parents=True)
@@ -434,7 +434,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         output = {"kind": "probability", "threshold": a.threshold, "min_lung_cm2": 6.0, "min_total_lung_cm2": 15.0,
                   "box_margin": CROP_MARGIN, "region_dilate_px": 3}
-    build(a.run, a.name, a.version, output)
+    build(a.run, a.name, a.version, output, dest_root=a.dest)
 
 
 if __name__ == "__main__":
