@@ -157,3 +157,25 @@ def test_quiet_time_counts_from_arrival_not_from_a_backlog():
     assert t2.tick(10.0, idle_since=10.0) == []  # arrived 1 s ago: not quiet yet
     assert t2.tick(14.5, idle_since=None) == []  # something still waits in the queue
     assert [u.kind for u in t2.tick(14.1, idle_since=10.0)] == ["final"]
+
+
+def test_min_foci_holds_a_single_focus_back_until_a_second_one_arrives():
+    """With min_foci=2 a run on one lesion focus is no positive; a second, separate focus on later slices makes one
+    (streaming: provisional as soon as it is there), and a series that never gets one ends negative, naming it."""
+    def far(k: int) -> Arrival:  # a box in the lower-right, far from finding()'s upper-left box
+        f = SliceFinding(f"s{k}", -float(k), (512, 512), Rect(50, 50, 450, 450),
+                         [Box(Rect(350, 350, 390, 390), 120.0, 0.9, "lower-right")])
+        return Arrival("1.2.3", "9.8", (float(k), 0, f"s{k}"), f, f"sop-1.2.3-{k}", None)
+
+    t = tracker(min_foci=2)
+    ups = t.add([arrival(k, LESION.get(k)) for k in range(20)], now=0.0)
+    assert ups == [] or all(u.verdict.result != "positive" for u in ups)
+    v = t.verdict("1.2.3", final=False)
+    assert v.result == "negative" and v.focal is not None and v.focal.run == 3 and v.foci == 1
+    ups = t.add([far(k) for k in (20, 21, 22)] + [arrival(k) for k in range(23, 30)], now=1.0)
+    assert [(u.kind, u.verdict.result, u.verdict.foci) for u in ups] == [("provisional", "positive", 2)]
+    one = tracker(min_foci=2)
+    one.add([arrival(k, LESION.get(k)) for k in range(30)], now=0.0)
+    final = one.complete("1.2.3", "test").verdict
+    assert final.result == "negative" and final.state == "final" and final.evidence is None
+    assert final.focal.quadrant == "upper-left" and "single focal lesion" in final.reason
