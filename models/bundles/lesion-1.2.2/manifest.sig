@@ -1,1 +1,1 @@
-sf/Ntr8bro0iCmuYkgOWdt5BbfMraiTK2BZUSDzavG/dLwyHxF+M0olChHx/6N1L7tdmexc335TDyQ0J84yUDQ==
+7FcSbYWtoTqVAaD/jUQ556Kkyqu5JKr9O3fHHJldzOHRBgUqZarKv+yHTiQel6OAv9QYcUkDp8gQXv4Hz7ypDg==
