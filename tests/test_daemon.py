@@ -479,20 +479,29 @@ def test_shipped_bundles_drive_the_daemon(tmp_path, mosquitto, study, phantom_di
     sub = Collector(mosquitto.url, ["ctriage/#"])
     cfg = make_cfg(tmp_path, mosquitto.url, Path(shipped.lesion.bundle.path).parent, quiet=1.0)
     cfg.analysis.backend = "auto"
+    # a second study: one lesion focus only (a tumour's pattern), which the case rule calls negative, naming it
+    single = write_phantom(tmp_path / "single", PhantomSpec(**PHANTOM, lesion=True, second_focus=None))
     d = Daemon(cfg, analyzer=shipped)
+    assert d.tracker.min_foci == cfg.analysis.min_foci == 2
     d.start()
     try:
         files = sorted(phantom_dir.glob("*.dcm"))
         drop(files, Path(cfg.watch.dir))
-        v = json.loads(sub.wait_for(lambda m: "/verdict/" in m[0] and b'"final"' in m[1], timeout=90)[1])
+        topic, raw = sub.wait_for(lambda m: "/verdict/" in m[0] and b'"final"' in m[1], timeout=90)[:2]
+        v = json.loads(raw)
+        drop(single, Path(cfg.watch.dir))
+        one = json.loads(sub.wait_for(lambda m: "/verdict/" in m[0] and m[0] != topic and b'"final"' in m[1],
+                                      timeout=90)[1])
     finally:
         d.stop()
         sub.close()
     assert v["bundles"] == shipped.bundles and v["backend"] == shipped.backend and v["counts"]["slices"] == len(files)
     print(f"shipped bundles on the lesion phantom: {v['result']} {v['evidence']} "
           f"({len(verdicts(sub, 'provisional'))} provisional)")
+    assert one["result"] == "negative" and one["evidence"] is None and one["counts"]["foci"] == 1
+    assert "single focal lesion" in one["reason"] and one["focal"]["run"] >= 3
     phi = set(study["phi"])
-    for p in files:
+    for p in files + single:
         ds = pydicom.dcmread(p, stop_before_pixels=True)
         phi |= {str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID)}
     check_messages(sub.messages, phi)
