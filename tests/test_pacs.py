@@ -155,6 +155,32 @@ def test_sr_joins_the_source_study_and_carries_the_verdict(source, series):
     assert np.allclose(pts[0], pts[-1])  # closed polyline
 
 
+def test_a_focal_negative_names_its_lesion_in_the_sr(source, series):
+    v = _verdict("negative") | {"focal": {"quadrant": "lower-right", "first_slice": 1, "last_slice": 4, "run": 4},
+                                "reason": "a single focal lesion (lower-right, slices 2–5): …"}
+    v["counts"]["foci"] = 1
+    sr = build_sr(v, source, KEY_SLICES)
+    flat = []
+
+    def walk(items):
+        for it in items:
+            flat.append(it)
+            walk(it.get("ContentSequence", []))
+
+    walk(sr.ContentSequence)
+    coded = {it.ConceptNameCodeSequence[0].CodeMeaning: it.ConceptCodeSequence[0].CodeValue for it in flat
+             if it.ValueType == "CODE"}
+    nums = {it.ConceptNameCodeSequence[0].CodeValue: float(it.MeasuredValueSequence[0].NumericValue) for it in flat
+            if it.ValueType == "NUM"}
+    assert coded["COVID-19 pneumonia triage result"] == codes.SCT.Negative.value
+    assert coded["Quadrant of a single focal lesion (not the COVID-19 pattern)"] == "LR"
+    assert "Quadrant of the evidence run" not in coded
+    assert (nums["FOCAL-RUN"], nums["FOCAL-FIRST"], nums["FOCAL-LAST"], nums["FOCI"]) == (4, 2, 5, 1)
+    assert "RUN-LENGTH" not in nums
+    refs = {it.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for it in flat if it.ValueType == "IMAGE"}
+    assert str(pydicom.dcmread(series[1], stop_before_pixels=True).SOPInstanceUID) in refs  # the focus's slices
+
+
 def test_provisional_negative_sr(source):
     sr = build_sr(_verdict("negative", "provisional"), source)
     assert sr.CompletionFlag == "PARTIAL" and sr.PreliminaryFlag == "PRELIMINARY"

@@ -57,6 +57,11 @@ LAST_SLICE = _code("RUN-LAST", "Last slice of the evidence run (1-based, series 
 SLICES = _code("SLICES", "Slices analysed")
 LUNG_SLICES = _code("LUNG-SLICES", "Slices with lung")
 LESION_SLICES = _code("LESION-SLICES", "Slices with lesion")
+FOCI = _code("FOCI", "Separate lesion foci spanning a qualifying run")
+FOCAL_QUADRANT = _code("FOCAL-QUADRANT", "Quadrant of a single focal lesion (not the COVID-19 pattern)")
+FOCAL_RUN = _code("FOCAL-RUN", "Consecutive slices of the single focal lesion")
+FOCAL_FIRST = _code("FOCAL-FIRST", "First slice of the single focal lesion (1-based)")
+FOCAL_LAST = _code("FOCAL-LAST", "Last slice of the single focal lesion (1-based)")
 STATES = {"final": _code("FINAL", "Final"), "provisional": _code("PROVISIONAL", "Provisional")}
 RESULTS = {"positive": codes.SCT.Positive, "negative": codes.SCT.Negative, "indeterminate": codes.SCT.Indeterminate}
 QUADRANT_CODES = {
@@ -249,19 +254,24 @@ def build_sr(verdict: dict[str, Any], source: SourceSeries, key_slices: Sequence
             model_name=f"ctriage {__version__}"[:64]))
     n = len(source.instances)
     ev = verdict.get("evidence") or None
+    focal = verdict.get("focal") or None  # a negative's single lesion focus, named for the radiologist
     counts = verdict.get("counts") or {}
     evaluations = [hd.sr.QualitativeEvaluation(TRIAGE_RESULT, RESULTS[result]),
                    hd.sr.QualitativeEvaluation(VERDICT_STATE, STATES[state])]
     measurements = []
     run_images: list[int] = []
-    if ev and ev.get("quadrant") in QUADRANT_CODES:
-        evaluations.append(hd.sr.QualitativeEvaluation(EVIDENCE_QUADRANT, QUADRANT_CODES[ev["quadrant"]]))
-        first, last = int(ev["first_slice"]), int(ev["last_slice"])
-        measurements += [hd.sr.Measurement(RUN_LENGTH, float(ev["run"]), SLICES_UNIT),
-                         hd.sr.Measurement(FIRST_SLICE, float(first + 1), SLICES_UNIT),
-                         hd.sr.Measurement(LAST_SLICE, float(last + 1), SLICES_UNIT)]
+    for run, (quad, length, first_c, last_c) in ((ev, (EVIDENCE_QUADRANT, RUN_LENGTH, FIRST_SLICE, LAST_SLICE)),
+                                                (focal, (FOCAL_QUADRANT, FOCAL_RUN, FOCAL_FIRST, FOCAL_LAST))):
+        if not run or run.get("quadrant") not in QUADRANT_CODES:
+            continue
+        evaluations.append(hd.sr.QualitativeEvaluation(quad, QUADRANT_CODES[run["quadrant"]]))
+        first, last = int(run["first_slice"]), int(run["last_slice"])
+        measurements += [hd.sr.Measurement(length, float(run["run"]), SLICES_UNIT),
+                         hd.sr.Measurement(first_c, float(first + 1), SLICES_UNIT),
+                         hd.sr.Measurement(last_c, float(last + 1), SLICES_UNIT)]
         run_images = [i for i in range(first, last + 1) if 0 <= i < n]
-    for concept, key in ((SLICES, "slices"), (LUNG_SLICES, "lung_slices"), (LESION_SLICES, "lesion_slices")):
+    for concept, key in ((SLICES, "slices"), (LUNG_SLICES, "lung_slices"), (LESION_SLICES, "lesion_slices"),
+                         (FOCI, "foci")):
         if counts.get(key) is not None:
             measurements.append(hd.sr.Measurement(concept, float(counts[key]), SLICES_UNIT))
     sources = [hd.sr.SourceImageForMeasurementGroup(source.instances[i].sop_class_uid,
