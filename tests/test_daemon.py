@@ -500,6 +500,10 @@ def test_shipped_bundles_drive_the_daemon(tmp_path, mosquitto, study, phantom_di
           f"({len(verdicts(sub, 'provisional'))} provisional)")
     assert one["result"] == "negative" and one["evidence"] is None and one["counts"]["foci"] == 1
     assert "single focal lesion" in one["reason"] and one["focal"]["run"] >= 3
+    from appliance.commands.status import _render, collect
+
+    text = _render(collect(Path(cfg.state_dir)))  # `ctriage status` names the focus too
+    assert f"NEGATIVE (one focal lesion {one['focal']['quadrant']} run {one['focal']['run']})" in text
     phi = set(study["phi"])
     for p in files + single:
         ds = pydicom.dcmread(p, stop_before_pixels=True)

@@ -69,7 +69,7 @@ def collect(state_dir: Path, verdicts: int = 5) -> dict[str, Any]:
         out["counts"] = store.counts()
         out["recent_verdicts"] = [
             {k: v.get(k) for k in ("created", "study_key", "series_key", "state", "result", "complete_reason")}
-            | {"evidence": v.get("evidence"), "slices": (v.get("counts") or {}).get("slices")}
+            | {"evidence": v.get("evidence"), "focal": v.get("focal"), "slices": (v.get("counts") or {}).get("slices")}
             for v in store.recent_verdicts(verdicts)]
         queued = _queued_for_pacs(store)
         if queued and out["pacs"] is None:
@@ -180,7 +180,9 @@ def _render(i: dict[str, Any]) -> str:
         lines.append("recent verdicts:")
         for v in i["recent_verdicts"]:
             ev = v.get("evidence")
-            evs = f" {ev['quadrant']} run {ev['run']}" if ev else ""
+            fo = v.get("focal")
+            evs = f" {ev['quadrant']} run {ev['run']}" if ev else f" (one focal lesion {fo['quadrant']} run {fo['run']})" \
+                if fo else ""
             lines.append(f"  {v['created']}  study {v['study_key']}  {v['state']:<11} {v['result'].upper()}{evs}"
                          + (f"  ({v['complete_reason']})" if v.get("complete_reason") else ""))
     return "\n".join(lines)
