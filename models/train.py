@@ -249,6 +249,23 @@ def load_folded_onnx(model: torch.nn.Module, path: Path) -> None:
         raise ValueError(f"{path}: {done} convolutions loaded, the model has {n_conv}")
 
 
+def _teachers(paths: list[str]) -> list:
+    """ONNX Runtime sessions of exported FP32 models (a bundle's model.onnx) used as distillation teachers."""
+    if not paths:
+        return []
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    return [ort.InferenceSession(str(p), opts, providers=["CPUExecutionProvider"]) for p in paths]
+
+
+def _teach(teachers: list, x: np.ndarray) -> np.ndarray:
+    """The teachers' mean probability map for a batch (N, 1, H, W) in [0, 1]."""
+    x = np.ascontiguousarray(x, np.float32)
+    return np.mean([t.run(None, {t.get_inputs()[0].name: x})[0] for t in teachers], axis=0).astype(np.float32)
+
+
 def run(
     cfg: TrainConfig,
     data: dict[str, tuple[np.ndarray, np.ndarray, float, float]],
@@ -281,6 +298,9 @@ def run(
     while counts.sum() < cfg.batch:
         counts[int(np.argmax(shares / shares.sum() * cfg.batch - counts))] += 1
 
+    teachers = _teachers(cfg.extra.get("teachers", []))
+    taught = set(cfg.extra.get("teach_groups", ["pseudo"]))
+
     info = {"event": "start", "config": asdict(cfg), "params": count_params(model),
             "groups": {k: int(len(data[k][0])) for k in groups}, "per_batch": dict(zip(groups, counts.tolist()))}
     log.write(json.dumps(info) + "\n")
@@ -290,7 +310,7 @@ def run(
     best = -1e9
     t0 = time.time()
     for step in range(1, cfg.steps + 1):
-        xs, ys, ws, dws = [], [], [], []
+        xs, ys, ws, dws, kinds = [], [], [], [], []
         for k, n in zip(groups, counts):
             if n == 0:
                 continue
@@ -299,9 +319,14 @@ def run(
             xs.append(x[idx]), ys.append(y[idx])
             ws += [w] * n
             dws += [dw] * n
+            kinds += [k] * n
         xb = torch.from_numpy(np.concatenate(xs).astype(np.float32) / 255.0)[:, None]
         yb = torch.from_numpy(np.concatenate(ys).astype(np.float32) / 255.0)[:, None]
         xb, yb = augment(xb, yb, cfg, g)
+        if teachers:  # distillation: the taught groups learn the teachers' mean map on the augmented slice
+            sel = [i for i, k in enumerate(kinds) if k in taught]
+            if sel:
+                yb[sel] = torch.from_numpy(_teach(teachers, xb[sel].numpy()))
         lr = cfg.lr * min(1.0, step / cfg.warmup) * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
         for pg in opt.param_groups:
             pg["lr"] = lr

@@ -94,6 +94,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--warmup", type=int, default=50)
     ap.add_argument("--deep-supervision", type=float, default=0.0, metavar="W",
                     help="UNet++ deep supervision: weight of the shallower top-row outputs' loss (0: off)")
+    ap.add_argument("--teacher", action="append", default=[], metavar="MODEL_ONNX",
+                    help="distil: the taught groups learn the mean map of these exported models (repeat)")
+    ap.add_argument("--teach", default="pseudo", help="groups whose targets the teachers give (comma-separated)")
     a = ap.parse_args(argv)
     mix = {k: float(v) for k, v in (kv.split("=") for kv in a.mix.split(","))}
     cfg = TrainConfig(name=a.name, task="lesion", width=a.width, levels=a.levels, stem=a.stem, upsample=a.upsample, size=a.size, steps=a.steps,
@@ -102,7 +105,8 @@ def main(argv: list[str] | None = None) -> None:
                       extra={"blob_weight": a.blob_weight, "masses": a.masses, "init": a.init,
                              "blob_start": a.blob_start, "blob_full": a.blob_start + 500,
                              "init_onnx": a.init_onnx, "freeze_bn": bool(a.init_onnx),
-                             "deep_supervision": a.deep_supervision})
+                             "deep_supervision": a.deep_supervision, "teachers": a.teacher,
+                             "teach_groups": a.teach.split(",")})
     data, val = load(cfg)
     run(cfg, data, make_validate(val), score)
 

@@ -209,3 +209,28 @@ def test_nearest_upsampling_has_the_same_parameters_and_exports_as_nearest_resiz
     assert modes == {b"nearest"}
     with pytest.raises(ValueError, match="bilinear or nearest"):
         UNetPP(8, 3, upsample="bicubic")
+
+
+def test_distillation_teachers_give_their_mean_map(tmp_path):
+    """`train_lesion --teacher A --teacher B`: the taught samples' targets are the mean of the teachers' maps,
+    computed by ONNX Runtime on the augmented batch, in the model's input form."""
+    torch = pytest.importorskip("torch", reason="torch is in the `train` extra, not installed here")
+    pytest.importorskip("onnx", reason="onnx is in the `train` extra, not installed here")
+    from models.export import export_onnx
+    from models.train import _teach, _teachers
+    from models.unetpp import UNetPP
+
+    maps = []
+    x = np.random.default_rng(1).random((3, 1, 64, 64), dtype=np.float32)
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        m = UNetPP(8, 3, with_sigmoid=True).eval()
+        export_onnx(m, 64, tmp_path / f"t{seed}.onnx")
+        with torch.no_grad():
+            maps.append(m(torch.from_numpy(x)).numpy())
+    teachers = _teachers([str(tmp_path / "t0.onnx"), str(tmp_path / "t1.onnx")])
+    got = _teach(teachers, x)
+    assert got.shape == (3, 1, 64, 64) and got.dtype == np.float32
+    assert np.abs(got - (maps[0] + maps[1]) / 2).max() < 1e-4
+    assert np.abs(maps[0] - maps[1]).max() > 1e-3  # two different teachers: the mean is not either one
+    assert _teachers([]) == []
