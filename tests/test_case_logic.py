@@ -114,8 +114,21 @@ def test_foci_follow_overlapping_boxes_and_split_distant_ones():
     # a box that drifts a few pixels per slice stays one focus; one that jumps across the lung does not
     drift = [boxed(-i, (300 + 4 * i, 330, 340 + 4 * i, 370)) for i in range(6)]
     assert foci(drift) == [(0, 5)]
-    jump = [boxed(-i, TUMOUR if i % 2 else PATCH) for i in range(6)]
-    assert sorted(foci(jump)) == [(i, i) for i in range(6)]
+    jump = [boxed(-i, TUMOUR if i % 3 else PATCH) for i in range(7)]  # P T T P T T P
+    assert sorted(foci(jump)) == [(0, 0), (1, 5), (3, 3), (6, 6)]  # T bridges one slice; P, three apart, does not
+    assert sorted(foci(jump, skip=0)) == [(0, 0), (1, 2), (3, 3), (4, 5), (6, 6)]
+
+
+def test_a_focus_bridges_one_slice_where_the_model_missed_it():
+    """A tumour marked on slices 0-2 and 4-6 (the model missed slice 3) is one focus, not two; a two-slice miss
+    splits it. The slices are present: a *missing* slice (a gap in positions) always splits."""
+    one_miss = [boxed(-i) if i == 3 else boxed(-i, TUMOUR) for i in range(7)] + [boxed(-i) for i in range(7, 30)]
+    assert foci(one_miss) == [(0, 6)]
+    two_miss = [boxed(-i) if i in (3, 4) else boxed(-i, TUMOUR) for i in range(8)] + [boxed(-i) for i in range(8, 30)]
+    assert sorted(foci(two_miss)) == [(0, 2), (5, 7)]
+    v = decide(one_miss, min_slices=20, min_foci=2)
+    assert v.result == "negative" and v.foci == 1  # the seed's rule sees two runs of 3; it is one lesion
+    assert decide(two_miss, min_slices=20, min_foci=2).result == "positive"
 
 
 def test_boxes_just_apart_join_only_within_the_growth_margin():

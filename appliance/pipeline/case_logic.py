@@ -8,8 +8,9 @@ along z, so that 3 slices of 0.6 mm (a 2 mm vessel segment) do not count like 3 
 lung count as negative (they break runs like any slice without lesion).
 
 A *focus* is one lesion followed through the series: boxes on neighbouring slices that overlap (after growing
-each by `FOCUS_GROW` of the slice size) belong to the same focus; a focus counts when it spans as many slices
-as a qualifying run. COVID-19 pneumonia is multifocal (bilateral, peripheral patches: the "typical" pattern of
+each by `FOCUS_GROW` of the slice size) belong to the same focus, also across `FOCUS_SKIP` slice(s) where the
+model missed the lesion (a tumour marked on slices 13–15 and 17–18 is one focus, not two); a focus counts when
+it spans as many slices as a qualifying run. COVID-19 pneumonia is multifocal (bilateral, peripheral patches: the "typical" pattern of
 the RSNA consensus), while a lung tumour — with its ground-glass halo the lesion model cannot tell from
 COVID ground glass — is one focus on many consecutive slices in one quadrant, which the seed's rule alone calls
 positive. Such a series is negative for COVID-19 with the single focus reported (`focal`) for a radiologist.
@@ -24,6 +25,7 @@ from appliance.ingest.series import GAP_FACTOR, links, median_spacing
 
 MIN_RUN = 3
 FOCUS_GROW = 0.02  # boxes on neighbouring slices within 2 % of the slice size of each other: the same focus
+FOCUS_SKIP = 1  # ... also across this many slices without that box (present slices, not missing ones)
 
 
 def quadrant_of(cy: float, cx: float, lung_cy: float, lung_cx: float) -> str:
@@ -62,12 +64,12 @@ def _touch(a: Rect, b: Rect, grow: float) -> bool:
     return a.y0 - grow < b.y1 and b.y0 - grow < a.y1 and a.x0 - grow < b.x1 and b.x0 - grow < a.x1
 
 
-def foci(findings: Sequence[SliceFinding], gap_factor: float = GAP_FACTOR,
-         grow: float = FOCUS_GROW) -> list[tuple[int, int]]:
+def foci(findings: Sequence[SliceFinding], gap_factor: float = GAP_FACTOR, grow: float = FOCUS_GROW,
+         skip: int = FOCUS_SKIP) -> list[tuple[int, int]]:
     """Lesion foci as (first slice, last slice) in series order, longest first.
 
-    Boxes on neighbouring slices (linked: no missing slice between) that overlap, each grown by `grow` × the
-    larger side of its slice, join one focus (union-find over boxes); a focus's slices are consecutive.
+    Boxes on slices at most `skip` + 1 apart (linked all the way: no missing slice between) that overlap, each
+    grown by `grow` × the larger side of its slice, join one focus (union-find over boxes).
     """
     link = links([f.position for f in findings], gap_factor)
     ids = [(i, j) for i, f in enumerate(findings) for j in range(len(f.boxes))]
@@ -80,14 +82,15 @@ def foci(findings: Sequence[SliceFinding], gap_factor: float = GAP_FACTOR,
         return k
 
     for i in range(1, len(findings)):
-        if not link[i - 1]:
-            continue
-        prev, cur = findings[i - 1], findings[i]
+        cur = findings[i]
         g = grow * max(cur.shape)
-        for j, b in enumerate(cur.boxes):
-            for k, c in enumerate(prev.boxes):
-                if _touch(b.rect, c.rect, g):
-                    parent[root((i, j))] = root((i - 1, k))
+        for d in range(1, skip + 2):
+            if i - d < 0 or not link[i - d:i].all():
+                break
+            for j, b in enumerate(cur.boxes):
+                for k, c in enumerate(findings[i - d].boxes):
+                    if _touch(b.rect, c.rect, g):
+                        parent[root((i, j))] = root((i - d, k))
     span: dict[tuple[int, int], list[int]] = {}
     for k in ids:
         r = root(k)
