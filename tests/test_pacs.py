@@ -118,6 +118,19 @@ def test_destination_parsing():
 
 # -- SR and key image ---------------------------------------------------------------------------------------------
 
+def content_items(sr) -> list:
+    """Every content item of an SR, depth first."""
+    flat: list = []
+
+    def walk(items):
+        for it in items:
+            flat.append(it)
+            walk(it.get("ContentSequence", []))
+
+    walk(sr.ContentSequence)
+    return flat
+
+
 def test_sr_joins_the_source_study_and_carries_the_verdict(source, series):
     sr = build_sr(_verdict(), source, KEY_SLICES, device_id="ct-room-2")
     src = pydicom.dcmread(series[0], stop_before_pixels=True)
@@ -129,14 +142,7 @@ def test_sr_joins_the_source_study_and_carries_the_verdict(source, series):
             for i in s.ReferencedSeriesSequence[0].ReferencedSOPSequence}
     assert refs == {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in series}
 
-    flat = []
-
-    def walk(items):
-        for it in items:
-            flat.append(it)
-            walk(it.get("ContentSequence", []))
-
-    walk(sr.ContentSequence)
+    flat = content_items(sr)
     coded = {it.ConceptNameCodeSequence[0].CodeMeaning: it.ConceptCodeSequence[0] for it in flat
              if it.ValueType == "CODE"}
     assert coded["COVID-19 pneumonia triage result"].CodeValue == codes.SCT.Positive.value
@@ -160,14 +166,7 @@ def test_a_focal_negative_names_its_lesion_in_the_sr(source, series):
                                 "reason": "a single focal lesion (lower-right, slices 2–5): …"}
     v["counts"]["foci"] = 1
     sr = build_sr(v, source, KEY_SLICES)
-    flat = []
-
-    def walk(items):
-        for it in items:
-            flat.append(it)
-            walk(it.get("ContentSequence", []))
-
-    walk(sr.ContentSequence)
+    flat = content_items(sr)
     coded = {it.ConceptNameCodeSequence[0].CodeMeaning: it.ConceptCodeSequence[0].CodeValue for it in flat
              if it.ValueType == "CODE"}
     nums = {it.ConceptNameCodeSequence[0].CodeValue: float(it.MeasuredValueSequence[0].NumericValue) for it in flat
