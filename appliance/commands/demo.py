@@ -79,7 +79,8 @@ def write_sample_studies(out: Path, slices: int = 60) -> list[DemoStudy]:
     consecutive slices, and clear lungs."""
     from appliance.phantom import PhantomSpec, write_phantom
 
-    specs = [(1, "study1-lesions", "lesions in both lungs", "positive", PhantomSpec(slices=slices, lesion=True, seed=7)),
+    specs = [(1, "study1-lesions", "lesions in both lungs", "positive",
+              PhantomSpec(slices=slices, lesion=True, seed=7)),
              (2, "study2-clear", "clear lungs", "negative", PhantomSpec(slices=slices, lesion=False, seed=8))]
     return [DemoStudy(n, name, label, expected, write_phantom(out / name, spec, series_number=1))
             for n, name, label, expected, spec in specs]
@@ -116,8 +117,7 @@ def evidence_text(payload: dict[str, Any], short: bool = False) -> str:
         slices = f"slices {fo['first_slice'] + 1}-{fo['last_slice'] + 1}"
         if short:
             return f"one focal lesion {fo['quadrant']}, {slices}"
-        return (f"one focal lesion ({fo['quadrant']}, {slices}): not the multifocal COVID-19 pattern; "
-                "a radiologist should see it")
+        return payload.get("reason") or f"one focal lesion ({fo['quadrant']}, {slices})"  # the case rule's note
     if short:
         return "no lesion run"
     return f"no lesion run; {c.get('lung_slices', 0)} of {c.get('slices', 0)} slices show lung"

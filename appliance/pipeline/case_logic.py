@@ -10,10 +10,10 @@ lung count as negative (they break runs like any slice without lesion).
 A *focus* is one lesion followed through the series: boxes on neighbouring slices that overlap (after growing
 each by `FOCUS_GROW` of the slice size) belong to the same focus, also across `FOCUS_SKIP` slice(s) where the
 model missed the lesion (a tumour marked on slices 13–15 and 17–18 is one focus, not two); a focus counts when
-it spans as many slices as a qualifying run. COVID-19 pneumonia is multifocal (bilateral, peripheral patches: the "typical" pattern of
-the RSNA consensus), while a lung tumour — with its ground-glass halo the lesion model cannot tell from
-COVID ground glass — is one focus on many consecutive slices in one quadrant, which the seed's rule alone calls
-positive. Such a series is negative for COVID-19 with the single focus reported (`focal`) for a radiologist.
+it spans as many slices as a qualifying run. COVID-19 pneumonia is multifocal (bilateral, peripheral patches:
+the "typical" pattern of the RSNA consensus), while a lung tumour — with its ground-glass halo the lesion model
+cannot tell from COVID ground glass — is one focus on many consecutive slices in one quadrant, which the seed's
+rule alone calls positive. Such a series is negative for COVID-19 with the single focus reported (`focal`) for a radiologist.
 """
 from __future__ import annotations
 

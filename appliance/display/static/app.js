@@ -276,7 +276,8 @@
     canvas.classList.add("hidden");
     none.classList.remove("hidden");
     none.textContent = s.flag === "negative" ? (s.focal ? "Key image pending" : "No lesion found")
-      : s.flag === "pending" ? "Key image follows a finding" : s.flag === "positive" ? "Key image pending" : "No key image";
+      : s.flag === "pending" ? "Key image follows a finding"
+      : s.flag === "positive" ? "Key image pending" : "No key image";
   }
 
   function drawBoxes(canvas, boxes) {
