@@ -293,8 +293,10 @@ def write_overlays(rep: SeriesReport, out: Path, max_tilt_deg: float = 10.0) -> 
             from appliance.ingest.image_reader import read_image
 
             grey = read_image(Path(s.key), i, rep.source).window01
-        in_run = rep.verdict.evidence is not None and rep.verdict.evidence.first_slice <= i <= rep.verdict.evidence.last_slice
-        title = f"{rep.series_key[:8]}  slice {i + 1}/{n}  {rep.verdict.result.upper()}{'  [run]' if in_run else ''}"
+        ev, fo = rep.verdict.evidence, rep.verdict.focal
+        tag = ("  [run]" if ev and ev.first_slice <= i <= ev.last_slice
+               else "  [focal lesion]" if fo and fo.first_slice <= i <= fo.last_slice else "")
+        title = f"{rep.series_key[:8]}  slice {i + 1}/{n}  {rep.verdict.result.upper()}{tag}"
         im = render(np.asarray(grey), f, title=title, max_size=0)
         d.mkdir(parents=True, exist_ok=True)
         p = d / f"slice_{i + 1:04d}.png"
