@@ -1,1 +1,1 @@
-9uXh5yhB9jemauq5ZCvDSm5pkdGVXvrhewfUmnjSIbJEWZp3obSU9iuyhUK6WkJ4h9W9/oDyOUySm2qmDt2rBw==
+MxLDLznPsvYNOfLu+r0Ni2r+TrR/wTTL/5bqst9hjT5Ol4ixjJ2AJ7x6R5LVwgM9qpy3iTF4fpAuQvqSNyohAg==
