@@ -3,7 +3,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint clean
+.PHONY: demo test clean
 
 demo: $(VENV)/.installed
 	$(BIN)/ctriage demo

@@ -275,6 +275,8 @@ class Evaluation:
     threshold: float
     min_area: float
     seconds: float  # analysis time (reading + models + case rule), all patients
+    min_score: float | None = None  # a box's component must also peak at ≥ this probability (None: threshold)
+    case_rule: str = ""  # the case rule in words, for the report
 
     @property
     def scored(self) -> list[ImageResult]:
@@ -308,7 +310,7 @@ class Evaluation:
                      "both_empty": sum(bool(r.mask_empty and r.pred_empty) for r in dl),
                      "lesion_mean": mean_or_none([r.dice for r in les]), "lesion_n": len(les)},  # type: ignore[misc]
             "roc_auc": (lambda a: round(a, 4) if a is not None else None)(auc(self.sweep())),
-            "threshold": self.threshold, "min_area_px512": self.min_area,
+            "threshold": self.threshold, "min_area_px512": self.min_area, "min_score": self.min_score,
             "backend": self.backend, "precision": self.precision, "device": self.device, "bundles": self.bundles,
             "ms_per_slice": round(self.seconds * 1000.0 / n, 2) if n else None,
             "total_s": round(self.seconds, 3),
@@ -337,7 +339,16 @@ def evaluate(root: Path, analyzer, max_tilt_deg: float = 10.0, progress: Callabl
         images += imgs
     le = analyzer.lesion
     return Evaluation(images, results, analyzer.backend, analyzer.precision, analyzer.device, analyzer.bundles,
-                      float(le.threshold), float(le.min_area), total_s)
+                      float(le.threshold), float(le.min_area), total_s, float(le.min_score),
+                      case_rule_text(analyzer.config))
+
+
+def case_rule_text(cfg) -> str:
+    """The case rule of an AnalysisConfig in one phrase."""
+    run = f"{cfg.min_run} consecutive slices with lesion in one quadrant (covering ≥ {cfg.min_run_mm:g} mm on DICOM)"
+    if cfg.min_foci <= 1:
+        return run
+    return f"{run}, and at least {cfg.min_foci} separate lesion foci each spanning such a run"
 
 
 def _run_patient(src: PatientSource, dicom_files: list[Path], image_groups: dict[Path, list[Path]], analyzer,

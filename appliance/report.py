@@ -227,8 +227,8 @@ def build_html(ev: Evaluation, data: dict, max_tilt_deg: float = 10.0, gallery: 
         right = (p["result"] == "positive") == (p["group"] == "covid")
         prow.append((right, [html.escape(p["patient"]), p["group"], p["result"], run, p["slices"],
                              p["lesion_slices"], p["series"], p["rejected"]]))
-    head = ["patient", "group", "result", "run that fired (quadrant, slices, length)", "slices", "lesion slices",
-            "series", "rejected"]
+    head = ["patient", "group", "result", "run that fired (quadrant, slices, length) or reason", "slices",
+            "lesion slices", "series", "rejected"]
     ptab = (f"<table><thead><tr>{''.join(f'<th>{h}</th>' for h in head)}</tr></thead><tbody>"
             + "".join(f'<tr class="{"ok" if ok else "bad"}">' + "".join(f"<td>{c}</td>" for c in r) + "</tr>"
                       for ok, r in prow) + "</tbody></table>")
@@ -238,6 +238,18 @@ def build_html(ev: Evaluation, data: dict, max_tilt_deg: float = 10.0, gallery: 
     dice_vals = [r.dice for r in ev.with_dice if r.dice is not None]
     created = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     auc_txt = f"{data['roc_auc']:.3f}" if data["roc_auc"] is not None else "–"
+    peak = (f", its component peaking at ≥ {ev.min_score:g}" if ev.min_score is not None
+            and ev.min_score > ev.threshold else "")
+    rule = f": {html.escape(ev.case_rule)}" if ev.case_rule else ""
+    if d["n"]:
+        dice_html = f"""<div class=row>{_img(dice_plot(dice_vals), "Dice histogram")}
+<p>mean Dice {_fmt(d['mean'])}, mean IoU {_fmt(d['iou_mean'])} over {d['n']} images with a mask
+({d['both_empty']} with mask and prediction both empty, counted as 1);<br>mean Dice {_fmt(d['lesion_mean'])} over
+the {d['lesion_n']} images whose mask shows lesion.<br>
+Prediction: the probability map resized back to the lung box, ≥ {ev.threshold:g}.</p></div>"""
+    else:
+        dice_html = ("<p class=note>No lesion masks in this dataset "
+                     "(<code>masks/&lt;patient&gt;/&lt;image&gt;.png</code>): Dice not computed.</p>")
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>ctriage evaluation</title><style>{CSS}</style></head><body>
 <h1>ctriage evaluation</h1>
@@ -252,8 +264,8 @@ ctriage {__version__} · {created}. Triage aid, not for diagnostic use.</p>
 <div><b>per patient</b>{_confusion(pp, "COVID", "control")}</div></div>
 <p class=note>Per image: positives are COVID images with lesion (mask non-empty; every COVID image where there is
 no mask), negatives every control image; called positive when the pipeline drew at least one box (probability
-≥ {ev.threshold:g}, area &gt; {ev.min_area:g} px at 512²). Per patient: called positive when the case rule fired
-(indeterminate counts as a negative call).</p>
+≥ {ev.threshold:g}, area &gt; {ev.min_area:g} px at 512²{peak}). Per patient: called positive when the case rule
+fired{rule} (indeterminate counts as a negative call).</p>
 
 <h2>ROC and threshold sweep (per image)</h2>
 <div class=row>{_img(roc_plot(points, op), "ROC curve")}{_img(threshold_plot(points, ev.threshold),
@@ -264,11 +276,7 @@ component larger than the area rule — so each point is exactly what the pipeli
 AUC {auc_txt}.</p>
 
 <h2>Dice</h2>
-<div class=row>{_img(dice_plot(dice_vals), "Dice histogram")}
-<p>mean Dice {_fmt(d['mean'])}, mean IoU {_fmt(d['iou_mean'])} over {d['n']} images with a mask
-({d['both_empty']} with mask and prediction both empty, counted as 1);<br>mean Dice {_fmt(d['lesion_mean'])} over
-the {d['lesion_n']} images whose mask shows lesion.<br>
-Prediction: the probability map resized back to the lung box, ≥ {ev.threshold:g}.</p></div>
+{dice_html}
 
 <h2>Patients</h2>
 {ptab}

@@ -150,6 +150,23 @@ def test_evaluation_aggregates_hand_made_results():
     json.dumps(d)
 
 
+def test_report_without_masks_says_so_instead_of_an_empty_histogram():
+    from appliance.domain import SliceFinding
+    from appliance.evaluate import Evaluation, ImageResult, PatientResult, PatientSource, case_rule_text
+    from appliance.config import AnalysisConfig
+    from appliance.report import build_html
+
+    f = SliceFinding("k", 0.0, (8, 8), Rect(0, 0, 8, 8), [])
+    images = [ImageResult("b", "control", "k.png", "images", 0, f, 0.1, False)]
+    pats = [PatientResult(PatientSource("control", "b", Path("b"), None), "negative", None, None, 1, 1, 0)]
+    ev = Evaluation(images, pats, "openvino", "int8", "CPU", [], 0.3, 25.0, 0.1, 0.3,
+                    case_rule_text(AnalysisConfig(min_foci=1)))
+    page = build_html(ev, ev.as_dict())
+    assert "Dice not computed" in page and 'alt="Dice histogram"' not in page
+    assert "peaking at" not in page  # the peak gate equals the threshold: nothing more to say
+    assert "3 consecutive slices with lesion in one quadrant" in page and "foci" not in page
+
+
 # ------------------------------------------------------------------------------------------ dataset layout
 
 
@@ -297,6 +314,9 @@ def test_evaluate_generated_dataset_json_and_report(generated, tmp_path, capsys)
         assert f"<td>{name}</td>" in page
     assert 'src="http' not in page and "<script" not in page
     assert json.loads((report / "metrics.json").read_text())["per_image"] == pi
+    # the rules the counts rest on, as configured: the box's peak gate and the whole case rule
+    assert f"peaking at ≥ {d['min_score']:g}" in page and d["min_score"] > d["threshold"]
+    assert "3 consecutive slices with lesion in one quadrant" in page and "at least 2 separate lesion foci" in page
 
 
 def test_sweep_matches_the_pipeline_calls(generated, tmp_path):
