@@ -25,6 +25,7 @@ from appliance.analyze import analyze_files, discover
 from appliance.domain import Rect, SliceFinding
 from appliance.imaging import resize
 from appliance.ingest.image_reader import image_series, natural_key
+from appliance.pipeline.case_logic import describe_rule
 from appliance.pipeline.lesions import AREA_SCALE
 
 GROUPS = ("covid", "control")
@@ -337,18 +338,10 @@ def evaluate(root: Path, analyzer, max_tilt_deg: float = 10.0, progress: Callabl
         total_s += res.seconds
         results.append(res)
         images += imgs
-    le = analyzer.lesion
+    le, cfg = analyzer.lesion, analyzer.config
     return Evaluation(images, results, analyzer.backend, analyzer.precision, analyzer.device, analyzer.bundles,
                       float(le.threshold), float(le.min_area), total_s, float(le.min_score),
-                      case_rule_text(analyzer.config))
-
-
-def case_rule_text(cfg) -> str:
-    """The case rule of an AnalysisConfig in one phrase."""
-    run = f"{cfg.min_run} consecutive slices with lesion in one quadrant (covering ≥ {cfg.min_run_mm:g} mm on DICOM)"
-    if cfg.min_foci <= 1:
-        return run
-    return f"{run}, and at least {cfg.min_foci} separate lesion foci each spanning such a run"
+                      describe_rule(cfg.min_run, cfg.min_run_mm, cfg.min_foci))
 
 
 def _run_patient(src: PatientSource, dicom_files: list[Path], image_groups: dict[Path, list[Path]], analyzer,

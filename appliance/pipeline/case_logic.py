@@ -13,7 +13,8 @@ model missed the lesion (a tumour marked on slices 13–15 and 17–18 is one fo
 it spans as many slices as a qualifying run. COVID-19 pneumonia is multifocal (bilateral, peripheral patches:
 the "typical" pattern of the RSNA consensus), while a lung tumour — with its ground-glass halo the lesion model
 cannot tell from COVID ground glass — is one focus on many consecutive slices in one quadrant, which the seed's
-rule alone calls positive. Such a series is negative for COVID-19 with the single focus reported (`focal`) for a radiologist.
+rule alone calls positive. Such a series is negative for COVID-19 with the single focus reported (`focal`) for a
+radiologist.
 """
 from __future__ import annotations
 
@@ -97,6 +98,14 @@ def foci(findings: Sequence[SliceFinding], gap_factor: float = GAP_FACTOR, grow:
         lo, hi = span.get(r, [k[0], k[0]])
         span[r] = [min(lo, k[0]), max(hi, k[0])]
     return sorted(((lo, hi) for lo, hi in span.values()), key=lambda s: (s[0] - s[1], s[0]))
+
+
+def describe_rule(min_run: int = MIN_RUN, min_run_mm: float = 0.0, min_foci: int = 1) -> str:
+    """The case rule with these settings, in one phrase (for reports)."""
+    run = f"{min_run} consecutive slices with lesion in one quadrant (covering ≥ {min_run_mm:g} mm on DICOM)"
+    if min_foci <= 1:
+        return run
+    return f"{run}, and at least {min_foci} separate lesion foci each spanning such a run"
 
 
 def find_evidence(findings: Sequence[SliceFinding], min_run: int = MIN_RUN,
