@@ -266,6 +266,12 @@ def _teach(teachers: list, x: np.ndarray) -> np.ndarray:
     return np.mean([t.run(None, {t.get_inputs()[0].name: x})[0] for t in teachers], axis=0).astype(np.float32)
 
 
+def keeps(score: float, best: float, step: int, steps: int, keep_last: bool = False) -> bool:
+    """Whether this evaluation's weights become `best.pt`: a better validation score, or — when the validation
+    set is also trained on (`keep_last`) and so cannot pick a step — the last step."""
+    return score > best or (keep_last and step == steps)
+
+
 def run(
     cfg: TrainConfig,
     data: dict[str, tuple[np.ndarray, np.ndarray, float, float]],
@@ -365,7 +371,7 @@ def run(
             print(json.dumps(rec), flush=True)
             state = {"config": asdict(cfg), "state_dict": ema.model.state_dict(), "step": step, "metrics": metrics}
             torch.save(state, out / "last.pt")
-            if sc > best:
+            if keeps(sc, best, step, cfg.steps, bool(cfg.extra.get("keep_last"))):
                 best = sc
                 torch.save(state, out / "best.pt")
                 (out / "summary.json").write_text(json.dumps({"best_step": step, "score": sc, **metrics}, indent=1))

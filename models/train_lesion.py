@@ -27,6 +27,8 @@ def load(cfg: TrainConfig):
         x = _resize_all(x, cfg.size)
         y = _resize_all(y, cfg.size)
     tr = split == "train"
+    if cfg.extra.get("all_doctor"):
+        tr = tr | (src == "doctor")  # the held-back radiologist slices train too: their "validation" is a fit
     hu = np.char.startswith(src.astype(str), "hu-")
     data = {
         "doctor": (x[tr & (src == "doctor")], y[tr & (src == "doctor")], 1.0, 1.0),
@@ -96,6 +98,9 @@ def main(argv: list[str] | None = None) -> None:
                     help="UNet++ deep supervision: weight of the shallower top-row outputs' loss (0: off)")
     ap.add_argument("--teacher", action="append", default=[], metavar="MODEL_ONNX",
                     help="distil: the taught groups learn the mean map of these exported models (repeat)")
+    ap.add_argument("--all-doctor", action="store_true",
+                    help="also train on the 10 held-back radiologist slices (a final model once the recipe is "
+                         "chosen); its radiologist-slice validation is then a training fit, so the last step is kept")
     ap.add_argument("--teach", default="pseudo", help="groups whose targets the teachers give (comma-separated)")
     a = ap.parse_args(argv)
     mix = {k: float(v) for k, v in (kv.split("=") for kv in a.mix.split(","))}
@@ -106,7 +111,8 @@ def main(argv: list[str] | None = None) -> None:
                              "blob_start": a.blob_start, "blob_full": a.blob_start + 500,
                              "init_onnx": a.init_onnx, "freeze_bn": bool(a.init_onnx),
                              "deep_supervision": a.deep_supervision, "teachers": a.teacher,
-                             "teach_groups": a.teach.split(",")})
+                             "teach_groups": a.teach.split(","),
+                             "all_doctor": a.all_doctor, "keep_last": a.all_doctor})
     data, val = load(cfg)
     run(cfg, data, make_validate(val), score)
 

@@ -72,8 +72,9 @@ def test_shipped_bundles_are_signed_with_the_current_project_key():
     from appliance.fleet.updater import default_trust_keys, project_keys
 
     keys = project_keys()
-    assert [k.name for k in keys][:4] == ["ctriage-project-k1.pub", "ctriage-project-k2.pub",
-                                          "ctriage-project-k3.pub", "ctriage-project-k4.pub"]
+    assert [k.name for k in keys][:5] == ["ctriage-project-k1.pub", "ctriage-project-k2.pub",
+                                          "ctriage-project-k3.pub", "ctriage-project-k4.pub",
+                                          "ctriage-project-k5.pub"]
     assert default_trust_keys() == [str(k) for k in keys]  # every project key trusted when no site key is set
     trust = load_trust([keys[-1]])  # the newest key signs what ships; older ones stay trusted for installed bundles
     for b in find_bundles(default_bundle_dir()).values():

@@ -234,3 +234,30 @@ def test_distillation_teachers_give_their_mean_map(tmp_path):
     assert np.abs(got - (maps[0] + maps[1]) / 2).max() < 1e-4
     assert np.abs(maps[0] - maps[1]).max() > 1e-3  # two different teachers: the mean is not either one
     assert _teachers([]) == []
+
+
+def test_all_doctor_trains_on_the_held_back_radiologist_slices_too():
+    from tests.conftest import shared_data
+
+    shared_data("covid-semiseg")
+    pytest.importorskip("torch", reason="torch is in the `train` extra, not installed here")
+    from models.train import TrainConfig
+    from models.train_lesion import load
+
+    held, _ = load(TrainConfig(name="t", task="lesion", size=224))
+    every, val = load(TrainConfig(name="t", task="lesion", size=224, extra={"all_doctor": True}))
+    assert len(held["doctor"][0]) == 40 and len(every["doctor"][0]) == 50
+    assert len(val["doctor"][0]) == 10  # still scored, now as a training fit
+    for group in ("pseudo", "noncovid", "hu-neg"):  # nothing else moves out of the held-back split
+        assert len(every[group][0]) == len(held[group][0])
+    train_keys = {x.tobytes() for x in every["doctor"][0]}
+    assert all(x.tobytes() in train_keys for x in val["doctor"][0])
+
+
+def test_checkpoint_choice_by_score_or_the_last_step():
+    from models.train import keeps
+
+    assert keeps(0.7, 0.6, 200, 1000) and not keeps(0.5, 0.6, 200, 1000)
+    assert not keeps(0.5, 0.6, 1000, 1000)  # a worse last step stays out ...
+    assert keeps(0.5, 0.6, 1000, 1000, keep_last=True)  # ... unless validation was trained on
+    assert not keeps(0.5, 0.6, 800, 1000, keep_last=True)

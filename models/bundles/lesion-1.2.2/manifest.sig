@@ -1,1 +1,1 @@
-MxLDLznPsvYNOfLu+r0Ni2r+TrR/wTTL/5bqst9hjT5Ol4ixjJ2AJ7x6R5LVwgM9qpy3iTF4fpAuQvqSNyohAg==
+qb9hohjR8JSZNajZpLsRID1mO1Z2X3O1As7KtPL8rOtFzT2aCFnpZid89gXDJjwWrzMS1imtM9Uv1ZzxhfgIAg==
