@@ -7,6 +7,11 @@ import numpy as np
 import pytest
 
 
+def train_extra(module: str):
+    """Import a module of the `train` extra, or skip the test saying it is not installed."""
+    return pytest.importorskip(module, reason=f"{module} is in the `train` extra, not installed here")
+
+
 def test_held_out_split_is_fixed_and_sized():
     from models.data import held_out
 
@@ -18,8 +23,8 @@ def test_held_out_split_is_fixed_and_sized():
 
 
 def test_fine_tune_starts_from_the_shipped_lesion_model():
-    torch = pytest.importorskip("torch", reason="torch is in the `train` extra, not installed here")
-    pytest.importorskip("onnx", reason="onnx is in the `train` extra, not installed here")
+    torch = train_extra("torch")
+    train_extra("onnx")
     import onnxruntime as ort
 
     from appliance.inference.bundle import default_bundle_dir, find_bundles
@@ -48,7 +53,7 @@ def test_make_eval_set_builds_evaluate_layout_outside_the_project(tmp_path):
 
     shared_data("covid-semiseg")
     shared_data("lung-pet-ct-dx-A0001")
-    pytest.importorskip("nibabel", reason="nibabel is in the `train` extra, not installed here")
+    train_extra("nibabel")
     from appliance.evaluate import find_patients
     from models.make_eval_set import build_images, main
 
@@ -66,7 +71,7 @@ def test_make_eval_set_builds_evaluate_layout_outside_the_project(tmp_path):
 
 
 def test_rebundle_keeps_the_model_files_and_records_new_thresholds(tmp_path):
-    pytest.importorskip("torch", reason="torch is in the `train` extra, not installed here")
+    train_extra("torch")
     import json
 
     from appliance.inference.bundle import default_bundle_dir, find_bundles, load_bundle
@@ -91,7 +96,7 @@ def test_rebundle_keeps_the_model_files_and_records_new_thresholds(tmp_path):
 
 
 def test_requantize_keeps_the_fp32_model_and_rebuilds_int8(tmp_path):
-    pytest.importorskip("torch", reason="torch is in the `train` extra, not installed here")
+    train_extra("torch")
     import json
 
     import onnx
@@ -120,7 +125,7 @@ def test_requantize_keeps_the_fp32_model_and_rebuilds_int8(tmp_path):
 
 
 def test_requantize_can_build_the_openvino_model_with_filtered_upsampling(tmp_path):
-    pytest.importorskip("torch", reason="torch is in the `train` extra, not installed here")
+    train_extra("torch")
     import json
 
     from appliance.inference.bundle import default_bundle_dir, find_bundles, load_bundle
@@ -145,7 +150,7 @@ def test_requantize_can_build_the_openvino_model_with_filtered_upsampling(tmp_pa
 
 
 def test_deep_supervision_adds_outputs_not_parameters():
-    torch = pytest.importorskip("torch", reason="torch is in the `train` extra, not installed here")
+    torch = train_extra("torch")
     from models.train import loss_fn
     from models.unetpp import UNetPP
 
@@ -167,7 +172,7 @@ def test_deep_supervision_adds_outputs_not_parameters():
 
 
 def test_weight_average_of_two_models():
-    torch = pytest.importorskip("torch", reason="torch is in the `train` extra, not installed here")
+    torch = train_extra("torch")
     from models.soup import average_state
     from models.unetpp import UNetPP
 
@@ -189,8 +194,8 @@ def test_weight_average_of_two_models():
 
 
 def test_nearest_upsampling_has_the_same_parameters_and_exports_as_nearest_resize(tmp_path):
-    torch = pytest.importorskip("torch", reason="torch is in the `train` extra, not installed here")
-    onnx = pytest.importorskip("onnx", reason="onnx is in the `train` extra, not installed here")
+    torch = train_extra("torch")
+    onnx = train_extra("onnx")
     from models.unetpp import UNetPP
 
     torch.manual_seed(0)
@@ -214,8 +219,8 @@ def test_nearest_upsampling_has_the_same_parameters_and_exports_as_nearest_resiz
 def test_distillation_teachers_give_their_mean_map(tmp_path):
     """`train_lesion --teacher A --teacher B`: the taught samples' targets are the mean of the teachers' maps,
     computed by ONNX Runtime on the augmented batch, in the model's input form."""
-    torch = pytest.importorskip("torch", reason="torch is in the `train` extra, not installed here")
-    pytest.importorskip("onnx", reason="onnx is in the `train` extra, not installed here")
+    torch = train_extra("torch")
+    train_extra("onnx")
     from models.export import export_onnx
     from models.train import _teach, _teachers
     from models.unetpp import UNetPP
@@ -240,7 +245,7 @@ def test_all_doctor_trains_on_the_held_back_radiologist_slices_too():
     from tests.conftest import shared_data
 
     shared_data("covid-semiseg")
-    pytest.importorskip("torch", reason="torch is in the `train` extra, not installed here")
+    train_extra("torch")
     from models.train import TrainConfig
     from models.train_lesion import load
 
@@ -255,7 +260,7 @@ def test_all_doctor_trains_on_the_held_back_radiologist_slices_too():
 
 
 def test_checkpoint_choice_by_score_or_the_last_step():
-    pytest.importorskip("torch", reason="torch is in the `train` extra, not installed here")
+    train_extra("torch")
     from models.train import keeps
 
     assert keeps(0.7, 0.6, 200, 1000) and not keeps(0.5, 0.6, 200, 1000)
