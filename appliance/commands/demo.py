@@ -99,7 +99,7 @@ class Console:
 
 
 def evidence_text(payload: dict[str, Any], short: bool = False) -> str:
-    from appliance.display.state import ANATOMY
+    from appliance.pipeline.anatomy import ANATOMY
 
     ev = payload.get("evidence")
     c = payload.get("counts", {})

@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from appliance.pipeline.anatomy import ANATOMY
+
 log = logging.getLogger(__name__)
 
 KEY_RE = re.compile(r"^[0-9a-f]{16}$")
@@ -35,8 +37,6 @@ DEVICE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 MAX_PAYLOAD = 4 * 1024 * 1024  # bytes; overlays carry a small PNG, anything larger is refused
 MAX_STUDIES = 300  # the oldest go first beyond this
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-ANATOMY = {"upper-left": "right anterior", "upper-right": "left anterior",
-           "lower-left": "right posterior", "lower-right": "left posterior"}
 
 
 def utcnow() -> dt.datetime:

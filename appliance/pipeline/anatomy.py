@@ -1,0 +1,22 @@
+"""Image quadrants in patient terms, pure.
+
+Slices are analysed in radiological display orientation (DICOM LPS rows/columns as the console shows them):
+the top of the image is the patient's anterior side and the image's left is the patient's right. The case rule
+speaks of image quadrants ("upper-left"); people read patient sides ("patient's right anterior").
+"""
+from __future__ import annotations
+
+#: image quadrant → patient side, in the order the display lists them
+ANATOMY: dict[str, str] = {"upper-left": "right anterior", "upper-right": "left anterior",
+                           "lower-left": "right posterior", "lower-right": "left posterior"}
+
+
+def patient_side(quadrant: str) -> str:
+    """'lower-right' → 'left posterior' (unknown names come back unchanged)."""
+    return ANATOMY.get(quadrant, quadrant)
+
+
+def patient_terms(quadrant: str) -> str:
+    """'lower-right' → "patient's left posterior" (unknown names come back unchanged)."""
+    side = ANATOMY.get(quadrant)
+    return f"patient's {side}" if side else quadrant
