@@ -215,6 +215,9 @@ def analyze_path(path: Path, analyzer: Analyzer, secret: bytes, max_tilt_deg: fl
     uid_report: dict[str, SeriesReport] = {}
     for a in done.series:
         ser, kept = a.series, a.kept
+        if not kept:  # every slice of it was rejected: nothing usable, its files are listed with their reasons
+            rejected += a.rejected
+            continue
         verdict, ordered = analyzer.verdict(kept, a.findings)
         order = sorted(range(len(kept)), key=lambda i: sort_key(kept[i]))
         ordered_slices = [kept[i] for i in order]
@@ -235,7 +238,7 @@ def analyze_path(path: Path, analyzer: Analyzer, secret: bytes, max_tilt_deg: fl
         findings = analyzer.findings(slices)
         if progress:
             progress(len(files))
-        verdict, ordered = analyzer.verdict(slices, findings, min_slices=1)
+        verdict, ordered = analyzer.verdict(slices, findings)  # the daemon's rule: < min_slices is indeterminate
         ordered_slices = sorted(slices, key=sort_key)
         timings = {"decode": round((t1 - t0) * 1000 / len(slices), 3), **stage_summary(ordered)}
         key = pseudonym(secret, str(folder.resolve()))

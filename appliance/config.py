@@ -101,7 +101,7 @@ class MQTTConfig:
     protocol: str = "auto"  # auto (MQTT 5, falling back to 3.1.1) | 5 | 3.1.1
     session_expiry_seconds: int = 604800  # persistent session kept by the broker this long (MQTT 5)
     reconnect_min_seconds: float = 1.0  # reconnect backoff starts here and doubles ...
-    reconnect_max_seconds: float = 60.0  # ... up to this
+    reconnect_max_seconds: float = 5.0  # ... up to this (a local broker is back within seconds)
 
     def validate(self, where: str) -> None:
         if not self.url.startswith(("mqtt://", "mqtts://")):

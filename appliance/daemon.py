@@ -220,6 +220,7 @@ class Daemon:
         self._last_analysis_error: tuple[float, str] | None = None
         self._dicom_error: str | None = None
         self._published_status: tuple[str, str | None] | None = None
+        self._published_problems: tuple[str, ...] = ()  # which problems the last status (and log line) named
         # statistics
         self.slices_total = 0
         self._rate: deque[tuple[float, int]] = deque(maxlen=600)
@@ -448,8 +449,12 @@ class Daemon:
         """Rebuild series in flight from stored findings; re-apply the rule (a verdict lost in a crash is made
         again); spool files are picked up by the worker as usual."""
         n = 0
+        now = time.time()
         for row in self.store.open_series():
             ts = self._tracked_from_store(row)
+            # the quiet time counts from the restart: slices exported while the appliance was down wait in the
+            # watch folder or the spool, and are taken in before the series can be declared complete
+            ts.last_seen = max(ts.last_seen, now)
             self.tracker.restore(ts)
             n += 1
             u = self.tracker.evaluate(ts.uid)
@@ -504,8 +509,8 @@ class Daemon:
         if pending:  # files already spooled are processed even when the disk is short (they free the spool)
             busy = self._process(pending[: max(1, self.analyzer.config.batch * self.analyzer.workers)], pending, hold > 0)
             pending = self._pending()
-        if pending:
-            self._idle_since = None
+        if pending or (self.watch is not None and self.watch.waiting()):
+            self._idle_since = None  # slices still to come in: no series is quiet yet
         elif self._idle_since is None:
             self._idle_since = now
         self._apply_hints(pending)
@@ -714,16 +719,17 @@ class Daemon:
         complete_reason = (u.complete_reason if lead_row["series_uid"] == u.series_uid
                            else lead_row["complete_reason"]) if sv.state == "final" else None
         labels = json.loads(lead_row["labels"]) if lead_row["labels"] and self.cfg.privacy.send_patient_labels else None
+        prev = self.store.study(study_uid)
+        publish, correction = self._after_final(prev, sv, lead_row["study_key"])
         payload = msg.verdict_payload(
             device=self.cfg.device_id, study_key=lead_row["study_key"], series_key=lead.series_key, verdict=sv,
             bundles=analyzer.bundles, backend=analyzer.backend, device_type=analyzer.device,
             complete_reason=complete_reason or ("series complete" if sv.state == "final" else None), timings=timings,
             series=[self._series_item(s) for s in summaries],
-            rejected=self.store.rejected_count(lead_row["series_uid"]), labels=labels)
+            rejected=self.store.rejected_count(lead_row["series_uid"]), labels=labels, correction=correction)
         fp = fingerprint(payload)
-        prev = self.store.study(study_uid)
-        changed = prev is None or prev["fingerprint"] != fp
-        overlay = self._overlay_payload(lead_row, sv, findings) if changed else None
+        changed = publish and (prev is None or prev["fingerprint"] != fp)
+        overlay = self._overlay_payload(lead_row, payload["state"], sv.result, findings) if changed else None
         study_key = lead_row["study_key"]
         expiry = self.cfg.mqtt.verdict_expiry_seconds or None
         pacs_fp = pacs_fingerprint(payload) if changed and sv.state == "final" and self.pacs is not None else None
@@ -742,7 +748,7 @@ class Daemon:
                     self.store.outbox_add(self.topics.overlay(study_key), self._json(overlay), self.cfg.mqtt.qos, True,
                                           expiry, now)
                 self.store.add_verdict(payload, now)
-                self.store.set_study(study_uid, study_key, fp, sv.result, sv.state, now)
+                self.store.set_study(study_uid, study_key, fp, sv.result, payload["state"], now)
             if pacs_fp is not None:  # committed with the verdict: a crash before the hand-over loses nothing
                 waiting = self._pacs_pending() + [{"series_uid": lead_row["series_uid"], "verdict": payload}]
                 self.store.kv_set(PACS_PENDING, json.dumps(waiting))
@@ -754,12 +760,27 @@ class Daemon:
         if pacs_fp is not None:
             self._pacs_flush()
         ev, fo = sv.evidence, sv.focal
-        log.info("verdict %s %s for study %s (series %s%s)%s%s", sv.state, sv.result, study_key, lead.series_key,
-                 f", {ev.quadrant} run {ev.run}" if ev else f", one focal lesion {fo.quadrant} run {fo.run}" if fo
-                 else "", f"; complete: {complete_reason}" if complete_reason
-                 else "", "" if changed else " unchanged, not re-published")
+        held = ("" if changed else " unchanged, not re-published" if publish else
+                f" not published: the study's final verdict ({prev['result']}) stands" if prev else "")
+        log.info("verdict %s %s for study %s (series %s%s)%s%s", payload["state"], sv.result, study_key,
+                 lead.series_key, f", {ev.quadrant} run {ev.run}" if ev else
+                 f", one focal lesion {fo.quadrant} run {fo.run}" if fo else "",
+                 f"; complete: {complete_reason}" if complete_reason else "", held)
 
-    def _overlay_payload(self, row: Any, sv: Any, findings: list[SliceFinding]) -> dict[str, Any]:
+    def _after_final(self, prev: Any, sv: Any, study_key: str) -> tuple[bool, dict[str, Any] | None]:
+        """(publish?, correction) for a study verdict. A study's final verdict is published once. After it, the
+        study's verdicts (late slices, another series) go out only when a final result differs from the one
+        published: as a correction naming what it replaces. Provisional states after a final, and finals that
+        agree with it, are stored and not published (no provisional after a final, no second final)."""
+        if prev is None or prev["state"] not in ("final", "corrected"):
+            return True, None
+        if sv.state != "final" or sv.result == prev["result"]:
+            return False, None
+        published = self.store.verdicts(study_key)
+        last = published[-1] if published else {"result": prev["result"], "state": prev["state"], "created": None}
+        return True, msg.correction(last, sv.result)
+
+    def _overlay_payload(self, row: Any, state: str, result: str, findings: list[SliceFinding]) -> dict[str, Any]:
         from appliance.analyze import key_slices
 
         ks = key_slices(findings)
@@ -767,16 +788,18 @@ class Daemon:
         if ks and self.cfg.mqtt.key_images:
             index = int(ks[0]["index"])
             try:
-                png, size = self._key_image(findings, index, sv.result, sv.state, max_size=384)
+                png, size = self._key_image(findings, index, result, state, max_size=384, words=False)
             except Exception as e:  # noqa: BLE001 - the overlay goes out without an image
                 log.warning("key image not rendered: %s: %s", type(e).__name__, e)
                 png = None
         return msg.overlay_payload(device=self.cfg.device_id, study_key=row["study_key"], series_key=row["series_key"],
-                                   state=sv.state, slices=len(findings), key_slices=ks, image_png=png,
+                                   state=state, slices=len(findings), key_slices=ks, image_png=png,
                                    image_index=index if png else None, image_size=size if png else None)
 
     def _key_image(self, findings: list[SliceFinding], index: int, result: str, state: str,
-                   max_size: int) -> tuple[bytes | None, tuple[int, int] | None]:
+                   max_size: int, words: bool = True) -> tuple[bytes | None, tuple[int, int] | None]:
+        """The slice with its boxes; words: the slice number and verdict burned in (PACS key image). The display's
+        key image goes without (the display writes its caption itself, legible at tile size)."""
         from appliance.publish.overlays import png_bytes, render, slice_grey
 
         f = findings[index]
@@ -784,8 +807,8 @@ class Daemon:
         if path is None:
             return None, None
         img = read_slice(path, max_tilt_deg=self.cfg.analysis.max_tilt_deg)
-        title = f"slice {index + 1}/{len(findings)}  {result.upper()} ({state})"
-        im = render(slice_grey(img.hu, None), f, title=title, max_size=max_size)
+        text = f"slice {index + 1}/{len(findings)}  {result.upper()} ({state})"
+        im = render(slice_grey(img.hu, None), f, title=text, max_size=max_size, text=words)
         return png_bytes(im), (im.width, im.height)
 
     def _source_path(self, ident: str) -> Path | None:
@@ -903,7 +926,7 @@ class Daemon:
             elif self._disconnected_since is None:
                 self._disconnected_since = now
             if self._disconnected_since is not None and now - self._disconnected_since > BROKER_GRACE_S:
-                problems["broker"] = f"broker unreachable for {now - self._disconnected_since:.0f} s"
+                problems["broker"] = f"broker unreachable since {_iso(self._disconnected_since)}"
         if self._dicom_error:
             problems["dicom"] = f"DICOM node not running: {self._dicom_error}"
         if self._last_analysis_error and now - self._last_analysis_error[0] < 300:
@@ -969,7 +992,9 @@ class Daemon:
                 self._problems = problems
                 state = "degraded" if problems else "online"
                 detail = "; ".join(problems.values()) if problems else None
-                if (state, detail) != self._published_status and self.transport is not None:
+                kinds = tuple(sorted(problems))
+                if kinds != self._published_problems and self.transport is not None:  # one line per change
+                    self._published_problems = kinds
                     self._published_status = (state, detail)
                     self.transport.set_status(self._json(self._status_payload(state, detail)))
                     (log.warning if problems else log.info)("health: %s%s", state, f" ({detail})" if detail else "")

@@ -23,6 +23,7 @@ from appliance import __version__
 from appliance.domain import Rect, SliceFinding
 from appliance.evaluate import Evaluation, ImageResult, auc, read_mask
 from appliance.imaging import resize
+from appliance.pipeline.anatomy import run_text
 from appliance.publish.overlays import png_bytes, render
 
 MASK = (64, 230, 90)
@@ -220,7 +221,7 @@ def build_html(ev: Evaluation, data: dict, max_tilt_deg: float = 10.0, gallery: 
     prow = []
     for p in data["patients"]:
         ev_ = p["evidence"]
-        run = (f"{ev_['quadrant']}, slices {ev_['first_slice'] + 1}–{ev_['last_slice'] + 1}, run {ev_['run']}"
+        run = (html.escape(run_text(ev_["quadrant"], ev_["first_slice"], ev_["last_slice"], ev_["run"]))
                if ev_ else html.escape(p.get("reason") or "–"))
         right = (p["result"] == "positive") == (p["group"] == "covid")
         prow.append((right, [html.escape(p["patient"]), p["group"], p["result"], run, p["slices"],

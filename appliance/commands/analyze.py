@@ -1,7 +1,9 @@
 """Analyse a folder once: DICOM files (one or more series, nested folders) or lung-window crop images.
 
 Exit status: 0 when at least one series was analysed, 2 when nothing usable was found (one line says why).
---json prints one JSON object per series (JSON Lines).
+--json prints one JSON object per series (JSON Lines); slice numbers there are 0-based positions in series order
+(head to feet), the table's are 1-based. Quadrants are image quadrants (display orientation); the table adds the
+patient's side.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from pathlib import Path
 from appliance.commands.common import (add_backend_arguments, add_config_argument, load_config, make_analyzer,
                                        progress_bar, table)
 from appliance.cli import UsageError
+from appliance.pipeline.anatomy import run_text
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -57,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     for rep in reports:
         v = rep.verdict
         ev = v.evidence
-        evtxt = f"{ev.quadrant} slices {ev.first_slice + 1}-{ev.last_slice + 1} (run {ev.run})" if ev else (v.reason or "-")
+        evtxt = run_text(ev.quadrant, ev.first_slice, ev.last_slice, ev.run) if ev else (v.reason or "-")
         rows.append([rep.series_key[:10], (rep.description or Path(rep.source).name)[:28], str(v.slices),
                      str(v.lung_slices), str(v.lesion_slices), v.result.upper(), evtxt])
     print(table(rows, ["series", "description", "slices", "lung", "lesion", "result", "evidence"]))

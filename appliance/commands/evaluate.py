@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 from appliance.cli import UsageError
+from appliance.pipeline.anatomy import run_text
 from appliance.commands.common import (add_backend_arguments, add_config_argument, load_config, make_analyzer,
                                        progress_bar, table)
 
@@ -60,8 +61,7 @@ def summary(data: dict) -> str:
     prow = []
     for p in data["patients"]:
         ev = p["evidence"]
-        run = f"{ev['quadrant']} slices {ev['first_slice'] + 1}-{ev['last_slice'] + 1} (run {ev['run']})" if ev \
-            else (p["reason"] or "-")
+        run = run_text(ev["quadrant"], ev["first_slice"], ev["last_slice"], ev["run"]) if ev else (p["reason"] or "-")
         prow.append([p["patient"], p["group"], p["result"].upper(), str(p["slices"]), str(p["lesion_slices"]), run])
     out += ["", table(prow, ["patient", "group", "result", "slices", "lesion", "run / reason"]), ""]
     if data["rejected"]:

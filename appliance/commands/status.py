@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance.commands.common import add_config_argument, load_config
+from appliance.pipeline.anatomy import patient_terms
 
 STALE_S = 15.0
 
@@ -181,8 +182,8 @@ def _render(i: dict[str, Any]) -> str:
         for v in i["recent_verdicts"]:
             ev = v.get("evidence")
             fo = v.get("focal")
-            evs = (f" {ev['quadrant']} run {ev['run']}" if ev
-                   else f" (one focal lesion {fo['quadrant']} run {fo['run']})" if fo else "")
+            evs = (f" {patient_terms(ev['quadrant'])} run {ev['run']}" if ev
+                   else f" (one focal lesion {patient_terms(fo['quadrant'])} run {fo['run']})" if fo else "")
             lines.append(f"  {v['created']}  study {v['study_key']}  {v['state']:<11} {v['result'].upper()}{evs}"
                          + (f"  ({v['complete_reason']})" if v.get("complete_reason") else ""))
     return "\n".join(lines)

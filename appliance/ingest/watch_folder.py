@@ -136,6 +136,10 @@ class WatchFolder:
             log.warning("watch folder: file events unavailable (%s: %s); relying on the %gs rescan",
                         type(e).__name__, e, self.cfg.rescan_seconds)
             self._observer = None
+        try:  # what waits in the folder is known before the caller's first quiet-time check (a restart)
+            self.poll()
+        except Exception:  # noqa: BLE001 - the thread polls again
+            log.exception("watch folder: first poll failed")
         self._thread = threading.Thread(target=self._run, name="watch-folder", daemon=True)
         self._thread.start()
 
@@ -150,6 +154,21 @@ class WatchFolder:
                 pass
         if self._thread is not None:
             self._thread.join(10)
+
+    def waiting(self, now: float | None = None) -> int:
+        """Files seen in the folder and not taken yet (a file first seen longer ago than twice
+        `incomplete_seconds` plus a minute no longer counts: one that grows for ever must not hold series open)."""
+        now = self.clock() if now is None else now
+        limit = 2 * self.cfg.incomplete_seconds + 60.0
+        for _ in range(5):  # the watcher thread changes the dict: copy it, again if it changed meanwhile
+            try:
+                cands = list(self._cands.values())
+                break
+            except RuntimeError:
+                continue
+        else:
+            return 1
+        return sum(1 for c in cands if now - c.first < limit)
 
     def _run(self) -> None:
         tick = min(0.5, max(0.05, self.cfg.stable_seconds / 4))

@@ -20,3 +20,12 @@ def patient_terms(quadrant: str) -> str:
     """'lower-right' → "patient's left posterior" (unknown names come back unchanged)."""
     side = ANATOMY.get(quadrant)
     return f"patient's {side}" if side else quadrant
+
+
+def run_text(quadrant: str, first_slice: int, last_slice: int, run: int | None = None) -> str:
+    """A lesion run for people: "patient's left posterior (image lower-right), slices 12-17 (run 6)".
+    first_slice/last_slice are 0-based positions in series order, as in payloads and JSON; people read 1-based."""
+    where = patient_terms(quadrant)
+    where = f"{where} (image {quadrant})" if where != quadrant else quadrant
+    tail = f" (run {run})" if run is not None else ""
+    return f"{where}, slices {first_slice + 1}-{last_slice + 1}{tail}"

@@ -12,7 +12,7 @@ from typing import Any
 from appliance import __version__
 from appliance.domain import SeriesVerdict
 
-VERDICT_SCHEMA = "ctriage.verdict/1"
+VERDICT_SCHEMA = "ctriage.verdict/2"  # /2: state "corrected" with "correction"
 OVERLAY_SCHEMA = "ctriage.overlay/1"
 STATUS_SCHEMA = "ctriage.status/1"
 STATS_SCHEMA = "ctriage.stats/1"
@@ -62,7 +62,10 @@ def verdict_payload(*, device: str, study_key: str, series_key: str, verdict: Se
                     bundles: list[dict[str, str]], backend: str, device_type: str,
                     complete_reason: str | None = None, timings: dict[str, Any] | None = None,
                     series: list[dict[str, Any]] | None = None, rejected: int = 0,
-                    labels: dict[str, str] | None = None) -> dict[str, Any]:
+                    labels: dict[str, str] | None = None,
+                    correction: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The study verdict. correction (see `correction`): this final replaces an earlier final with another result;
+    the state is then "corrected"."""
     p: dict[str, Any] = {
         "schema": VERDICT_SCHEMA,
         "device": device,
@@ -83,11 +86,22 @@ def verdict_payload(*, device: str, study_key: str, series_key: str, verdict: Se
         "timings": timings or {},
         "created": now_iso(),
     }
+    if correction is not None:
+        p["state"] = "corrected"
+        p["correction"] = correction
     if series:
         p["series"] = series
     if labels:
         p["labels"] = labels
     return p
+
+
+def correction(previous: dict[str, Any], result: str) -> dict[str, Any]:
+    """What a corrected verdict says of the final it replaces (`previous`: that verdict's payload)."""
+    was = str(previous.get("result"))
+    return {"previous_result": was, "previous_state": str(previous.get("state")),
+            "previous_created": previous.get("created"),
+            "what": f"slices that arrived after the final verdict changed the result from {was} to {result}"}
 
 
 def overlay_payload(*, device: str, study_key: str, series_key: str, state: str, slices: int,

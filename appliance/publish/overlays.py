@@ -27,8 +27,11 @@ def _font(size: int) -> ImageFont.ImageFont:
 
 
 def render(grey01: np.ndarray, finding: SliceFinding, title: str = "", max_size: int = 512,
-           not_for_diagnosis: bool = True) -> Image.Image:
-    """RGB image of a slice ([0, 1] grey in display orientation) with the finding drawn on it."""
+           not_for_diagnosis: bool = True, text: bool = True) -> Image.Image:
+    """RGB image of a slice ([0, 1] grey in display orientation) with the finding drawn on it.
+
+    text=False: boxes and lung box only, no words burned in (title, box labels, footer): for an image shown small
+    beside its own caption (the triage display's tile)."""
     g = to_uint8(grey01)
     img = Image.fromarray(np.stack([g, g, g], -1))
     h, w = g.shape
@@ -55,14 +58,16 @@ def render(grey01: np.ndarray, finding: SliceFinding, title: str = "", max_size:
     for b in finding.boxes:
         r = b.rect
         d.rectangle([s(r.x0), s(r.y0), s(r.x1), s(r.y1)], outline=LESION, width=lw)
+        if not text:
+            continue
         label = f"{QUAD_SHORT[b.quadrant]} {b.score:.2f}"
         ty = s(r.y0) - font.size - 4 if s(r.y0) > font.size + 6 else s(r.y1) + 2
         d.text((s(r.x0) + 1, ty + 1), label, fill=(0, 0, 0), font=font)
         d.text((s(r.x0), ty), label, fill=LESION, font=font)
-    if title:
+    if title and text:
         d.text((7, 7), title, fill=(0, 0, 0), font=font)
         d.text((6, 6), title, fill=(255, 255, 255), font=font)
-    if not_for_diagnosis:
+    if not_for_diagnosis and text:
         foot = "triage aid - not for diagnostic use"
         small = _font(max(10, int(img.width / 40)))
         d.text((6, img.height - small.size - 6), foot, fill=(255, 255, 0), font=small)

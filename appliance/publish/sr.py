@@ -62,7 +62,8 @@ FOCAL_QUADRANT = _code("FOCAL-QUADRANT", "Quadrant of a single focal lesion (not
 FOCAL_RUN = _code("FOCAL-RUN", "Consecutive slices of the single focal lesion")
 FOCAL_FIRST = _code("FOCAL-FIRST", "First slice of the single focal lesion (1-based)")
 FOCAL_LAST = _code("FOCAL-LAST", "Last slice of the single focal lesion (1-based)")
-STATES = {"final": _code("FINAL", "Final"), "provisional": _code("PROVISIONAL", "Provisional")}
+STATES = {"final": _code("FINAL", "Final"), "provisional": _code("PROVISIONAL", "Provisional"),
+          "corrected": _code("CORRECTED", "Final, corrected: replaces an earlier final result")}
 RESULTS = {"positive": codes.SCT.Positive, "negative": codes.SCT.Negative, "indeterminate": codes.SCT.Indeterminate}
 QUADRANT_CODES = {
     "upper-left": _code("UL", "upper-left (anterior, patient right)"),
@@ -308,7 +309,7 @@ def build_sr(verdict: dict[str, Any], source: SourceSeries, key_slices: Sequence
     report = hd.sr.MeasurementReport(observation_context=hd.sr.ObservationContext(observer_device_context=observer),
                                      procedure_reported=CT_CHEST, imaging_measurements=groups,
                                      title=codes.DCM.ImagingMeasurementReport)
-    final = state == "final"
+    final = state in ("final", "corrected")
     series_uid, sop_uid = uids or result_uids(verdict, source, "sr", device)
     sr = hd.sr.ComprehensiveSR(
         evidence=source.evidence_datasets(), content=report[0], series_instance_uid=series_uid,
