@@ -55,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not args.verbose:  # pydicom both warns and logs each header oddity: say it once (the warning)
+        logging.getLogger("pydicom").setLevel(logging.ERROR)
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2

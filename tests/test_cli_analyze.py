@@ -112,6 +112,24 @@ def test_crop_image_folder_skips_valid_area(tmp_path, capsys):
     code, objs = run_json(capsys, d)
     assert code == 0 and objs[0]["kind"] == "images" and objs[0]["slices"] == k
     assert objs[0]["timings"]["ms_per_slice"]["valid_area"] == 0
+    # crops follow the daemon's rule: fewer than min_slices (20) is indeterminate, never negative
+    assert k < 20 and objs[0]["result"] in ("indeterminate", "positive"), objs[0]["result"]
+    for extra in list(d.glob("*.png"))[1:]:
+        extra.unlink()
+    code, objs = run_json(capsys, d)
+    assert code == 0 and objs[0]["slices"] == 1 and objs[0]["result"] == "indeterminate"
+    assert "fewer than the 20" in objs[0]["reason"]
+
+
+def test_a_lone_slice_whose_pixel_data_is_short_exits_2(phantom_dir, tmp_path, capsys):
+    import pydicom
+
+    ds = pydicom.dcmread(sorted(phantom_dir.glob("*.dcm"))[3])
+    ds.PixelData = ds.PixelData[: len(ds.PixelData) // 2]
+    ds.save_as(tmp_path / "short.dcm")
+    assert main(["analyze", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no usable CT series" in err[0] and "header and pixels disagree" in err[0], err
 
 
 def test_overlays_written_for_lesion_slices(phantom_dir, tmp_path, capsys):
