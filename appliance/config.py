@@ -63,6 +63,9 @@ class WatchConfig:
     incomplete_seconds: float = 30.0  # a stable file that still does not parse is taken (and quarantined) after this
     end_markers: list[str] = field(default_factory=lambda: ["DICOMDIR", "COMPLETE", "*.done"])  # series-complete signals
     keep_processed_days: float = 7.0  # processed files are deleted after this many days; 0 keeps them
+    max_file_mb: int = 64  # a larger file is quarantined unread (a CT slice is well under 1 MB)
+    quarantine_keep_days: float = 30.0  # quarantined files are deleted after this many days; 0 keeps them
+    quarantine_max_mb: int = 2048  # beyond this much in quarantine the oldest files are deleted; 0: no limit
 
     def validate(self, where: str) -> None:
         _range(where, "rescan_seconds", self.rescan_seconds, 0.2, 3600)
@@ -70,6 +73,9 @@ class WatchConfig:
         _range(where, "min_free_mb", self.min_free_mb, 0, 10**7)
         _range(where, "incomplete_seconds", self.incomplete_seconds, 0.0, 86400)
         _range(where, "keep_processed_days", self.keep_processed_days, 0.0, 3650)
+        _range(where, "max_file_mb", self.max_file_mb, 1, 4096)
+        _range(where, "quarantine_keep_days", self.quarantine_keep_days, 0.0, 3650)
+        _range(where, "quarantine_max_mb", self.quarantine_max_mb, 0, 10**7)
 
 
 @dataclass

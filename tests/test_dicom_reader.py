@@ -228,3 +228,96 @@ def test_unparseable_optional_geometry_falls_back(one, tmp_path):
     ds.save_as(tmp_path / "g.dcm")
     img = read_slice(tmp_path / "g.dcm")
     assert img.pixel_spacing == (0.7, 0.7) and img.position == pytest.approx(float(ds.SliceLocation))
+
+
+# -- truncated files: pydicom reads them without complaint, the reader says they are truncated -----------------
+def _cut(src: str | Path, dst: Path, n: int) -> Path:
+    dst.write_bytes(Path(src).read_bytes()[:n])
+    return dst
+
+
+@pytest.mark.parametrize("with_pixels", [True, False], ids=["pixels", "header-only"])
+def test_cut_short_slices_are_rejected_as_truncated(tmp_path, with_pixels):
+    ct = get_testdata_file("CT_small.dcm")  # 39206 bytes: pixel data at 6300 (32768 bytes), then 138 bytes more
+    cases = [
+        (2048, r"^truncated DICOM file: header ends before the pixel data \(2048 bytes\)$"),
+        (6000, r"^truncated DICOM file: header ends before the pixel data \(6000 bytes\)$"),
+        (-200, r"^pixel data truncated \(file cut short: 32706 of 32768 bytes\)$"),
+        (20000, r"^pixel data truncated \(file cut short: 13700 of 32768 bytes\)$"),
+    ]
+    for n, reason in cases:
+        with pytest.raises(Rejected, match=reason) as e:
+            read_slice(_cut(ct, tmp_path / f"cut{n}.dcm", n), with_pixels=with_pixels)
+        if n > 6000:
+            assert e.value.series_uid == str(pydicom.dcmread(ct, stop_before_pixels=True).SeriesInstanceUID)
+
+
+def test_cut_short_compressed_slice_is_rejected_as_truncated(tmp_path):
+    path = write_phantom(tmp_path, PhantomSpec(slices=1, size=128, seed=2), transfer_syntax=JPEG_LOSSLESS_SV1)[0]
+    for n in (-12, -100, 3000):  # pydicom drops the whole data set when the sequence delimiter is missing
+        for with_pixels in (True, False):
+            with pytest.raises(Rejected, match=r"^compressed pixel data truncated \(file cut short"):
+                read_slice(_cut(path, tmp_path / "cut.dcm", n), with_pixels=with_pixels)
+
+
+def test_other_reasons_are_unchanged(tmp_path):
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.66"  # raw data: no image
+    del ds.PixelData, ds.Rows, ds.Columns
+    ds.save_as(tmp_path / "raw.dcm")
+    with pytest.raises(Rejected, match="raw data, not an image"):
+        read_slice(tmp_path / "raw.dcm")
+    del ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.200.1"  # CT protocol: no image
+    ds.save_as(tmp_path / "nopix.dcm")
+    with pytest.raises(Rejected, match=r"^no pixel data \(not an image\)$"):
+        read_slice(tmp_path / "nopix.dcm")
+
+
+@pytest.mark.parametrize("name", ["CT_small.dcm", "MR_small_implicit.dcm", "MR_small_bigendian.dcm", "JPEG2000.dcm",
+                                  "MR_small_RLE.dcm", "image_dfl.dcm", "SC_rgb_jpeg_dcmtk.dcm", "phantom-jpeg-ls"])
+def test_check_complete_at_every_cut_point(tmp_path, name):
+    """Every cut of an image (byte by byte through the header, in steps through the pixel data) is incomplete; the
+    whole file is complete, proven by its pixel data."""
+    import warnings
+
+    from appliance.ingest.dicom_reader import check_complete
+
+    if name.startswith("phantom"):
+        src = write_phantom(tmp_path, PhantomSpec(slices=1, size=64, seed=1), transfer_syntax=JPEG_LOSSLESS_SV1)[0]
+    else:
+        src = Path(get_testdata_file(name))
+    data = src.read_bytes()
+    whole = check_complete(src)
+    assert whole.why is None and whole.pixels
+    cut = tmp_path / "cut.dcm"
+    # a deflated file's last bytes follow the end of its deflate stream (the data set is whole without them)
+    ends = 16 if name == "image_dfl.dcm" else 0
+    points = sorted({*range(1, min(len(data), 1500)), *range(1500, len(data) - ends, 97), len(data) - 1 - ends})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for n in points:
+            cut.write_bytes(data[:n])
+            ext = check_complete(cut)
+            assert ext.why is not None and not ext.pixels, (n, ext.why)
+
+
+def test_check_complete_never_loads_pixel_data(tmp_path, monkeypatch):
+    from appliance.ingest import dicom_reader
+
+    path = write_phantom(tmp_path, PhantomSpec(slices=1, seed=2))[0]
+    calls = []
+    real = pydicom.dcmread
+    monkeypatch.setattr(pydicom, "dcmread", lambda *a, **k: calls.append(k) or real(*a, **k))
+    ext = dicom_reader.check_complete(path)
+    assert ext.why is None and ext.pixels and "PixelData" not in ext.ds
+    assert all(k.get("stop_before_pixels") and k.get("defer_size") for k in calls)
+
+
+def test_non_image_objects_are_complete_when_whole(tmp_path):
+    from appliance.ingest.dicom_reader import check_complete
+
+    for name in ("test-SR.dcm", "rtplan.dcm"):
+        src = get_testdata_file(name)
+        assert check_complete(src).why is None and not check_complete(src).pixels
+        assert "cut short" in check_complete(_cut(src, tmp_path / "c.dcm", -3)).why

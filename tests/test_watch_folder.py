@@ -1,16 +1,22 @@
-"""Watch folder and spool: complete files only, temp names left alone, end markers, disk guard, atomic hand-over."""
+"""Watch folder and spool: complete files only (however slowly written), temp names left alone, end markers, disk
+guard, size limit, original names kept for quarantine, atomic hand-over."""
 from __future__ import annotations
 
+import logging
+import os
 import time
 from pathlib import Path
 
 import pytest
+from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from appliance.config import WatchConfig
+from appliance.ingest import watch_folder
 from appliance.ingest.spool import Spool, SpoolFull
 from appliance.ingest.watch_folder import WatchFolder, completeness, dicomdir_series
+from appliance.jpeg_lossless import JPEG_LOSSLESS_SV1
 from appliance.phantom import PhantomSpec, write_phantom
 
 
@@ -80,8 +86,8 @@ def test_truncated_and_garbage_files_wait_then_go_to_the_pipeline(tmp_path, seri
     data = series_files[2].read_bytes()
     (w.root / "trunc.dcm").write_bytes(data[: len(data) // 2])
     (w.root / "garbage.dcm").write_bytes(b"\x00\x01not dicom at all" * 100)
-    assert completeness(w.root / "trunc.dcm")[0].startswith("pixel data incomplete")
-    assert "not a DICOM file" in completeness(w.root / "garbage.dcm")[0]
+    assert completeness(w.root / "trunc.dcm").why.startswith("pixel data truncated (file cut short: ")
+    assert "not a DICOM file" in completeness(w.root / "garbage.dcm").why
     w.poll(now=0.0)
     assert w.poll(now=5.0) == 0, "stable but incomplete: the sender may still be writing"
     assert w.poll(now=10.5) == 2, "after incomplete_seconds they are taken (and quarantined downstream)"
@@ -194,3 +200,166 @@ def test_watch_thread_takes_files_from_events_and_rescans(tmp_path, series_files
         w.stop()
     assert len(spool.pending()) == 2
     assert list(w.root.iterdir()) == []
+
+
+# -- slow writers: a pause anywhere in the file never splits it ---------------------------------------------------
+@pytest.fixture(scope="module")
+def slices(tmp_path_factory) -> dict[str, bytes]:
+    d = tmp_path_factory.mktemp("slices")
+    spec = PhantomSpec(slices=1, size=128, lesion=False)
+    return {
+        "CT_small": Path(get_testdata_file("CT_small.dcm")).read_bytes(),  # a real CT slice, elements after pixels
+        "phantom": write_phantom(d / "plain", spec)[0].read_bytes(),
+        "jpeg-lossless": write_phantom(d / "jll", spec, transfer_syntax=JPEG_LOSSLESS_SV1)[0].read_bytes(),
+    }
+
+
+def _write_slowly(w: WatchFolder, dst: Path, data: bytes, cuts: list[int], pause: float) -> int:
+    """Write data in chunks ending at `cuts`, polling through a pause of `pause` s after each; returns files taken
+    while chunks were still missing (must be 0), then the rest is written and polled until taken."""
+    early, t = 0, 0.0
+    for a, b in zip([0] + cuts, cuts + [len(data)]):
+        with dst.open("ab") as f:
+            f.write(data[a:b])
+        end = t + (pause if b < len(data) else 0.0)
+        while t <= end:
+            early += w.poll(now=t) if b < len(data) else 0
+            t += 0.25
+    return early
+
+
+@pytest.mark.parametrize("kind", ["CT_small", "phantom", "jpeg-lossless"])
+@pytest.mark.parametrize("cut", [128, 300, 2048, 4096, "half", "all-but-16"])
+def test_a_slowly_written_slice_is_taken_once_and_whole(tmp_path, slices, kind, cut):
+    data = slices[kind]
+    n = len(data) // 2 if cut == "half" else len(data) - 16 if cut == "all-but-16" else cut
+    w, spool, _ = _watch(tmp_path)  # stable_seconds 1, incomplete_seconds 10: the pause (3 s) is in between
+    dst = w.root / "IM1.dcm"
+    assert _write_slowly(w, dst, data, [n], pause=3.0) == 0, "taken while the sender was pausing"
+    taken = sum(w.poll(now=t) for t in (3.5, 4.0, 4.6, 5.2, 6.0))
+    assert taken == 1 and not dst.exists()
+    (got,) = spool.pending()
+    assert got.read_bytes() == data
+    assert list(spool.quarantine_dir.iterdir()) == []
+
+
+def test_a_slice_written_in_many_slow_chunks(tmp_path, slices):
+    data = slices["CT_small"]
+    w, spool, _ = _watch(tmp_path)
+    # (not at 39068: a file ending exactly after its pixel data is whole as far as anyone can tell, though CT_small
+    # has 138 bytes of trailing padding after that; only stable_seconds covers such a pause)
+    assert _write_slowly(w, w.root / "IM1.dcm", data, [100, 132, 300, 2048, 6288, 6300, 6312, 20000, 39100], 2.0) == 0
+    assert sum(w.poll(now=t) for t in (30.0, 31.5)) == 1
+    assert [p.read_bytes() for p in spool.pending()] == [data]
+
+
+def test_a_slow_writer_that_closes_between_chunks(tmp_path, slices):
+    """The watch thread with real file events: a close after the first chunk is a hint, not proof."""
+    data = slices["phantom"]
+    w, spool, _ = _watch(tmp_path, stable_seconds=0.2, rescan_seconds=0.5)
+    w.start()
+    try:
+        dst = w.root / "IM1.dcm"
+        dst.write_bytes(data[:2048])  # written and closed
+        time.sleep(1.0)
+        assert spool.pending() == [] and dst.exists()
+        with dst.open("ab") as f:
+            f.write(data[2048:])
+        deadline = time.monotonic() + 10
+        while not spool.pending() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)
+    finally:
+        w.stop()
+    assert [p.read_bytes() for p in spool.pending()] == [data]
+
+
+def test_close_write_hint_takes_a_whole_file_at_once_and_proves_nothing_alone(tmp_path, slices):
+    w, spool, _ = _watch(tmp_path, stable_seconds=5.0)
+    whole, part = w.root / "whole.dcm", w.root / "part.dcm"
+    whole.write_bytes(slices["phantom"])
+    part.write_bytes(slices["phantom"][:2048])
+    w._event(whole, closed=True)
+    w._event(part, closed=True)
+    assert w.poll(now=1.0) == 1, "closed after writing and whole up to the end of its pixel data"
+    assert not whole.exists() and part.exists()
+    assert w.poll(now=7.0) == 0, "closed, stable, but cut short: waits for the sender"
+
+
+def test_a_file_that_grows_during_the_check_is_not_moved(tmp_path, slices, monkeypatch):
+    w, spool, _ = _watch(tmp_path)
+    dst = w.root / "IM1.dcm"
+    dst.write_bytes(slices["phantom"])
+    real = watch_folder.completeness
+
+    def check_then_write(p):
+        out = real(p)
+        with p.open("ab") as f:  # the sender appends right after the check
+            f.write(b"\0" * 8)
+        return out
+
+    monkeypatch.setattr(watch_folder, "completeness", check_then_write)
+    w.poll(now=0.0)
+    assert w.poll(now=1.5) == 0 and dst.exists(), "re-checked right before the move"
+    assert spool.pending() == []
+
+
+def test_a_stable_incomplete_file_is_parsed_once(tmp_path, slices, monkeypatch):
+    calls = []
+    real = watch_folder.check_complete
+    monkeypatch.setattr(watch_folder, "check_complete", lambda p: calls.append(p) or real(p))
+    w, spool, _ = _watch(tmp_path, incomplete_seconds=10.0)
+    (w.root / "IM1.dcm").write_bytes(slices["CT_small"][:20000])
+    for i in range(40):
+        w.poll(now=i * 0.25)
+    assert len(calls) == 1, "checked again only when its size or mtime change"
+    assert w.poll(now=10.5) == 1, "then taken after incomplete_seconds, for the pipeline to quarantine"
+
+
+# -- size limit, original names ------------------------------------------------------------------------------------
+def test_a_file_over_the_size_limit_goes_to_quarantine_unread(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(watch_folder, "completeness", lambda p: pytest.fail("a large file was parsed"))
+    w, spool, _ = _watch(tmp_path, max_file_mb=1)
+    big = w.root / "Doe^Jane" / "huge scan.dcm"
+    big.parent.mkdir()
+    big.write_bytes(os.urandom(3 * 2**19))  # 1.5 MB
+    with caplog.at_level(logging.DEBUG, logger="ctriage.watch"):
+        w.poll(now=0.0)
+        assert w.poll(now=0.5) == 0 and big.exists(), "still within stable_seconds"
+        assert w.poll(now=1.5) == 0, "not taken into the spool"
+    assert not big.exists() and spool.pending() == []
+    (q,) = [p for p in spool.quarantine_dir.iterdir() if not p.name.endswith(".reason")]
+    assert q.name.endswith("--huge scan.dcm") and q.stat().st_size == 3 * 2**19
+    reason = q.with_name(q.name + ".reason").read_text()
+    assert reason.startswith("reason: file too large: 1.5 MB, over watch.max_file_mb = 1 MB (not read)\n")
+    assert "original name: huge scan.dcm" in reason and "original folder: Doe^Jane" in reason
+    assert caplog.records and not any("Doe" in r.getMessage() or "huge" in r.getMessage() for r in caplog.records)
+
+
+def test_quarantine_keeps_the_original_name_and_logs_do_not(tmp_path, caplog):
+    w, spool, _ = _watch(tmp_path, incomplete_seconds=2.0)
+    png = w.root / "Doe^Jane" / "IM 7.png"
+    png.parent.mkdir()
+    png.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 500)
+    with caplog.at_level(logging.DEBUG, logger="ctriage"):
+        w.poll(now=0.0)
+        assert w.poll(now=2.5) == 1, "not DICOM: taken after incomplete_seconds for the pipeline to quarantine"
+        (p,) = spool.pending()
+        q = Spool(spool.state_dir).quarantine(p, "not a DICOM file", {"file": p.name})  # after a restart, too
+    assert q.name == f"{p.stem}--IM 7.png" and q.read_bytes().startswith(b"\x89PNG")
+    reason = q.with_name(q.name + ".reason").read_text().splitlines()
+    assert "original name: IM 7.png" in reason and "original folder: Doe^Jane" in reason
+    assert not any("Doe" in r.getMessage() or "IM 7" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("key,value,msg", [
+    ("max_file_mb", 0, "[watch] max_file_mb: must be between 1 and 4096"),
+    ("quarantine_keep_days", -1, "[watch] quarantine_keep_days: must be between 0 and 3650"),
+    ("quarantine_max_mb", -5, "[watch] quarantine_max_mb: must be between 0 and 1e+07"),
+])
+def test_new_watch_options_are_validated(key, value, msg):
+    from appliance.config import ConfigError, from_dict
+
+    with pytest.raises(ConfigError) as e:
+        from_dict({"watch": {key: value}})
+    assert msg in str(e.value)

@@ -1,16 +1,23 @@
 """Watch folder: files exported by the CT console are taken into the spool once complete.
 
 Events come from watchdog, and a periodic rescan catches what events miss (network shares often send none).
-A file is taken when its size and mtime have not changed for `stable_seconds` and it parses as complete DICOM
-(header readable, pixel data all there). A stable file that still does not parse after `incomplete_seconds` is
-taken anyway, so the pipeline quarantines it with the reason. Temporary names (`ignore` patterns: dot-files,
-*.part, *.tmp, …) are left alone until renamed.
+A file is taken when its size and mtime have not changed for `stable_seconds` and it is complete DICOM: the header
+parses to its end and the file holds everything it declares — an image (an image SOP class, or Rows and Columns)
+has pixel data, whose declared length (compressed: fragments up to the sequence delimiter) is on disk. A slow
+writer's pause therefore never splits a file, wherever the pause falls. A close-after-write event (Linux inotify)
+lets a file whose pixel data is whole be taken without waiting out `stable_seconds`; it is a hint, never proof
+(a slow writer may close between chunks). Size and mtime are checked again right before the move.
+
+A stable file that is still not complete after `incomplete_seconds` is taken anyway, so the pipeline quarantines it
+with the reason. A file larger than `max_file_mb` goes to quarantine unread. Temporary names (`ignore` patterns:
+dot-files, *.part, *.tmp, …) are left alone until renamed.
 
 End markers (`end_markers`: DICOMDIR, COMPLETE, *.done) signal that an export is complete: once every other file in
 the marker's folder has been taken, the series listed in a DICOMDIR, or those whose files came from that folder,
 get a completion hint. Markers then go to processed/ like any file.
 
-Log lines name spool files only: export file and folder names may carry patient names.
+Log lines name spool files only: export file and folder names may carry patient names. The original name goes with
+the file into the spool (a sidecar), and into quarantine's file name and .reason.
 """
 from __future__ import annotations
 
@@ -23,42 +30,33 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from appliance.config import WatchConfig
-from appliance.ingest.dicom_reader import Rejected, read_dataset
+from appliance.ingest.dicom_reader import Rejected, check_complete, read_dataset
 from appliance.ingest.spool import Spool, SpoolFull
 
 log = logging.getLogger("ctriage.watch")
+
+#: watchdog events that say nothing about a file's content (our own completeness checks cause them)
+IGNORED_EVENTS = {"opened", "closed_no_write"}
 
 
 def matches(name: str, patterns: list[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(name.lower(), p.lower()) for p in patterns)
 
 
-def completeness(path: Path) -> tuple[str | None, str]:
-    """(why the file is not complete yet or None, its SeriesInstanceUID or "")."""
-    try:
-        ds = read_dataset(path)
-    except Rejected as e:
-        return e.reason, ""
-    except OSError as e:
-        return f"cannot read: {e.strerror}", ""
-    series = str(ds.get("SeriesInstanceUID", "") or "")
-    rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
-    if "PixelData" not in ds:
-        if rows and cols:
-            return "image header without pixel data (file still being written?)", series
-        return None, series
-    ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-    if ts is not None and not ts.is_compressed:
-        frames = int(ds.get("NumberOfFrames", 1) or 1)
-        spp = int(ds.get("SamplesPerPixel", 1) or 1)
-        bits = int(ds.get("BitsAllocated", 16) or 16)
-        need = rows * cols * frames * spp * bits // 8
-        have = len(ds.PixelData)
-        if have < need:
-            return f"pixel data incomplete ({have} of {need} bytes)", series
-    return None, series
+class Completeness(NamedTuple):
+    why: str | None  # why the file is not complete yet; None: complete
+    series: str  # its SeriesInstanceUID, or ""
+    pixels: bool  # complete up to the end of whole pixel data (proof enough to act on a close-write hint)
+
+
+def completeness(path: Path) -> Completeness:
+    """Whether a file is complete DICOM, from its header and the pixel data's extent on disk (never loaded)."""
+    ext = check_complete(path)
+    series = str(ext.ds.get("SeriesInstanceUID", "") or "") if ext.ds is not None else ""
+    return Completeness(ext.why, series, ext.why is None and ext.pixels)
 
 
 def dicomdir_series(path: Path) -> list[str]:
@@ -82,6 +80,8 @@ class _Candidate:
     mtime: float
     since: float  # when size/mtime were last seen changing
     first: float
+    checked: tuple[int, float] | None = None  # the (size, mtime) `result` was found for
+    result: Completeness | None = None
 
 
 class WatchFolder:
@@ -96,6 +96,8 @@ class WatchFolder:
         self._markers: dict[Path, float] = {}
         self._folder_series: OrderedDict[Path, set[str]] = OrderedDict()
         self._dirty: set[Path] = set()
+        self._closed_new: dict[Path, tuple[int, float]] = {}  # from the event thread: (size, mtime) at close-write
+        self._closed: dict[Path, tuple[int, float]] = {}
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -121,13 +123,11 @@ class WatchFolder:
 
             class _Handler(FileSystemEventHandler):
                 def on_any_event(self, event) -> None:  # created, modified, moved, closed
-                    if event.is_directory:
+                    if event.is_directory or event.event_type in IGNORED_EVENTS:
                         return
                     p = getattr(event, "dest_path", "") or event.src_path
                     if p:
-                        with watcher._lock:
-                            watcher._dirty.add(Path(os.fsdecode(p)))
-                        watcher._wake.set()
+                        watcher._event(Path(os.fsdecode(p)), event.event_type == "closed")
 
             self._observer = Observer()
             self._observer.schedule(_Handler(), str(self.root), recursive=True)
@@ -142,6 +142,20 @@ class WatchFolder:
             log.exception("watch folder: first poll failed")
         self._thread = threading.Thread(target=self._run, name="watch-folder", daemon=True)
         self._thread.start()
+
+    def _event(self, p: Path, closed: bool) -> None:
+        """A file event (watchdog thread). A close-after-write records the file's size and mtime right then."""
+        st = None
+        if closed:
+            try:
+                st = p.stat()
+            except OSError:
+                pass
+        with self._lock:
+            self._dirty.add(p)
+            if st is not None:
+                self._closed_new[p] = (st.st_size, st.st_mtime)
+        self._wake.set()
 
     def stop(self) -> None:
         self._stop.set()
@@ -189,8 +203,12 @@ class WatchFolder:
             self._rescan(now)
         with self._lock:
             dirty, self._dirty = self._dirty, set()
+            closed, self._closed_new = self._closed_new, {}
         for p in dirty:
             self._consider(p, now)
+        self._closed.update(closed)
+        for p in [p for p in self._closed if p not in self._cands]:
+            del self._closed[p]
         return self._take_ready(now)
 
     def _rescan(self, now: float) -> None:
@@ -228,26 +246,32 @@ class WatchFolder:
             try:
                 st = p.stat()
             except OSError:  # gone (renamed or removed by the sender)
-                del self._cands[p]
+                self._drop(p)
                 continue
-            if st.st_size != c.size or st.st_mtime != c.mtime:
+            key = (st.st_size, st.st_mtime)
+            if key != (c.size, c.mtime):
                 c.size, c.mtime, c.since = st.st_size, st.st_mtime, now
-                continue
             waited = now - c.since
-            if waited < self.cfg.stable_seconds or (st.st_size == 0 and waited < self.cfg.incomplete_seconds):
+            hinted = self._closed.get(p) == key  # closed after its last write: check now, but prove it
+            if waited < self.cfg.stable_seconds and not hinted:
                 continue
-            why, series = completeness(p)
-            if why is not None and now - c.since < self.cfg.incomplete_seconds:
-                continue  # stable but not parseable yet: give the sender time
-            if not self.spool.has_room():
-                self.blocked = (f"state disk has {self.spool.free_mb():.0f} MB free, below "
-                                f"watch.min_free_mb = {self.spool.min_free_mb}: not taking files")
-                if "disk" not in self._warned:
-                    self._warned.add("disk")
-                    log.error("watch folder: %s", self.blocked)
+            if st.st_size == 0 and waited < self.cfg.incomplete_seconds:
+                continue
+            if st.st_size > self.cfg.max_file_mb * 2**20:
+                if waited >= self.cfg.stable_seconds and self._room():
+                    self._quarantine_large(p, st.st_size, key, now)
+                continue
+            result = self._completeness(p, c, key)
+            if waited < self.cfg.stable_seconds and not result.pixels:
+                continue  # a close-write hint alone proves nothing
+            if result.why is not None and waited < self.cfg.incomplete_seconds:
+                continue  # stable but not complete yet: give the sender time
+            if not self._room():
                 return taken
+            if not self._unchanged(p, key, now):
+                continue  # the writer resumed: never move a growing file
             try:
-                dest = self.spool.accept(p)
+                dest = self.spool.accept(p, original_name=p.name, original_folder=self._folder(p))
             except SpoolFull as e:
                 self.blocked = str(e)
                 return taken
@@ -258,18 +282,72 @@ class WatchFolder:
                 continue
             self.blocked = None
             self._warned.discard("disk")
-            del self._cands[p]
+            self._drop(p)
             taken += 1
             self.taken += 1
-            if series:
+            if result.series:
                 fs = self._folder_series.setdefault(p.parent, set())
-                fs.add(series)
+                fs.add(result.series)
                 self._folder_series.move_to_end(p.parent)
                 while len(self._folder_series) > 256:
                     self._folder_series.popitem(last=False)
+            why = result.why
             log.debug("watch folder: took %s%s", dest.name, f" (incomplete: {why})" if why else "")
         self._handle_markers(now)
         return taken
+
+    def _drop(self, p: Path) -> None:
+        self._cands.pop(p, None)
+        self._closed.pop(p, None)
+
+    def _completeness(self, p: Path, c: _Candidate, key: tuple[int, float]) -> Completeness:
+        """The file's completeness, parsed again only when its size or mtime changed since the last check."""
+        if c.checked != key or c.result is None:
+            c.result, c.checked = completeness(p), key
+        return c.result
+
+    def _unchanged(self, p: Path, key: tuple[int, float], now: float) -> bool:
+        try:
+            st = p.stat()
+        except OSError:
+            return False
+        if (st.st_size, st.st_mtime) == key:
+            return True
+        c = self._cands[p]
+        c.size, c.mtime, c.since = st.st_size, st.st_mtime, now
+        return False
+
+    def _room(self) -> bool:
+        if self.spool.has_room():
+            return True
+        self.blocked = (f"state disk has {self.spool.free_mb():.0f} MB free, below "
+                        f"watch.min_free_mb = {self.spool.min_free_mb}: not taking files")
+        if "disk" not in self._warned:
+            self._warned.add("disk")
+            log.error("watch folder: %s", self.blocked)
+        return False
+
+    def _folder(self, p: Path) -> str:
+        """The folder a file came from, relative to the watch folder ("" at its top)."""
+        rel = p.parent.relative_to(self.root)
+        return "" if rel == Path(".") else rel.as_posix()
+
+    def _quarantine_large(self, p: Path, size: int, key: tuple[int, float], now: float) -> None:
+        """Too large to be a CT slice: straight to quarantine, never parsed (nor read into memory)."""
+        if not self._unchanged(p, key, now):
+            return
+        mb, limit = size / 2**20, self.cfg.max_file_mb
+        reason = f"file too large: {mb:.1f} MB, over watch.max_file_mb = {limit} MB (not read)"
+        try:
+            dest = self.spool.quarantine_file(p, reason, original_name=p.name, original_folder=self._folder(p))
+        except OSError as e:
+            if str(p) not in self._warned:
+                self._warned.add(str(p))
+                log.warning("watch folder: cannot quarantine a file (%s); will retry", e.strerror or type(e).__name__)
+            return
+        self._drop(p)
+        log.warning("watch folder: quarantined %s unread: %.1f MB, over watch.max_file_mb = %d MB",
+                    dest.name.split("--", 1)[0], mb, limit)
 
     def _handle_markers(self, now: float) -> None:
         for m in sorted(self._markers):
