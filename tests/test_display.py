@@ -79,7 +79,8 @@ def shot(page, name: str) -> None:
 
 def assert_nothing_clipped(page) -> None:
     clipped = page.evaluate("""() => [...document.querySelectorAll('.tile, #top')].flatMap(t =>
-        [...t.querySelectorAll('.flag, .flag-action, .strip, .strip-text, .facts, .facts > div, .ack, #devices')]
+        [...t.querySelectorAll('.flag, .flag-action, .strip, .strip-text, .facts, .facts > div, .where-text, '
+                               + '.key-cap, .ack, #devices')]
           .filter(e => e.scrollWidth > e.clientWidth + 1 || e.scrollHeight > e.clientHeight + 1)
           .map(e => (t.dataset.id || t.id) + ' ' + e.className))""")
     assert clipped == [], f"text does not fit: {clipped}"
@@ -108,7 +109,7 @@ def test_verdict_appears_within_a_second_then_goes_final(browser, display, bus):
     expect(t).to_have_class(re.compile(r"\bflag-positive\b.*\bstate-provisional\b.*\bunacked\b"))
     expect(t.locator(".room")).to_have_text("ct-room-2")
     expect(t.locator(".ident")).to_have_text("Study 9f3a61")
-    expect(t.locator(".where-text")).to_have_text("left posterior")
+    expect(t.locator(".where-text")).to_have_text("patient's left posterior, slices 113–132")
     expect(t.locator(".model")).to_have_text("model valid-area 1.0.0 · lesion 1.2.0")
     expect(t.locator(".age")).to_have_text("just now")
     expect(page.locator("#unseen")).to_have_text("1 POSITIVE NOT YET SEEN")
@@ -163,7 +164,8 @@ def test_every_flag_renders_distinctly_and_the_newest_six_fit(browser, display, 
             bus.publish(f"ctriage/{room}/overlay/{key}", overlay(room, key, state, image=ov == "image"))
     expect(page.locator(".tile")).to_have_count(7)
     order = page.locator(".tile").evaluate_all("els => els.map(e => e.dataset.id.split('/')[1])")
-    assert order == [K["pend"], K["pos"], K["box"], K["neg"], K["ind"], K["old"], K["older"]]  # newest first
+    # unseen positives pinned first (the longest-flagged first), then the rest newest first
+    assert order == [K["box"], K["pos"], K["pend"], K["neg"], K["ind"], K["old"], K["older"]]
 
     expected = {  # key: (class, word, action, icon)
         K["pos"]: ("flag-positive", "POSITIVE", "ISOLATE NOW", "i-positive"),
@@ -200,7 +202,8 @@ def test_every_flag_renders_distinctly_and_the_newest_six_fit(browser, display, 
     assert "repeating-linear-gradient" in striped  # provisional is hatched, final is solid
 
     expect(tile(page, K["ind"]).locator(".detail")).to_have_text("only 12 axial slices (need 20)")
-    expect(tile(page, K["old"]).locator(".detail")).to_have_text("focal lesion · slices 31–41")
+    expect(tile(page, K["old"]).locator(".detail")).to_have_text("single focal lesion · 11 slices")
+    expect(tile(page, K["old"]).locator(".where-text")).to_have_text("patient's left posterior, slices 31–41")
     expect(tile(page, K["old"]).locator(".flag-word")).to_have_text("NEGATIVE")
     expect(tile(page, K["old"]).locator(".flag-action")).to_have_text("radiologist to read")
     expect(tile(page, K["old"]).locator(".key-none")).to_have_text("Key image pending")  # not "No lesion found"
@@ -209,7 +212,7 @@ def test_every_flag_renders_distinctly_and_the_newest_six_fit(browser, display, 
     assert amber[0] == "rgb(255, 194, 10)" and amber[1] != amber[0]  # the note stands out from a plain negative
     assert_nothing_clipped(page)
 
-    # the newest six are fully on screen without scrolling
+    # the first six are fully on screen without scrolling
     boxes = page.locator(".tile").evaluate_all("els => els.map(e => e.getBoundingClientRect().bottom)")
     assert max(boxes[:6]) <= VIEW["height"] and boxes[6] > VIEW["height"]
     expect(page.locator("#unseen")).to_have_text("2 POSITIVE NOT YET SEEN")

@@ -81,7 +81,7 @@ def key_png() -> bytes:
     from appliance.publish.overlays import png_bytes, render
 
     hu, finding = _key_slice()
-    return png_bytes(render(window(hu), finding, title="slice 122", max_size=256))
+    return png_bytes(render(window(hu), finding, max_size=256, text=False))  # the tile captions it in HTML
 
 
 def overlay(device: str, key: str, state: str = "final", *, image: bool = True,

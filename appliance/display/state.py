@@ -6,13 +6,19 @@ Ignored messages are logged with the topic and the failed rule only — never wi
 hold identifiers.
 
 Flags (what the tile says in large type):
-  positive       any verdict with result positive (provisional or final): isolate now
-  negative       final negative
-  indeterminate  final indeterminate (the reason says why)
+  positive       any verdict with result positive (provisional, final or corrected): isolate now
+  negative       final (or corrected) negative
+  indeterminate  final (or corrected) indeterminate (the reason says why)
   pending        no verdict yet, or a provisional negative/indeterminate (the scan is still being analysed)
 
+Verdict states: provisional, final, and corrected — a final that replaces an earlier final with another result
+(it carries `correction`: what the earlier final said and what changed). A corrected verdict counts as final.
+
 An acknowledgement counts for the flag it was given on: when the flag changes after the ack (analysing →
-positive), the tile asks to be acknowledged again.
+positive, or a correction from negative to positive), the tile asks to be acknowledged again.
+
+Where the finding is: only the case rule's own run — `evidence` on a positive, `focal` on a negative naming a single
+focal lesion — in patient terms (appliance.pipeline.anatomy). The overlay's per-box quadrants only draw boxes.
 """
 from __future__ import annotations
 
@@ -28,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from appliance.pipeline.anatomy import ANATOMY
+from appliance.pipeline.anatomy import ANATOMY, patient_side, patient_terms
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +43,8 @@ DEVICE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 MAX_PAYLOAD = 4 * 1024 * 1024  # bytes; overlays carry a small PNG, anything larger is refused
 MAX_STUDIES = 300  # the oldest go first beyond this
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+FINAL_STATES = ("final", "corrected")  # a corrected verdict is a final one that replaces an earlier final
+RESULTS = ("positive", "negative", "indeterminate")
 
 
 def utcnow() -> dt.datetime:
@@ -75,16 +83,53 @@ class Validators:
         from jsonschema import Draft202012Validator
 
         d = directory or schema_dir()
-        self.by_name = {name: Draft202012Validator(json.loads((d / f"{name}.schema.json").read_text()))
-                        for name in ("verdict", "overlay", "status", "stats", "ack")}
+        schemas = {name: json.loads((d / f"{name}.schema.json").read_text())
+                   for name in ("verdict", "overlay", "status", "stats", "ack")}
+        schemas["verdict"] = allow_corrections(schemas["verdict"])
+        schemas["overlay"] = allow_corrections(schemas["overlay"], correction=False)
+        self.by_name = {name: Draft202012Validator(schema) for name, schema in schemas.items()}
 
     def problem(self, name: str, payload: Any) -> str | None:
         """None when valid, else where and which rule failed (no values: they may be identifiers)."""
         err = next(iter(self.by_name[name].iter_errors(payload)), None)
-        if err is None:
-            return None
-        where = "/".join(str(p) for p in err.absolute_path) or "(root)"
-        return f"{where}: {err.validator} rule failed"
+        if err is not None:
+            where = "/".join(str(p) for p in err.absolute_path) or "(root)"
+            return f"{where}: {err.validator} rule failed"
+        if name == "verdict":
+            return correction_problem(payload)
+        return None
+
+
+#: what a corrected verdict says of the final it replaces (the display's own check; the schema may say more)
+CORRECTION_SCHEMA: dict[str, Any] = {
+    "type": ["object", "null"], "additionalProperties": False,
+    "required": ["previous_result", "previous_state", "previous_created", "what"],
+    "properties": {"previous_result": {"enum": list(RESULTS)}, "previous_state": {"enum": list(FINAL_STATES)},
+                   "previous_created": {"type": ["string", "null"]}, "what": {"type": "string", "maxLength": 500}}}
+
+
+def allow_corrections(schema: dict[str, Any], correction: bool = True) -> dict[str, Any]:
+    """The payload schema, widened (in memory) to state "corrected" and, for verdicts, the `correction` object and
+    the ctriage.verdict/2 tag — whether or not the shipped schema file says so yet. A file that already allows them
+    is returned unchanged in meaning."""
+    out = json.loads(json.dumps(schema))
+    props = out.setdefault("properties", {})
+    state = props.get("state")
+    if isinstance(state, dict) and isinstance(state.get("enum"), list) and "corrected" not in state["enum"]:
+        state["enum"] = [*state["enum"], "corrected"]
+    if correction:
+        props.setdefault("correction", CORRECTION_SCHEMA)
+        tag = props.get("schema")
+        if isinstance(tag, dict) and tag.get("const") == "ctriage.verdict/1":
+            props["schema"] = {"enum": ["ctriage.verdict/1", "ctriage.verdict/2"]}
+    return out
+
+
+def correction_problem(v: dict[str, Any]) -> str | None:
+    """A corrected verdict must say what it corrects; None when the verdict is fine."""
+    if v.get("state") == "corrected" and not isinstance(v.get("correction"), dict):
+        return "correction: required with state corrected"
+    return None
 
 
 class Ignored(ValueError):
@@ -121,13 +166,40 @@ class Device:
 
 
 def flag_of(verdict: dict[str, Any] | None) -> str:
+    """The tile's flag: positive whatever the state; otherwise a final (or corrected) result, else pending."""
     if verdict is None:
         return "pending"
     if verdict["result"] == "positive":
         return "positive"
-    if verdict["state"] == "provisional":
+    if verdict["state"] not in FINAL_STATES:
         return "pending"
     return verdict["result"]
+
+
+def finding_of(verdict: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The case rule's finding: the positive run (`evidence`), else the single focal lesion a negative names."""
+    v = verdict or {}
+    for kind in ("evidence", "focal"):
+        run = v.get(kind)
+        if isinstance(run, dict) and run.get("quadrant") in ANATOMY:
+            return {"kind": kind, **{k: run[k] for k in ("quadrant", "first_slice", "last_slice", "run")}}
+    return None
+
+
+def where_text(finding: dict[str, Any]) -> str:
+    """The where-line, "patient's left posterior, slices 113–132" (payload slices 0-based; people read 1-based)."""
+    first, last = finding["first_slice"] + 1, finding["last_slice"] + 1
+    slices = f"slice {first}" if first == last else f"slices {first}–{last}"
+    return f"{patient_terms(finding['quadrant'])}, {slices}"
+
+
+def correction_view(v: dict[str, Any]) -> dict[str, Any] | None:
+    """What a corrected verdict replaced, for the tile ("CORRECTED — was NEGATIVE" and what changed)."""
+    c = v.get("correction")
+    if v.get("state") != "corrected" or not isinstance(c, dict):
+        return None
+    return {"previous_result": c.get("previous_result"), "previous_state": c.get("previous_state"),
+            "previous_created": c.get("previous_created"), "what": c.get("what") or ""}
 
 
 class DisplayState:
@@ -245,9 +317,9 @@ class DisplayState:
         s = self._study(device, v["study_key"])
         if s.verdict_time is not None and created < s.verdict_time:
             return []  # an older verdict arriving late
-        if s.verdict is not None and s.verdict["state"] == "final" and v["state"] == "provisional" \
+        if s.verdict is not None and s.verdict["state"] in FINAL_STATES and v["state"] == "provisional" \
                 and v["series_key"] == s.verdict["series_key"]:
-            return []  # a series' provisional never replaces its final
+            return []  # a series' provisional never replaces its final (nor its correction)
         if not self.show_labels:
             v = {k: val for k, val in v.items() if k != "labels"}
         s.verdict, s.verdict_time = v, created
@@ -355,9 +427,8 @@ class DisplayState:
     def study_view(self, s: Study) -> dict[str, Any]:
         v = s.verdict or {}
         ev = v.get("evidence")
-        quads = set()
-        if ev:
-            quads.add(ev["quadrant"])
+        finding = finding_of(v)
+        quadrants = [finding["quadrant"]] if finding else []  # the rule's finding only, never every box
         boxes: list[dict] = []
         key_index = None
         if s.overlay:
@@ -368,10 +439,6 @@ class DisplayState:
             if key is not None:
                 key_index = key["index"]
                 boxes = [{"box": b["box"], "quadrant": b["quadrant"], "score": b["score"]} for b in key["boxes"]]
-            for k in slices:
-                quads.update(b["quadrant"] for b in k["boxes"])
-                quads.update(k.get("quadrants", []))
-        quadrants = sorted(quads, key=list(ANATOMY).index)
         return {
             "id": s.id, "device": s.device, "study_key": s.study_key, "short": s.study_key[:6],
             "flag": s.flag, "flag_since": iso(s.flag_since),
@@ -382,8 +449,11 @@ class DisplayState:
             "bundles": [{"name": b["name"], "version": b["version"]} for b in v.get("bundles", [])],
             "scanned": iso(s.scanned),
             "updated": iso(max((t for t in (s.verdict_time, s.overlay_time) if t), default=None)),
-            "quadrants": quadrants, "anatomy": [ANATOMY[q] for q in quadrants],
-            "key_slice": key_index, "boxes": boxes,
+            "finding": finding, "where": where_text(finding) if finding else None,
+            "quadrants": quadrants, "anatomy": [patient_side(q) for q in quadrants],
+            "correction": correction_view(v),
+            "key_slice": key_index, "key_of": (s.overlay or {}).get("slices"),
+            "key_state": (s.overlay or {}).get("state"), "boxes": boxes,
             "image": f"/img/{s.device}/{s.study_key}/{s.image_tag}.png" if s.image else None,
             "ack": ({"seen_by": s.ack["seen_by"], "created": iso(s.ack["created"]), "pending": s.ack["pending"]}
                     if s.ack else None),

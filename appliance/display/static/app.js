@@ -3,6 +3,10 @@
 "use strict";
 (() => {
   const PING_MS = 5000;            // the server pings this often; silence for 3 pings means the link is dead
+  const IDLE_MS = 60000;           // untouched this long with an unseen positive out of view: back to the top
+  const OPEN_MS = 30000;           // a tile's expanded detail (full where-line, correction) folds back after this
+  const FLASH_MS = 1800;           // how long a tile brought into view by the banner is highlighted
+  const LIGHTBOX_MS = 45000;       // an enlarged key image left untouched this long closes (the queue is beneath)
   const FLAGS = {
     positive: { word: "POSITIVE", action: "ISOLATE NOW", icon: "i-positive" },
     negative: { word: "NEGATIVE", action: "no COVID-19 pattern found", icon: "i-negative" },
@@ -22,6 +26,9 @@
   let offset = 0;                  // server clock - our clock (ms)
   let conn = "connecting";         // connecting | live | reconnecting
   let es = null, lastMsg = 0, retryMs = 1000, retryTimer = null, firstSnapshot = true, order = "";
+  let cycleAt = null;              // the unseen positive the banner brought into view last
+  let lastInput = Date.now();      // last touch / key / wheel on this screen
+  let lightboxFor = null;          // id of the study whose key image is enlarged
 
   const $ = (sel, root = document) => root.querySelector(sel);
   const now = () => Date.now() + offset;
@@ -95,7 +102,10 @@
     studies.set(s.id, s);
     if (s.flag === "positive") {
       positivesKnown.add(s.id);
-      if (!wasPositive && !quiet && !s.acked) chime();
+      if (!wasPositive && !quiet && !s.acked) {
+        chime();
+        closeLightbox();  // a new positive is never hidden behind an enlarged image
+      }
     } else {
       positivesKnown.delete(s.id);
     }
@@ -107,9 +117,22 @@
     return !Number.isNaN(t) && now() - t > config.expire_minutes * 60000;
   }
 
+  function unseenPositive(s) {
+    return s.flag === "positive" && !s.acked;
+  }
+
+  /* Unseen positives are pinned first, oldest-flagged first: the patient waiting longest to be isolated leads, and
+     a new positive joins the end of the group instead of pushing the others (and the tile under a finger) along.
+     Everything else follows newest scan first. */
   function sorted() {
-    return [...studies.values()].filter((s) => !expired(s))
-      .sort((a, b) => (Date.parse(b.scanned) - Date.parse(a.scanned)) || (a.id < b.id ? -1 : 1));
+    const t = (iso) => Date.parse(iso) || 0;
+    const byId = (a, b) => (a.id < b.id ? -1 : 1);
+    return [...studies.values()].filter((s) => !expired(s)).sort((a, b) => {
+      const pa = unseenPositive(a), pb = unseenPositive(b);
+      if (pa !== pb) return pa ? -1 : 1;
+      if (pa) return (t(a.flag_since) - t(b.flag_since)) || byId(a, b);
+      return (t(b.scanned) - t(a.scanned)) || byId(a, b);
+    });
   }
 
   // ---- rendering ---------------------------------------------------------------------------------------------
@@ -157,7 +180,16 @@
         el = $("#tile-template").content.firstElementChild.cloneNode(true);
         el.dataset.id = s.id;
         $(".ack", el).addEventListener("click", () => ack(s.id));
-        if (!firstSnapshot && conn === "live") el.classList.add("new");
+        $(".key", el).addEventListener("click", () => openLightbox(s.id));
+        for (const sel of [".where", ".corr-note", ".info"]) {
+          const part = $(sel, el);
+          part.addEventListener("click", () => toggleOpen(el));
+          part.addEventListener("keydown", (e) => { if (e.key === "Enter" || e.key === " ") toggleOpen(el); });
+        }
+        if (!firstSnapshot && conn === "live") {
+          el.classList.add("new");  // once: a tile moved in the queue later must not replay its arrival
+          setTimeout(() => el.classList.remove("new"), 1300);
+        }
         tiles.set(s.id, el);
       }
       updateTile(el, s);
@@ -170,14 +202,17 @@
     $("#empty").classList.toggle("hidden", list.length > 0 || conn !== "live");
     renderDevices();
     renderUnseen(list);
+    renderMore();
     renderBanner();
+    if (lightboxFor && !studies.has(lightboxFor)) closeLightbox();
   }
 
   function updateTile(el, s) {
     const f = FLAGS[s.flag] || FLAGS.pending;
     const dev = devices.get(s.device);
     const offline = dev && dev.state === "offline";
-    el.className = el.className.split(" ").filter((c) => !/^(flag-|state-|unacked|device-offline)/.test(c)).join(" ");
+    el.className = el.className.split(" ")
+      .filter((c) => !/^(flag-|state-|unacked|device-offline|corrected)/.test(c)).join(" ");
     el.classList.add("flag-" + s.flag, "state-" + s.state);
     if (s.flag === "positive" && !s.acked) el.classList.add("unacked");
     if (offline) el.classList.add("device-offline");
@@ -192,14 +227,7 @@
     else if (s.flag === "negative" && s.focal) action = "radiologist to read";
     $(".flag-action", el).textContent = action;
 
-    let strip;
-    if (s.state === "final") {
-      const n = (s.series || []).length;
-      strip = "FINAL" + (n > 1 ? " · " + n + " series" : " · scan complete");
-    } else {
-      strip = s.flag === "positive" ? "PROVISIONAL · final follows" : "PROVISIONAL · scan arriving";
-    }
-    $(".strip-text", el).textContent = strip;
+    $(".strip-text", el).textContent = stripText(s);
 
     const note = $(".offline-note", el);
     note.classList.toggle("hidden", !offline);
@@ -221,43 +249,113 @@
       ident.replaceChildren("Study ", b);
     }
 
-    const where = $(".where", el);
-    where.classList.toggle("hidden", !(s.quadrants && s.quadrants.length));
-    for (const q of el.querySelectorAll(".quad .q")) q.classList.remove("on");
-    for (const q of s.quadrants || []) {
-      const cell = $(".quad ." + QUAD_CLASS[q], el);
-      if (cell) cell.classList.add("on");
-    }
-    $(".where-text", el).textContent = (s.anatomy || []).join(", ");
-
-    const c = s.counts || {};
-    let detail = "";
-    if (s.flag === "indeterminate" && s.reason) {
-      detail = s.reason;
-    } else if (s.evidence) {
-      const e = s.evidence;
-      detail = "slices " + (e.first_slice + 1) + "–" + (e.last_slice + 1) + " · " + e.run + " in a row";
-    } else if (s.focal) {
-      const e = s.focal;
-      detail = "focal lesion · slices " + (e.first_slice + 1) + "–" + (e.last_slice + 1);
-    } else if (c.slices !== undefined) {
-      detail = c.slices + " slices" + (s.state === "provisional" ? " so far" : "") + " · "
-        + (c.lesion_slices || 0) + " with lesion";
-    } else {
-      detail = "waiting for the verdict";
-    }
-    $(".detail", el).textContent = detail;
-    $(".detail", el).classList.toggle("focal", !s.evidence && !!s.focal);
+    renderWhere(el, s);
+    const focal = !!(s.finding && s.finding.kind === "focal");
+    $(".detail", el).textContent = detailText(s);
+    $(".detail", el).classList.toggle("focal", focal);
+    renderCorrection(el, s);
     $(".model", el).textContent = (s.bundles || []).length
       ? "model " + s.bundles.map((b) => b.name + " " + b.version).join(" · ") : "";
 
     renderKey(el, s);
+    renderInfo(el, s);
     renderAck(el, s);
   }
 
+  function stripText(s) {
+    if (s.state === "corrected") {
+      const was = s.correction && s.correction.previous_result;
+      return "CORRECTED" + (was ? " — was " + String(was).toUpperCase() : "");
+    }
+    if (s.state === "final") {
+      const n = (s.series || []).length;
+      return "FINAL" + (n > 1 ? " · " + n + " series" : " · scan complete");
+    }
+    return s.flag === "positive" ? "PROVISIONAL · final follows" : "PROVISIONAL · scan arriving";
+  }
+
+  /* The where-line: the case rule's finding only (evidence of a positive, or the focal lesion a negative names),
+     in patient terms as the server wrote it. One quadrant lit; the full text is in the title and on tap. */
+  function renderWhere(el, s) {
+    const where = $(".where", el), text = $(".where-text", el);
+    const f = s.finding;
+    where.classList.toggle("hidden", !f);
+    where.classList.toggle("focal", !!f && f.kind === "focal");
+    const lit = f ? QUAD_CLASS[f.quadrant] : null;
+    for (const q of el.querySelectorAll(".quad .q")) q.classList.toggle("on", !!lit && q.classList.contains(lit));
+    const full = s.where || "";
+    if (text.textContent !== full) text.textContent = full;
+    where.title = full;
+    where.setAttribute("aria-label", full ? "where: " + full + " (tap for the full text)" : "");
+  }
+
+  function detailText(s) {
+    const c = s.counts || {};
+    const f = s.finding;
+    if (s.flag === "indeterminate" && s.reason) return s.reason;
+    if (f && f.kind === "evidence") return "lesion on " + f.run + " slices in a row";
+    if (f) return "single focal lesion · " + f.run + " slices";
+    if (c.slices !== undefined) {
+      return c.slices + " slices" + (s.state === "provisional" ? " so far" : "") + " · "
+        + (c.lesion_slices || 0) + " with lesion";
+    }
+    return "waiting for the verdict";
+  }
+
+  function renderCorrection(el, s) {
+    const note = $(".corr-note", el), c = s.correction;
+    el.classList.toggle("corrected", !!c);
+    note.classList.toggle("hidden", !c);
+    const text = c ? "⟲ " + (c.what || "result corrected") : "";
+    if (note.textContent !== text) note.textContent = text;
+    const when = c && c.previous_created ? " (earlier final " + hhmm(c.previous_created) + ")" : "";
+    note.title = c ? (c.what || "") + when : "";
+  }
+
+  /* The tile's full detail, shown over its body on tap: the texts a tile line may have to ellipsise, whole. */
+  function renderInfo(el, s) {
+    const lines = [];
+    if (s.where) lines.push(["where", "Where: " + s.where]);
+    const c = s.correction;
+    if (c) {
+      const when = c.previous_created ? " (earlier final " + hhmm(c.previous_created) + ")" : "";
+      lines.push(["corr", stripText(s) + when + ": " + (c.what || "result corrected")]);
+    }
+    const key = JSON.stringify(lines);
+    const info = $(".info", el);
+    if (info.dataset.key === key) return;
+    info.dataset.key = key;
+    info.replaceChildren(...lines.map(([cls, text]) => {
+      const p = document.createElement("p");
+      p.className = "info-" + cls;
+      p.textContent = text;
+      return p;
+    }), Object.assign(document.createElement("p"), { className: "info-hint", textContent: "tap to close" }));
+  }
+
+  function toggleOpen(el, open) {
+    const on = el.classList.toggle("open", open);
+    clearTimeout(el.openTimer);
+    if (on) el.openTimer = setTimeout(() => el.classList.remove("open"), OPEN_MS);
+  }
+
+  function keyCaption(s) {
+    if (s.key_slice === null || s.key_slice === undefined) return "";
+    return "slice " + (s.key_slice + 1) + (s.key_of ? " of " + s.key_of : "");
+  }
+
+  /* The key image carries no burned-in words: its caption (slice N of M, state) is HTML over it; tap enlarges. */
   function renderKey(el, s) {
-    const img = $(".key-img", el), canvas = $(".key-canvas", el), none = $(".key-none", el);
-    if (s.image) {
+    const img = $(".key-img", el), canvas = $(".key-canvas", el), none = $(".key-none", el), btn = $(".key", el);
+    const shown = s.image ? "image" : (s.boxes && s.boxes.length) ? "boxes" : "";
+    btn.disabled = !shown;
+    btn.setAttribute("aria-label", shown ? "key image: " + keyCaption(s) + " — tap to enlarge" : "no key image");
+    $(".key-top", el).textContent = keyCaption(s);
+    $(".key-top", el).classList.toggle("hidden", !shown || !keyCaption(s));
+    $(".key-state", el).textContent = shown === "boxes" ? "BOXES ONLY" : String(s.key_state || s.state).toUpperCase();
+    $(".key-bottom", el).classList.toggle("hidden", !shown);
+    for (const b of el.querySelectorAll(".key-side")) b.classList.toggle("hidden", !shown);
+    if (shown === "image") {
       if (img.getAttribute("src") !== s.image) img.setAttribute("src", s.image);
       img.classList.remove("hidden");
       canvas.classList.add("hidden");
@@ -266,7 +364,7 @@
     }
     img.classList.add("hidden");
     img.removeAttribute("src");
-    if (s.boxes && s.boxes.length) {
+    if (shown === "boxes") {
       const key = JSON.stringify(s.boxes);
       if (canvas.dataset.key !== key) { drawBoxes(canvas, s.boxes); canvas.dataset.key = key; }
       canvas.classList.remove("hidden");
@@ -295,12 +393,6 @@
       g.lineWidth = 6;
       g.strokeRect(x0 * W, y0 * H, Math.max(4, (x1 - x0) * W), Math.max(4, (y1 - y0) * H));
     }
-    g.fillStyle = "#b9c1cc";
-    g.font = "bold 30px sans-serif";
-    g.fillText("R", 14, H / 2 - 12);
-    g.fillText("L", W - 34, H / 2 - 12);
-    g.font = "24px sans-serif";
-    g.fillText("lesion boxes (no key image)", 14, H - 18);
   }
 
   function renderAck(el, s) {
@@ -398,6 +490,79 @@
     }
   }
 
+  /* Unseen positive tiles not fully in the queue's view, split by where they are: {above: [ids], below: [ids]}. */
+  function offscreen() {
+    const q = $("#queue").getBoundingClientRect();
+    const out = { above: [], below: [] };
+    for (const s of sorted().filter(unseenPositive)) {
+      const el = tiles.get(s.id);
+      if (!el) continue;
+      const r = el.getBoundingClientRect();
+      if (r.top < q.top - 1) out.above.push(s.id);
+      else if (r.bottom > q.bottom + 1) out.below.push(s.id);
+    }
+    return out;
+  }
+
+  function renderMore() {
+    const off = offscreen();
+    setMore($("#more-below"), off.below.length, "▼ " + off.below.length + " MORE POSITIVE BELOW");
+    setMore($("#more-above"), off.above.length, "▲ " + off.above.length + " MORE POSITIVE ABOVE");
+  }
+
+  function setMore(btn, n, text) {
+    btn.classList.toggle("hidden", n === 0);
+    btn.dataset.count = String(n);
+    if (n && btn.textContent !== text) btn.textContent = text;
+  }
+
+  /* Bring an unseen positive into view: from a "more" pill, the nearest one that way; from the banner, the next one
+     after the last shown (cycling), preferring one that is out of view. */
+  function showUnseen(dir) {
+    const ids = sorted().filter(unseenPositive).map((s) => s.id);
+    if (!ids.length) return;
+    const off = offscreen();
+    let next;
+    if (dir === "below") next = off.below[0];
+    else if (dir === "above") next = off.above[off.above.length - 1];
+    else {
+      const start = ids.indexOf(cycleAt) + 1;
+      const rotated = [...ids.slice(start), ...ids.slice(0, start)];
+      next = rotated.find((id) => off.above.includes(id) || off.below.includes(id)) || rotated[0];
+    }
+    const el = next && tiles.get(next);
+    if (!el) return;
+    cycleAt = next;
+    const smooth = !window.matchMedia("(prefers-reduced-motion: reduce)").matches;
+    el.scrollIntoView({ behavior: smooth ? "smooth" : "auto", block: "nearest" });
+    for (const other of tiles.values()) other.classList.remove("flash");
+    void el.offsetWidth;  // restart the highlight
+    el.classList.add("flash");
+    clearTimeout(el.flashTimer);
+    el.flashTimer = setTimeout(() => el.classList.remove("flash"), FLASH_MS);
+  }
+
+  // ---- key image, enlarged -----------------------------------------------------------------------------------
+  function openLightbox(id) {
+    const s = studies.get(id), el = tiles.get(id);
+    if (!s || !el) return;
+    const canvas = $(".key-canvas", el);
+    const src = s.image || (canvas.classList.contains("hidden") ? "" : canvas.toDataURL("image/png"));
+    if (!src) return;
+    $("#lightbox-img").setAttribute("src", src);
+    const state = s.image ? String(s.key_state || s.state).toUpperCase() : "lesion boxes only (no key image)";
+    $("#lightbox-cap").textContent = [s.device, "Study " + s.short, keyCaption(s), state, s.where]
+      .filter(Boolean).join(" · ");
+    $("#lightbox").classList.remove("hidden");
+    lightboxFor = id;
+  }
+
+  function closeLightbox() {
+    $("#lightbox").classList.add("hidden");
+    $("#lightbox-img").removeAttribute("src");
+    lightboxFor = null;
+  }
+
   function renderBanner() {
     const banner = $("#banner");
     let text = "";
@@ -444,13 +609,35 @@
       if (s) $(".age", el).textContent = ago(s.scanned);
     }
     if ([...studies.values()].some(expired)) render();
-    else renderDevices();
+    else { renderDevices(); renderMore(); }
+    returnWhenIdle();
   }
 
-  $("#unseen").addEventListener("click", () => {
-    const first = sorted().find((s) => s.flag === "positive" && !s.acked);
-    if (first && tiles.get(first.id)) tiles.get(first.id).scrollIntoView({ behavior: "smooth", block: "center" });
-  });
+  /* Nobody has touched the screen for a while and an unseen positive is out of view: show the top again. */
+  function returnWhenIdle() {
+    const q = $("#queue");
+    if (lightboxFor && Date.now() - lastInput >= LIGHTBOX_MS) closeLightbox();
+    if (Date.now() - lastInput < IDLE_MS || lightboxFor || q.scrollTop === 0) return;
+    const off = offscreen();
+    if (!off.above.length && !off.below.length) return;
+    q.scrollTo({ top: 0 });
+    for (const el of tiles.values()) el.classList.remove("open");
+  }
+
+  $("#unseen").addEventListener("click", () => showUnseen());
+  $("#more-below").addEventListener("click", () => showUnseen("below"));
+  $("#more-above").addEventListener("click", () => showUnseen("above"));
+  $("#lightbox").addEventListener("click", closeLightbox);
+  document.addEventListener("keydown", (e) => { if (e.key === "Escape" && lightboxFor) closeLightbox(); });
+  for (const name of ["pointerdown", "keydown", "wheel", "touchstart"]) {
+    window.addEventListener(name, () => { lastInput = Date.now(); }, { passive: true, capture: true });
+  }
+  let moreFrame = 0;
+  const renderMoreSoon = () => {
+    if (!moreFrame) moreFrame = requestAnimationFrame(() => { moreFrame = 0; renderMore(); });
+  };
+  $("#queue").addEventListener("scroll", renderMoreSoon, { passive: true });
+  window.addEventListener("resize", renderMoreSoon);
 
   function start() {
     setConn("connecting");
