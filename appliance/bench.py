@@ -89,10 +89,7 @@ def bench_backend(path: Path, backend: str, precision: str, threads: int | None,
     analysed = sum(len(a.kept) + len(a.rejected) for a in done.series)  # every series found is analysed
     rejected, bad, decode_s = done.rejected, largest.rejected, largest.decode_s
     t_case = time.perf_counter()
-    order = sorted(range(len(kept)), key=lambda i: sort_key(kept[i]))
-    c = analyzer.config
-    verdict = decide([findings[i] for i in order], min_slices=c.min_slices, min_run=c.min_run,
-                     gap_factor=c.gap_factor, min_run_mm=c.min_run_mm, min_foci=c.min_foci)
+    verdict, _ = analyzer.verdict(kept, findings)  # the rule the daemon and analyze apply
     case_ms = (time.perf_counter() - t_case) * 1000.0
     wall = time.perf_counter() - t0
     batch = analyzer.config.batch
@@ -114,8 +111,7 @@ def bench_backend(path: Path, backend: str, precision: str, threads: int | None,
         s.hu = None
         stream_findings.append(f)
         stream_findings.sort(key=lambda x: -x.position)
-        decide(stream_findings, final=False, min_slices=c.min_slices, min_run=c.min_run, gap_factor=c.gap_factor,
-               min_run_mm=c.min_run_mm, min_foci=c.min_foci)
+        decide(stream_findings, analyzer.rule, final=False)
         lat = time.perf_counter() - t
     sps = analysed / wall if wall > 0 else 0.0
     return {
@@ -129,6 +125,8 @@ def bench_backend(path: Path, backend: str, precision: str, threads: int | None,
         "model_load_s": round(load_s, 3),
         "peak_rss_mb": round(peak_rss_mb(), 1),
         "result": verdict.result,
+        "evidence": verdict.evidence.as_dict() if verdict.evidence else None,
+        "focal": verdict.focal.as_dict() if verdict.focal else None,
         "device": analyzer.device,
         "precision": precision,
         "workers": analyzer.workers,

@@ -44,7 +44,8 @@ from appliance.domain import SliceFinding, SliceImage
 from appliance.ingest.dicom_reader import Rejected, read_slice
 from appliance.ingest.series import sort_key
 from appliance.ingest.spool import Spool
-from appliance.pipeline.tracker import Arrival, SeriesSummary, SeriesTracker, TrackedSeries, Update, study_verdict
+from appliance.pipeline.case_logic import CaseRule, SeriesSummary, study_verdict
+from appliance.pipeline.tracker import Arrival, SeriesTracker, TrackedSeries, Update
 from appliance.privacy import load_secret, pseudonym
 from appliance.publish import messages as msg
 from appliance.publish.mqtt import MQTTTransport, OutboxPump, Transport
@@ -183,11 +184,9 @@ class Daemon:
         self.store = Store(self.state_dir / DB_FILE)
         self._wake = threading.Event()
         self.spool = Spool(self.state_dir, cfg.watch.min_free_mb, notify=self._wake.set)
-        a = cfg.analysis
-        self.tracker = SeriesTracker(min_run=a.min_run, min_slices=a.min_slices, gap_factor=a.gap_factor,
-                                     quiet_seconds=cfg.series.quiet_seconds, max_open=cfg.series.max_open_series,
-                                     min_run_mm=a.min_run_mm,  # the daemon reads DICOM only: spacing is physical
-                                     min_foci=a.min_foci)
+        # the daemon reads DICOM only: spacing is physical, the whole rule applies
+        self.tracker = SeriesTracker(CaseRule.from_config(cfg.analysis), quiet_seconds=cfg.series.quiet_seconds,
+                                     max_open=cfg.series.max_open_series)
         self.topics = msg.Topics(cfg.mqtt.prefix, cfg.device_id)
         self.analyzer = analyzer
         self.transport = transport
@@ -1017,6 +1016,11 @@ class Daemon:
                     if n:
                         log.info("pruned %d processed file(s) older than %g days", n,
                                  self.cfg.watch.keep_processed_days)
+                    w = self.cfg.watch
+                    n = self.spool.prune_quarantine(w.quarantine_keep_days, w.quarantine_max_mb)
+                    if n:
+                        log.info("pruned %d quarantined file(s) (older than %g days, or beyond %d MB)", n,
+                                 w.quarantine_keep_days, w.quarantine_max_mb)
                 self._write_status()
             except Exception:
                 log.exception("housekeeping failed")

@@ -25,7 +25,7 @@ from appliance.analyze import analyze_files, discover
 from appliance.domain import Rect, SliceFinding
 from appliance.imaging import resize
 from appliance.ingest.image_reader import image_series, natural_key
-from appliance.pipeline.case_logic import describe_rule
+from appliance.pipeline.case_logic import SeriesSummary, study_verdict
 from appliance.pipeline.lesions import AREA_SCALE
 
 GROUPS = ("covid", "control")
@@ -338,10 +338,10 @@ def evaluate(root: Path, analyzer, max_tilt_deg: float = 10.0, progress: Callabl
         total_s += res.seconds
         results.append(res)
         images += imgs
-    le, cfg = analyzer.lesion, analyzer.config
+    le = analyzer.lesion
     return Evaluation(images, results, analyzer.backend, analyzer.precision, analyzer.device, analyzer.bundles,
                       float(le.threshold), float(le.min_area), total_s, float(le.min_score),
-                      describe_rule(cfg.min_run, cfg.min_run_mm, cfg.min_foci))
+                      analyzer.rule.describe())
 
 
 def _run_patient(src: PatientSource, dicom_files: list[Path], image_groups: dict[Path, list[Path]], analyzer,
@@ -379,7 +379,8 @@ def _run_patient(src: PatientSource, dicom_files: list[Path], image_groups: dict
             findings += analyzer.findings(slices[i:i + b], keep_prob=True)
             if progress:
                 progress(len(slices[i:i + b]))
-        verdict, ordered = analyzer.verdict(slices, findings, min_slices=1)
+        # a crop patient is a handful of slices picked from a scan: no slice count is asked of it
+        verdict, ordered = analyzer.verdict(slices, findings, rule=analyzer.rule.but(min_slices=1))
         seconds += time.perf_counter() - t0
         runs.append(("images", verdict, ordered))
     out: list[ImageResult] = []
@@ -422,16 +423,8 @@ def _patient_verdict(src: PatientSource, runs: list, rejected: list[dict], secon
     if not runs:
         why = f"no usable slices ({len(rejected)} file(s) rejected)" if rejected else "no slices"
         return PatientResult(src, "indeterminate", why, None, 0, 0, 0, rejected, seconds)
-    pos = [v for _, v, _ in runs if v.result == "positive"]
-    if pos:
-        best = max(pos, key=lambda v: v.evidence.run if v.evidence else 0)
-        return PatientResult(src, "positive", None, best.evidence.as_dict() if best.evidence else None, len(runs),
-                             slices, lesion, rejected, seconds)
-    neg = [v for _, v, _ in runs if v.result == "negative"]
-    if neg:
-        focal = [v for v in neg if v.focal is not None]  # a single lesion focus: named, for a radiologist
-        best = max(focal, key=lambda v: v.focal.run) if focal else None  # type: ignore[union-attr]
-        return PatientResult(src, "negative", best.reason if best else None, None, len(runs), slices, lesion,
-                             rejected, seconds, focal=best.focal.as_dict() if best else None)
-    reason = "; ".join(sorted({v.reason or "indeterminate" for _, v, _ in runs}))
-    return PatientResult(src, "indeterminate", reason, None, len(runs), slices, lesion, rejected, seconds)
+    # the study-level function the appliance publishes from: a patient's call is the study verdict of its runs
+    v, _ = study_verdict([SeriesSummary(str(i), run_v) for i, (_, run_v, _) in enumerate(runs)])
+    return PatientResult(src, v.result, None if v.result == "positive" else v.reason,
+                         v.evidence.as_dict() if v.evidence else None, len(runs), slices, lesion, rejected, seconds,
+                         focal=v.focal.as_dict() if v.focal else None)

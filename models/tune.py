@@ -21,7 +21,7 @@ from appliance.config import AnalysisConfig
 from appliance.domain import Rect, SliceImage
 from appliance.imaging import resize
 from appliance.pipeline.analyzer import Analyzer
-from appliance.pipeline.case_logic import decide
+from appliance.pipeline.case_logic import CaseRule, decide
 from models.data import DATA, SEMI, VAL_PSEUDO_PATIENTS, _natural_key, prepare_lesion
 from models.train import dice_np
 
@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> None:
                 from appliance.domain import SliceFinding
 
                 fs.append(SliceFinding(str(k), -float(k), shape, Rect(0, 0, *shape), b))
-            pat_res[pid] = decide(fs, min_slices=1).result
+            pat_res[pid] = decide(fs, CaseRule.chen2020(min_slices=1)).result
         return {
             "threshold": thr, "min_area_px": min_area, "min_score": min_score,
             "sens_doctor": float(np.mean(doc)), "sens_pseudo": float(np.mean(pse)),

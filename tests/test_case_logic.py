@@ -1,5 +1,12 @@
+import pytest
+
 from appliance.domain import Box, Rect, SliceFinding
-from appliance.pipeline.case_logic import decide, find_evidence, foci, longest_runs, quadrant_of
+from appliance.pipeline.case_logic import CaseRule, decide, find_evidence, foci, longest_runs, quadrant_of
+
+
+def rule(**changes) -> CaseRule:
+    """Chen et al. 2020's rule (3 slices, one quadrant), with the given settings changed."""
+    return CaseRule.chen2020().but(**changes)
 
 
 def finding(pos: float, quads=(), lung=True) -> SliceFinding:
@@ -25,11 +32,11 @@ def test_quadrant_of_display_orientation():
 def test_run_of_two_is_negative_and_three_is_positive():
     two = series([(), (UL,), (UL,), (), ()] + [()] * 20)
     assert find_evidence(two) is None
-    assert decide(two, min_slices=20).result == "negative"
+    assert decide(two, rule(min_slices=20)).result == "negative"
     three = series([(), (UL,), (UL,), (UL,), ()] + [()] * 20)
     ev = find_evidence(three)
     assert ev is not None and (ev.quadrant, ev.first_slice, ev.last_slice, ev.run) == (UL, 1, 3, 3)
-    assert decide(three).result == "positive"
+    assert decide(three, rule()).result == "positive"
 
 
 def test_alternating_quadrants_never_fire():
@@ -67,23 +74,23 @@ def test_longest_run_reported():
 
 def test_slices_without_lung_break_runs_and_count():
     fs = series([(UL,), (UL,)]) + [finding(-2.0, (), lung=False)] + [finding(-3.0, (UL,))]
-    v = decide(fs, min_slices=1)
+    v = decide(fs, rule(min_slices=1))
     assert v.result == "negative" and v.lung_slices == 3 and v.lesion_slices == 3
 
 
 def test_indeterminate_reasons():
     short = series([()] * 5)
-    v = decide(short, min_slices=20)
+    v = decide(short, rule(min_slices=20))
     assert v.result == "indeterminate" and "5 slice" in v.reason
     nolung = [finding(-i, (), lung=False) for i in range(25)]
-    v = decide(nolung, min_slices=20)
+    v = decide(nolung, rule(min_slices=20))
     assert v.result == "indeterminate" and "no lung" in v.reason
     # a positive run wins even in a short series
-    assert decide(series([(UL,)] * 3), min_slices=20).result == "positive"
+    assert decide(series([(UL,)] * 3), rule(min_slices=20)).result == "positive"
 
 
 def test_provisional_state():
-    assert decide(series([(UL,)] * 3), final=False).state == "provisional"
+    assert decide(series([(UL,)] * 3), rule(), final=False).state == "provisional"
 
 
 def test_min_run_mm_scales_the_rule_with_slice_thickness():
@@ -94,7 +101,7 @@ def test_min_run_mm_scales_the_rule_with_slice_thickness():
     assert find_evidence(thin8, min_run_mm=5.0).run == 8
     thick = series([(UL,)] * 3 + [()] * 20, spacing=5.0)  # 3 slices of 5 mm = 15 mm: the plain rule
     assert find_evidence(thick, min_run_mm=5.0).run == 3
-    assert decide(thin, min_run_mm=5.0, min_slices=1).result == "negative"
+    assert decide(thin, rule(min_run_mm=5.0, min_slices=1)).result == "negative"
 
 
 # -- foci: one lesion followed from slice to slice ------------------------------------------------------------------
@@ -126,9 +133,9 @@ def test_a_focus_bridges_one_slice_where_the_model_missed_it():
     assert foci(one_miss) == [(0, 6)]
     two_miss = [boxed(-i) if i in (3, 4) else boxed(-i, TUMOUR) for i in range(8)] + [boxed(-i) for i in range(8, 30)]
     assert sorted(foci(two_miss)) == [(0, 2), (5, 7)]
-    v = decide(one_miss, min_slices=20, min_foci=2)
+    v = decide(one_miss, rule(min_slices=20, min_foci=2))
     assert v.result == "negative" and v.foci == 1  # the seed's rule sees two runs of 3; it is one lesion
-    assert decide(two_miss, min_slices=20, min_foci=2).result == "positive"
+    assert decide(two_miss, rule(min_slices=20, min_foci=2)).result == "positive"
 
 
 def test_boxes_just_apart_join_only_within_the_growth_margin():
@@ -146,9 +153,9 @@ def test_single_focus_is_negative_with_the_focus_named():
     """A tumour: one focus on 8 consecutive slices in one quadrant. The seed's rule (min_foci=1) fires; the
     multifocal rule gives a negative that names the focus for a radiologist."""
     fs = [boxed(-i) for i in range(10)] + [boxed(-i, TUMOUR) for i in range(10, 18)] + [boxed(-i) for i in range(18, 40)]
-    seed = decide(fs, min_slices=20)
+    seed = decide(fs, rule(min_slices=20))
     assert seed.result == "positive" and seed.evidence.run == 8 and seed.foci == 1
-    v = decide(fs, min_slices=20, min_foci=2)
+    v = decide(fs, rule(min_slices=20, min_foci=2))
     assert v.result == "negative" and v.evidence is None and v.foci == 1
     assert (v.focal.quadrant, v.focal.first_slice, v.focal.last_slice, v.focal.run) == (LR, 10, 17, 8)
     assert "single focal lesion (lower-right, slices 11–18)" in v.reason
@@ -159,24 +166,44 @@ def test_two_foci_make_a_positive_even_in_one_quadrant():
     other = (180, 300, 220, 340)  # upper-right... kept apart from TUMOUR by > the margin
     fs = [boxed(-i, TUMOUR) if i < 6 else boxed(-i) for i in range(25)]
     fs[8:11] = [boxed(-i, (400, 420, 430, 470)) for i in range(8, 11)]  # lower-right again, 3 slices, apart
-    v = decide(fs, min_slices=20, min_foci=2)
+    v = decide(fs, rule(min_slices=20, min_foci=2))
     assert v.result == "positive" and v.foci == 2 and v.evidence.quadrant == LR and v.focal is None
     fs[8:11] = [boxed(-i, other) for i in range(8, 10)] + [boxed(-10)]  # a second focus of only 2 slices
-    assert decide(fs, min_slices=20, min_foci=2).result == "negative"
+    assert decide(fs, rule(min_slices=20, min_foci=2)).result == "negative"
 
 
 def test_focus_length_follows_the_extent_in_mm():
     """On 1 mm slices a focus must span 5 slices (min_run_mm=5) to count, like a run."""
     def two_foci(length):
         return [boxed(-i, TUMOUR, PATCH) if i < length else boxed(-i) for i in range(30)]
-    assert decide(two_foci(4), min_slices=20, min_foci=2, min_run_mm=5.0).result == "negative"
-    assert decide(two_foci(4), min_slices=20, min_foci=2, min_run_mm=5.0).focal is None  # no run fired at all
-    assert decide(two_foci(5), min_slices=20, min_foci=2, min_run_mm=5.0).foci == 2
-    assert decide(two_foci(5), min_slices=20, min_foci=2, min_run_mm=5.0).result == "positive"
+    assert decide(two_foci(4), rule(min_slices=20, min_foci=2, min_run_mm=5.0)).result == "negative"
+    assert decide(two_foci(4), rule(min_slices=20, min_foci=2, min_run_mm=5.0)).focal is None  # no run fired at all
+    assert decide(two_foci(5), rule(min_slices=20, min_foci=2, min_run_mm=5.0)).foci == 2
+    assert decide(two_foci(5), rule(min_slices=20, min_foci=2, min_run_mm=5.0)).result == "positive"
 
 
 def test_a_short_series_with_one_focus_stays_indeterminate_and_names_it():
     fs = [boxed(-i, TUMOUR) for i in range(5)]
-    v = decide(fs, min_slices=20, min_foci=2, final=False)
+    v = decide(fs, rule(min_slices=20, min_foci=2), final=False)
     assert v.result == "indeterminate" and v.state == "provisional" and v.focal is not None
     assert v.reason.startswith("only 5 slice(s)") and "single focal lesion" in v.reason
+
+
+def test_case_rule_is_built_once_from_the_config_and_the_seed_rule_stays_available():
+    import dataclasses
+
+    from appliance.config import AnalysisConfig
+
+    r = CaseRule.from_config(AnalysisConfig())
+    assert (r.min_run, r.min_run_mm, r.min_foci, r.min_slices, r.gap_factor) == (3, 5.0, 2, 20, 1.5)
+    assert r.for_images() == r.but(min_run_mm=0.0) and r.min_run_mm == 5.0, "a copy; the rule itself is unchanged"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        r.min_foci = 1  # type: ignore[misc]
+    seed = CaseRule.chen2020()
+    assert (seed.min_run, seed.min_run_mm, seed.min_foci) == (3, 0.0, 1)
+    assert "at least 2 separate lesion foci" in r.describe() and "foci" not in seed.describe()
+    # one focus on 3 slices: the seed's rule calls it positive, the appliance's rule a negative naming the focus
+    fs = series([(UL,)] * 3 + [()] * 20, spacing=5.0)
+    assert decide(fs, seed).result == "positive"
+    v = decide(fs, r)
+    assert v.result == "negative" and v.focal is not None and v.focal.quadrant == UL

@@ -153,14 +153,14 @@ def test_evaluation_aggregates_hand_made_results():
 def test_report_without_masks_says_so_instead_of_an_empty_histogram():
     from appliance.domain import SliceFinding
     from appliance.evaluate import Evaluation, ImageResult, PatientResult, PatientSource
-    from appliance.pipeline.case_logic import describe_rule
+    from appliance.pipeline.case_logic import CaseRule
     from appliance.report import build_html
 
     f = SliceFinding("k", 0.0, (8, 8), Rect(0, 0, 8, 8), [])
     images = [ImageResult("b", "control", "k.png", "images", 0, f, 0.1, False)]
     pats = [PatientResult(PatientSource("control", "b", Path("b"), None), "negative", None, None, 1, 1, 0)]
     ev = Evaluation(images, pats, "openvino", "int8", "CPU", [], 0.3, 25.0, 0.1, 0.3,
-                    describe_rule(min_foci=1))
+                    CaseRule.chen2020().describe())
     page = build_html(ev, ev.as_dict())
     assert "Dice not computed" in page and 'alt="Dice histogram"' not in page
     assert "peaking at" not in page  # the peak gate equals the threshold: nothing more to say

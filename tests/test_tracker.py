@@ -6,7 +6,8 @@ import random
 import pytest
 
 from appliance.domain import Box, Rect, SliceFinding
-from appliance.pipeline.tracker import Arrival, SeriesSummary, SeriesTracker, study_verdict
+from appliance.pipeline.case_logic import CaseRule, SeriesSummary, study_verdict
+from appliance.pipeline.tracker import Arrival, SeriesTracker
 
 
 def finding(k: int, quadrant: str | None = None, lung: bool = True) -> SliceFinding:
@@ -20,10 +21,9 @@ def arrival(k: int, quadrant: str | None = None, series: str = "1.2.3", study: s
     return Arrival(series, study, (float(k), 0, f"s{k}"), f, ident or f"sop-{series}-{k}", expected)
 
 
-def tracker(**kw) -> SeriesTracker:
-    base = dict(min_run=3, min_slices=20, gap_factor=1.5, quiet_seconds=5.0, max_open=16)
-    base.update(kw)
-    return SeriesTracker(**base)
+def tracker(quiet_seconds: float = 5.0, max_open: int = 16, **rule) -> SeriesTracker:
+    return SeriesTracker(CaseRule.chen2020(min_slices=20).but(**rule), quiet_seconds=quiet_seconds,
+                         max_open=max_open)
 
 
 LESION = {10: "upper-left", 11: "upper-left", 12: "upper-left"}

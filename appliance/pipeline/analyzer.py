@@ -15,7 +15,7 @@ from appliance.config import AnalysisConfig
 from appliance.domain import Rect, SeriesVerdict, SliceFinding, SliceImage
 from appliance.inference.bundle import Bundle, BundleError, default_bundle_dir, find_bundles
 from appliance.ingest.series import sort_key
-from appliance.pipeline.case_logic import decide
+from appliance.pipeline.case_logic import CaseRule, decide
 from appliance.pipeline.lesions import LesionDetector
 from appliance.pipeline.valid_area import ValidArea
 
@@ -43,6 +43,7 @@ class Analyzer:
     def __init__(self, lesion: LesionDetector, valid_area: ValidArea | None, config: AnalysisConfig | None = None) -> None:
         self.lesion, self.valid_area = lesion, valid_area
         self.config = config or AnalysisConfig()
+        self.rule = CaseRule.from_config(self.config)  # the case rule every caller of this analyzer shares
 
     @classmethod
     def load(cls, config: AnalysisConfig | None = None, bundle_dir: Path | None = None) -> "Analyzer":
@@ -161,16 +162,13 @@ class Analyzer:
         return out
 
     def verdict(self, slices: Sequence[SliceImage], findings: Sequence[SliceFinding], final: bool = True,
-                min_slices: int | None = None) -> tuple[SeriesVerdict, list[SliceFinding]]:
-        """Sort (slices, findings) into series order and apply the case rule."""
+                rule: CaseRule | None = None) -> tuple[SeriesVerdict, list[SliceFinding]]:
+        """Sort (slices, findings) into series order and apply the case rule (default: this analyzer's)."""
         order = sorted(range(len(slices)), key=lambda i: sort_key(slices[i]))
         ordered = [findings[i] for i in order]
-        dicom = all(s.window01 is None for s in slices)  # image crops have no physical spacing
-        v = decide(ordered, final=final, min_run=self.config.min_run,
-                   min_slices=self.config.min_slices if min_slices is None else min_slices,
-                   gap_factor=self.config.gap_factor, min_run_mm=self.config.min_run_mm if dicom else 0.0,
-                   min_foci=self.config.min_foci)
-        return v, ordered
+        rule = rule or self.rule
+        dicom = all(s.window01 is None for s in slices)
+        return decide(ordered, rule if dicom else rule.for_images(), final=final), ordered
 
 
 def min_crop(box: Rect, shape: tuple[int, int], spacing: tuple[float, float], min_mm: float) -> Rect:

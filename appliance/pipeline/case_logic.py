@@ -18,8 +18,11 @@ radiologist.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 from appliance.domain import QUADRANTS, Evidence, Rect, SeriesVerdict, SliceFinding
 from appliance.ingest.series import GAP_FACTOR, links, median_spacing
@@ -27,6 +30,48 @@ from appliance.ingest.series import GAP_FACTOR, links, median_spacing
 MIN_RUN = 3
 FOCUS_GROW = 0.02  # boxes on neighbouring slices within 2 % of the slice size of each other: the same focus
 FOCUS_SKIP = 1  # ... also across this many slices without that box (present slices, not missing ones)
+
+
+@dataclass(frozen=True)
+class CaseRule:
+    """The case rule's settings, built once (`from_config`) and shared by every caller — the daemon's tracker,
+    `analyze`, `evaluate`, `bench` — so they cannot disagree about what "positive" means.
+
+    min_run: consecutive slices with lesion in one quadrant (Chen et al. 2020: 3); min_run_mm: the run's extent
+    along z on DICOM series (0: the plain slice count); min_foci: separate lesion foci each spanning such a run;
+    min_slices: slices a series needs before it may be called negative; gap_factor: neighbours further apart than
+    this × the median spacing break a run.
+    """
+
+    min_run: int
+    min_run_mm: float
+    min_foci: int
+    min_slices: int
+    gap_factor: float
+
+    @classmethod
+    def from_config(cls, analysis: Any) -> "CaseRule":
+        """From `appliance.config.AnalysisConfig` (the one place the defaults live)."""
+        return cls(min_run=int(analysis.min_run), min_run_mm=float(analysis.min_run_mm),
+                   min_foci=int(analysis.min_foci), min_slices=int(analysis.min_slices),
+                   gap_factor=float(analysis.gap_factor))
+
+    @classmethod
+    def chen2020(cls, min_slices: int = 0) -> "CaseRule":
+        """The rule of Chen et al. 2020 alone (3 consecutive slices, same quadrant), for reproducing the paper."""
+        return cls(min_run=MIN_RUN, min_run_mm=0.0, min_foci=1, min_slices=min_slices, gap_factor=GAP_FACTOR)
+
+    def but(self, **changes: Any) -> "CaseRule":
+        """A copy with some settings changed (e.g. `rule.but(min_slices=1)`)."""
+        return dataclasses.replace(self, **changes)
+
+    def for_images(self) -> "CaseRule":
+        """For lung-window crop images: they carry no physical spacing, so the extent check is off."""
+        return self.but(min_run_mm=0.0)
+
+    def describe(self) -> str:
+        """The rule in one phrase (reports)."""
+        return describe_rule(self.min_run, self.min_run_mm, self.min_foci)
 
 
 def quadrant_of(cy: float, cx: float, lung_cy: float, lung_cx: float) -> str:
@@ -125,16 +170,16 @@ def find_evidence(findings: Sequence[SliceFinding], min_run: int = MIN_RUN,
     return Evidence(quadrant=q, first_slice=start, last_slice=start + length - 1, run=length)  # type: ignore[arg-type]
 
 
-def decide(findings: Sequence[SliceFinding], *, final: bool = True, min_run: int = MIN_RUN,
-           min_slices: int = 0, gap_factor: float = GAP_FACTOR, min_run_mm: float = 0.0,
-           min_foci: int = 1) -> SeriesVerdict:
-    """Verdict for findings sorted in series order.
+def decide(findings: Sequence[SliceFinding], rule: CaseRule, *, final: bool = True) -> SeriesVerdict:
+    """Verdict for findings sorted in series order, under `rule`.
 
     positive: a run fired and the lesions form ≥ `min_foci` foci that each span a qualifying run. A run with
     fewer foci: negative, the run reported as `focal` with a reason (a focal lesion for a radiologist, not the
     COVID-19 pattern). negative: no run, at least `min_slices` slices and some lung seen. Otherwise
     indeterminate, with the reason. A verdict before the series is complete is `provisional`.
     """
+    min_run, min_slices, gap_factor = rule.min_run, rule.min_slices, rule.gap_factor
+    min_run_mm, min_foci = rule.min_run_mm, rule.min_foci
     ev = find_evidence(findings, min_run, gap_factor, min_run_mm)
     need = slices_needed(findings, min_run, min_run_mm)
     n_foci = sum(1 for lo, hi in foci(findings, gap_factor) if hi - lo + 1 >= need)
@@ -161,3 +206,44 @@ def decide(findings: Sequence[SliceFinding], *, final: bool = True, min_run: int
     return SeriesVerdict(result=result, state="final" if final else "provisional", evidence=ev, slices=n,
                          lung_slices=lung, lesion_slices=lesion, reason=reason, gaps=gaps, focal=focal,
                          foci=n_foci)
+
+
+# -- the study verdict over its series -----------------------------------------------------------------------------
+@dataclass
+class SeriesSummary:
+    """What the study verdict needs to know about one series."""
+
+    series_key: str
+    verdict: SeriesVerdict
+    description: str = ""
+    updated: float = 0.0
+
+    def as_dict(self) -> dict:
+        return {"series_key": self.series_key, "result": self.verdict.result, "state": self.verdict.state,
+                "slices": self.verdict.slices, "description": self.description}
+
+
+RESULT_RANK = {"positive": 2, "negative": 1, "indeterminate": 0}
+
+
+def study_verdict(series: Sequence[SeriesSummary]) -> tuple[SeriesVerdict, SeriesSummary]:
+    """(study verdict, lead series): what the appliance publishes and `evaluate` counts per patient.
+
+    Positive when any series is; negative when none is and at least one is negative; else indeterminate. Final
+    when every series is final. The lead series (whose evidence, counts and key are reported) is the positive one
+    with the longest run; for a negative, the one naming the longest single focal lesion, else the most recently
+    updated one with the study's result."""
+    if not series:
+        raise ValueError("a study verdict needs at least one series")
+    result = max((s.verdict.result for s in series), key=RESULT_RANK.__getitem__)
+    state = "final" if all(s.verdict.state == "final" for s in series) else "provisional"
+    same = [s for s in series if s.verdict.result == result]
+    if result == "positive":
+        lead = max(same, key=lambda s: (s.verdict.evidence.run if s.verdict.evidence else 0, s.updated))
+    else:
+        lead = max(same, key=lambda s: (s.verdict.focal.run if s.verdict.focal else 0, s.updated))
+    lv = lead.verdict
+    v = SeriesVerdict(result=result, state=state, evidence=lv.evidence, slices=lv.slices,  # type: ignore[arg-type]
+                      lung_slices=lv.lung_slices, lesion_slices=lv.lesion_slices, reason=lv.reason, gaps=lv.gaps,
+                      focal=lv.focal, foci=lv.foci)
+    return v, lead

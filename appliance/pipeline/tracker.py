@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from appliance.domain import SeriesVerdict, SliceFinding
-from appliance.pipeline.case_logic import decide
+from appliance.pipeline.case_logic import CaseRule, decide
 
 UpdateKind = Literal["provisional", "final"]
 
@@ -74,11 +74,10 @@ class TrackedSeries:
 
 
 class SeriesTracker:
-    def __init__(self, *, min_run: int = 3, min_slices: int = 20, gap_factor: float = 1.5,
-                 quiet_seconds: float = 5.0, max_open: int = 16, min_run_mm: float = 0.0,
-                 min_foci: int = 1) -> None:
-        self.min_run, self.min_slices, self.gap_factor = min_run, min_slices, gap_factor
-        self.min_run_mm, self.min_foci = min_run_mm, min_foci
+    """Open series and when they complete; `rule` is the case rule every caller shares (`CaseRule.from_config`)."""
+
+    def __init__(self, rule: CaseRule, *, quiet_seconds: float, max_open: int) -> None:
+        self.rule = rule
         self.quiet_seconds, self.max_open = quiet_seconds, max_open
         self.open: dict[str, TrackedSeries] = {}
 
@@ -93,8 +92,7 @@ class SeriesTracker:
 
     def verdict(self, uid: str, final: bool) -> SeriesVerdict:
         s = self.open[uid]
-        return decide(s.findings, final=final, min_run=self.min_run, min_slices=self.min_slices,
-                      gap_factor=self.gap_factor, min_run_mm=self.min_run_mm, min_foci=self.min_foci)
+        return decide(s.findings, self.rule, final=final)
 
     # -- events ------------------------------------------------------------------------------------------------
     def add(self, arrivals: Iterable[Arrival], now: float) -> list[Update]:
@@ -167,42 +165,3 @@ class SeriesTracker:
         v = self.verdict(uid, final=True)
         del self.open[uid]
         return Update(uid, "final", v, reason)
-
-
-# -- study verdict over its series -------------------------------------------------------------------------------
-@dataclass
-class SeriesSummary:
-    """What the study verdict needs to know about one series."""
-
-    series_key: str
-    verdict: SeriesVerdict
-    description: str = ""
-    updated: float = 0.0
-
-    def as_dict(self) -> dict:
-        return {"series_key": self.series_key, "result": self.verdict.result, "state": self.verdict.state,
-                "slices": self.verdict.slices, "description": self.description}
-
-
-RESULT_RANK = {"positive": 2, "negative": 1, "indeterminate": 0}
-
-
-def study_verdict(series: list[SeriesSummary]) -> tuple[SeriesVerdict, SeriesSummary]:
-    """(study verdict, lead series). Positive when any series is; negative when none is and at least one is
-    negative; else indeterminate. Final when every series is final. The lead series (whose evidence, counts and
-    key is reported) is the positive one with the longest run, else the most recently updated one with the
-    study's result."""
-    if not series:
-        raise ValueError("a study verdict needs at least one series")
-    result = max((s.verdict.result for s in series), key=RESULT_RANK.__getitem__)
-    state = "final" if all(s.verdict.state == "final" for s in series) else "provisional"
-    same = [s for s in series if s.verdict.result == result]
-    if result == "positive":
-        lead = max(same, key=lambda s: (s.verdict.evidence.run if s.verdict.evidence else 0, s.updated))
-    else:
-        lead = max(same, key=lambda s: s.updated)
-    lv = lead.verdict
-    v = SeriesVerdict(result=result, state=state, evidence=lv.evidence, slices=lv.slices,  # type: ignore[arg-type]
-                      lung_slices=lv.lung_slices, lesion_slices=lv.lesion_slices, reason=lv.reason, gaps=lv.gaps,
-                      focal=lv.focal, foci=lv.foci)
-    return v, lead
