@@ -20,6 +20,7 @@ from appliance.ingest.image_reader import image_series, is_image_file, natural_k
 from appliance.ingest.series import Series, sort_key
 from appliance.pipeline.analyzer import Analyzer, stage_summary
 from appliance.privacy import pseudonym
+from appliance.publish.key_slices import key_slices
 from appliance.publish.overlays import render, slice_grey
 
 
@@ -68,18 +69,6 @@ class SeriesReport:
             "precision": analyzer.precision,
             "timings": {"ms_per_slice": self.timings_ms, "total_s": round(self.seconds, 3)},
         }
-
-
-def key_slices(findings: list[SliceFinding], limit: int = 12) -> list[dict]:
-    """Slices with lesion (series index, quadrants, boxes normalised to [0, 1], best score), best first."""
-    out = []
-    for i, f in enumerate(findings):
-        if f.boxes:
-            out.append({"index": i, "quadrants": sorted(f.quadrants), "score": round(max(b.score for b in f.boxes), 4),
-                        "boxes": [{"box": b.normalised(f.shape), "quadrant": b.quadrant, "score": b.score,
-                                   "area_px512": b.area_512} for b in f.boxes]})
-    out.sort(key=lambda d: -d["score"])
-    return out[:limit]
 
 
 def discover(path: Path) -> tuple[list[Path], dict[Path, list[Path]]]:

@@ -8,6 +8,7 @@ import os
 import sys
 
 from appliance import __version__
+from appliance.errors import UsageError
 
 # subcommand → (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -22,10 +23,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "echo": ("appliance.commands.echo", "DICOM C-ECHO to AE@host:port"),
     "config": ("appliance.commands.config", "print the effective configuration or check a config file"),
 }
-
-
-class UsageError(Exception):
-    """Bad input from the user: printed as one line, exit status 2."""
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -5,8 +5,8 @@ SeriesVerdict (the case rule applied to a series' findings).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
 
 import numpy as np
 
@@ -89,6 +89,66 @@ class Box:
         return [round(r.y0 / h, 4), round(r.x0 / w, 4), round(r.y1 / h, 4), round(r.x1 / w, 4)]
 
 
+@dataclass(frozen=True)
+class Solid:
+    """A soft-tissue component in the lung envelope on one slice (appliance.pipeline.solid): rect in slice pixels;
+    `pixel_mm` the slice's in-plane pixel size."""
+
+    rect: Rect
+    area_mm2: float
+    diameter_mm: float  # largest in-plane extent (Feret diameter over 4 directions)
+    mean_hu: float
+    attached: bool  # connected to the soft tissue of the chest wall or mediastinum
+    pixel_mm: float = 1.0
+    rim_air: float = 0.0  # share of aerated lung in the `RIM_MM` around it (a vessel in aerated lung: high)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Compact and JSON-safe: {"r": [y0, x0, y1, x1], "a": mm², "d": mm, "hu", "att": 0|1, "mm", "air"}."""
+        return {"r": self.rect.as_list(), "a": round(self.area_mm2, 1), "d": round(self.diameter_mm, 1),
+                "hu": round(self.mean_hu), "att": int(self.attached), "mm": round(self.pixel_mm, 4),
+                "air": round(self.rim_air, 2)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Solid":
+        return cls(Rect(*d["r"]), float(d["a"]), float(d["d"]), float(d["hu"]), bool(d["att"]),
+                   float(d.get("mm", 1.0)), float(d.get("air", 0.0)))
+
+
+@dataclass
+class SliceMeasures:
+    """Lung and lesion pixel counts on one slice for the grade (appliance.pipeline.grading; display orientation; sides are the patient's: right = image left). Counts are
+    at the measuring scale: one pixel is `pixel_mm2` mm²."""
+
+    pixel_mm2: float
+    lung_right: int = 0
+    lung_left: int = 0
+    lesion_right: int = 0
+    lesion_left: int = 0
+    ggo: int = 0  # lesion pixels of ground-glass density
+    consolidation: int = 0  # lesion pixels of consolidation density
+    peripheral: int = 0  # lesion pixels in the outer third
+    central: int = 0
+
+    @property
+    def lung(self) -> int:
+        return self.lung_right + self.lung_left
+
+    @property
+    def lesion(self) -> int:
+        return self.lesion_right + self.lesion_left
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["pixel_mm2"] = round(self.pixel_mm2, 4)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "SliceMeasures":
+        return cls(float(d["pixel_mm2"]), *(int(d.get(k, 0)) for k in (
+            "lung_right", "lung_left", "lesion_right", "lesion_left", "ggo", "consolidation", "peripheral",
+            "central")))
+
+
 @dataclass
 class SliceFinding:
     """What the pipeline found on one slice."""
@@ -103,6 +163,8 @@ class SliceFinding:
     timings_ms: dict[str, float] = field(default_factory=dict)
     prob: np.ndarray | None = None  # lesion probability map at model scale over `crop` (kept only on request)
     crop: Rect | None = None  # the region the lesion model saw: the lung box, grown to a minimum size (None: = lung)
+    solids: list[Solid] = field(default_factory=list)  # soft-tissue components in the lung envelope (HU slices)
+    measures: SliceMeasures | None = None  # lung and lesion pixel counts for the grade (HU slices)
 
     @property
     def prob_rect(self) -> Rect | None:

@@ -1,4 +1,4 @@
-"""Evaluation on a labelled dataset: the seed's Table 3 (per image and per patient) plus Dice where masks exist.
+"""Evaluation on a labelled dataset: Table 3 of Chen et al. 2020 (per image and per patient) plus Dice where masks exist.
 
     DATASET/covid/<patient>/     slices: DICOM files, or lung-window crop images (*.png, *.jpg), natural name order
     DATASET/control/<patient>/   the same
@@ -26,7 +26,6 @@ from appliance.domain import Rect, SliceFinding
 from appliance.imaging import resize
 from appliance.ingest.image_reader import image_series, natural_key
 from appliance.pipeline.case_logic import SeriesSummary, study_verdict
-from appliance.pipeline.lesions import AREA_SCALE
 
 GROUPS = ("covid", "control")
 METRIC_KEYS = ("sensitivity", "specificity", "accuracy", "ppv", "npv", "tp", "fp", "tn", "fn")
@@ -62,7 +61,7 @@ class Confusion:
         return self.tp + self.fp + self.tn + self.fn
 
     def metrics(self, digits: int | None = 4) -> dict:
-        """The seed's definitions: accuracy (TP+TN)/all, sensitivity TP/(TP+FN), specificity TN/(TN+FP),
+        """The definitions of Chen et al. 2020: accuracy (TP+TN)/all, sensitivity TP/(TP+FN), specificity TN/(TN+FP),
         PPV TP/(TP+FP), NPV TN/(TN+FN); None where the denominator is 0. Counts included."""
         r = {"sensitivity": ratio(self.tp, self.tp + self.fn), "specificity": ratio(self.tn, self.tn + self.fp),
              "accuracy": ratio(self.tp + self.tn, self.n), "ppv": ratio(self.tp, self.tp + self.fp),
@@ -395,7 +394,8 @@ def _score_image(src: PatientSource, kind: str, index: int, f: SliceFinding, ana
     le = analyzer.lesion
     h, w = f.shape
     if f.prob_rect is not None and f.prob is not None:
-        to512 = 1.0 if kind == "images" else (AREA_SCALE / h) * (AREA_SCALE / w)
+        scale = le.area_scale  # the manifest's: areas are measured as if the slice were scale × scale
+        to512 = 1.0 if kind == "images" else (scale / h) * (scale / w)
         px_area = (f.prob_rect.height / f.prob.shape[0]) * (f.prob_rect.width / f.prob.shape[1]) * to512
         score = component_score(f.prob, px_area, le.min_area)
     else:

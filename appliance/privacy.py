@@ -11,6 +11,8 @@ import os
 import secrets
 from pathlib import Path
 
+from appliance.durable import atomic_write
+
 ENV = "CTRIAGE_STUDY_KEY_SECRET"
 
 
@@ -29,11 +31,7 @@ def load_secret(secret_file: str = "", state_dir: Path | None = None) -> bytes:
     if p.is_file():
         return p.read_bytes().strip()
     p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(secrets.token_hex(32).encode())
-    os.replace(tmp, p)
+    atomic_write(p, secrets.token_hex(32), mode=0o600)
     return p.read_bytes().strip()
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from appliance.domain import Box, Evidence, Rect, SeriesVerdict, SliceFinding
+from appliance.domain import Box, Evidence, Rect, SeriesVerdict, SliceFinding, SliceMeasures, Solid
 
 SCHEMA_VERSION = 1
 
@@ -99,7 +99,8 @@ def finding_to_dict(f: SliceFinding) -> dict[str, Any]:
             "lung": f.lung.as_list() if f.lung else None,
             "boxes": [{"rect": b.rect.as_list(), "area_512": b.area_512, "score": b.score, "quadrant": b.quadrant}
                       for b in f.boxes],
-            "max_prob": f.max_prob, "lesion_fraction": f.lesion_fraction, "timings_ms": f.timings_ms}
+            "max_prob": f.max_prob, "lesion_fraction": f.lesion_fraction, "timings_ms": f.timings_ms,
+            "solids": [x.to_dict() for x in f.solids], "measures": f.measures.to_dict() if f.measures else None}
 
 
 def finding_from_dict(d: dict[str, Any]) -> SliceFinding:
@@ -108,7 +109,9 @@ def finding_from_dict(d: dict[str, Any]) -> SliceFinding:
                         boxes=[Box(Rect(*b["rect"]), float(b["area_512"]), float(b["score"]), b["quadrant"])
                                for b in d.get("boxes", [])],
                         max_prob=float(d.get("max_prob", 0.0)), lesion_fraction=float(d.get("lesion_fraction", 0.0)),
-                        timings_ms=dict(d.get("timings_ms", {})))
+                        timings_ms=dict(d.get("timings_ms", {})),
+                        solids=[Solid.from_dict(x) for x in d.get("solids") or []],
+                        measures=SliceMeasures.from_dict(d["measures"]) if d.get("measures") else None)
 
 
 def verdict_to_dict(v: SeriesVerdict) -> dict[str, Any]:

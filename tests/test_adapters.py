@@ -4,7 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from appliance.inference.adapter import AdapterError, available_backends, create_adapter
+from appliance.inference.adapter import AdapterError
+from appliance.inference.factory import available_backends, create_adapter
 from appliance.inference.bundle import default_bundle_dir, find_bundles
 
 BUNDLES = find_bundles(default_bundle_dir())

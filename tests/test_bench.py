@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 
 from appliance.cli import main
-from appliance.inference.adapter import available_backends
+from appliance.inference.factory import available_backends
 
 STAGES = {"headers", "decode", "valid_area", "lesion_pre", "lesion_infer", "boxes", "case_logic"}
 

@@ -134,7 +134,7 @@ def test_a_focus_bridges_one_slice_where_the_model_missed_it():
     two_miss = [boxed(-i) if i in (3, 4) else boxed(-i, TUMOUR) for i in range(8)] + [boxed(-i) for i in range(8, 30)]
     assert sorted(foci(two_miss)) == [(0, 2), (5, 7)]
     v = decide(one_miss, rule(min_slices=20, min_foci=2))
-    assert v.result == "negative" and v.foci == 1  # the seed's rule sees two runs of 3; it is one lesion
+    assert v.result == "negative" and v.foci == 1  # Chen et al.'s rule sees two runs of 3; it is one lesion
     assert decide(two_miss, rule(min_slices=20, min_foci=2)).result == "positive"
 
 
@@ -150,7 +150,7 @@ def test_a_missing_slice_splits_a_focus():
 
 
 def test_single_focus_is_negative_with_the_focus_named():
-    """A tumour: one focus on 8 consecutive slices in one quadrant. The seed's rule (min_foci=1) fires; the
+    """A tumour: one focus on 8 consecutive slices in one quadrant. Chen et al.'s rule (min_foci=1) fires; the
     multifocal rule gives a negative that names the focus for a radiologist."""
     fs = [boxed(-i) for i in range(10)] + [boxed(-i, TUMOUR) for i in range(10, 18)] + [boxed(-i) for i in range(18, 40)]
     seed = decide(fs, rule(min_slices=20))
@@ -202,7 +202,7 @@ def test_case_rule_is_built_once_from_the_config_and_the_seed_rule_stays_availab
     seed = CaseRule.chen2020()
     assert (seed.min_run, seed.min_run_mm, seed.min_foci) == (3, 0.0, 1)
     assert "at least 2 separate lesion foci" in r.describe() and "foci" not in seed.describe()
-    # one focus on 3 slices: the seed's rule calls it positive, the appliance's rule a negative naming the focus
+    # one focus on 3 slices: Chen et al.'s rule calls it positive, the appliance's rule a negative naming the focus
     fs = series([(UL,)] * 3 + [()] * 20, spacing=5.0)
     assert decide(fs, seed).result == "positive"
     v = decide(fs, r)

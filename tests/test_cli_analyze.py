@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from appliance.cli import main
-from appliance.inference.adapter import available_backends
+from appliance.inference.factory import available_backends
 
 from .conftest import shared_data
 

@@ -64,13 +64,14 @@ def _band_model(path: Path, size: int, lo: float, hi: float, k: int) -> None:
 def make_rule_bundles(root: Path, version: str = "0.0.1") -> Path:
     """valid-area: lung-window band of aerated lung and ground glass; lesion: the ground-glass band."""
     pytest.importorskip("onnx", reason="the onnx package builds the test bundles")
-    specs = {"valid-area": (128, 0.28, 0.75, 3, {"threshold": 0.5, "min_lung_cm2": 6.0}),
-             "lesion": (256, 0.5, 0.8, 5, {"threshold": 0.5, "min_area_px": 25})}
+    specs = {"valid-area": (128, 0.28, 0.75, 3, {"threshold": 0.5, "min_lung_cm2": 6.0, "box_margin": 0.03,
+                                                  "region_dilate_px": 3}),
+             "lesion": (256, 0.5, 0.8, 5, {"threshold": 0.5, "min_area_px": 25, "area_scale": 512, "min_score": 0.5})}
     for name, (size, lo, hi, k, output) in specs.items():
         d = root / f"{name}-{version}"
         d.mkdir(parents=True, exist_ok=True)
         _band_model(d / "model.onnx", size, lo, hi, k)
-        man = {"schema": "ctriage.bundle/1", "name": name, "version": version,
+        man = {"schema": "ctriage.bundle/1", "name": name, "version": version, "task": name,
                "input": {"size": [size, size], "window": [-1350, 150], "layout": "NCHW"}, "output": output,
                "runtime_files": {"onnx": "model.onnx", "onnx_int8": "model.onnx", "openvino_int8": "model.onnx"},
                "files": {"model.onnx": hashlib.sha256((d / "model.onnx").read_bytes()).hexdigest()},

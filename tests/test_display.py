@@ -44,7 +44,7 @@ def browser():
 
 @pytest.fixture
 def display(mosquitto):
-    from appliance.display.server import start_display
+    from .display_helpers import start_display
 
     srv = start_display(from_dict({"display": {"name": "fever-clinic-1"}}), mqtt_url=mosquitto.url,
                         bind="127.0.0.1", port=0)
@@ -321,7 +321,7 @@ def test_no_patient_identifier_reaches_the_page(browser, display, bus, tmp_path)
 def test_labels_show_only_when_the_site_enables_them(browser, mosquitto, bus):
     from playwright.sync_api import expect
 
-    from appliance.display.server import start_display
+    from .display_helpers import start_display
 
     srv = start_display(from_dict({"privacy": {"send_patient_labels": True}}), mqtt_url=mosquitto.url, port=0)
     try:
@@ -338,7 +338,7 @@ def test_labels_show_only_when_the_site_enables_them(browser, mosquitto, bus):
 def test_page_reconnects_after_server_and_broker_restarts(browser, mosquitto, bus):
     from playwright.sync_api import expect
 
-    from appliance.display.server import spawn_display
+    from .display_helpers import spawn_display
 
     port = free_port()
     bus.publish("ctriage/ct-room-2/status", status("ct-room-2"))
@@ -381,7 +381,7 @@ def test_page_reconnects_after_server_and_broker_restarts(browser, mosquitto, bu
 def test_optional_chime_on_a_new_positive(browser, mosquitto, bus):
     from playwright.sync_api import expect
 
-    from appliance.display.server import start_display
+    from .display_helpers import start_display
 
     srv = start_display(from_dict({"display": {"sound": True}}), mqtt_url=mosquitto.url, port=0)
     try:

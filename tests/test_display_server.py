@@ -372,7 +372,7 @@ class Listener:
 
 @pytest.fixture
 def server(mosquitto):
-    from appliance.display.server import start_display
+    from .display_helpers import start_display
 
     srv = start_display(_cfg(), mqtt_url=mosquitto.url, bind="127.0.0.1", port=0)
     assert srv.wait_broker(10), "display did not connect to the broker"
@@ -471,7 +471,7 @@ def test_broker_restart_link_goes_down_and_comes_back(server, mosquitto):
 
 
 def test_display_started_before_the_broker_connects_when_it_comes(mosquitto):
-    from appliance.display.server import start_display
+    from .display_helpers import start_display
 
     mosquitto.stop()
     srv = start_display(_cfg(), mqtt_url=mosquitto.url, port=0)
@@ -492,7 +492,7 @@ def test_an_mqtt_3_1_1_broker_is_spoken_to_in_3_1_1(tmp_path):
     from paho.mqtt.enums import CallbackAPIVersion
 
     from appliance.broker import free_port, start_amqtt
-    from appliance.display.server import start_display
+    from .display_helpers import start_display
 
     port = free_port()
     stop_broker = start_amqtt(port)
@@ -514,7 +514,7 @@ def test_an_mqtt_3_1_1_broker_is_spoken_to_in_3_1_1(tmp_path):
 
 
 def test_cli_display_runs_and_stops_cleanly(mosquitto):
-    from appliance.display.server import spawn_display
+    from .display_helpers import spawn_display
 
     proc = spawn_display(mqtt_url=mosquitto.url, port=0)
     try:

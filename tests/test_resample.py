@@ -69,7 +69,7 @@ def test_unusable_input_gives_a_clear_error(thick, tmp_path):
 
 def test_bench_resample_option(thick, capsys):
     from appliance.cli import main
-    from appliance.inference.adapter import available_backends
+    from appliance.inference.factory import available_backends
 
     backend = available_backends()[0]
     assert main(["bench", str(thick), "--resample", "2.5", "--json", "--backend", backend]) == 0

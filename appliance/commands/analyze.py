@@ -15,7 +15,7 @@ from pathlib import Path
 
 from appliance.commands.common import (add_backend_arguments, add_config_argument, load_config, make_analyzer,
                                        progress_bar, table)
-from appliance.cli import UsageError
+from appliance.errors import UsageError
 from appliance.pipeline.anatomy import run_text
 
 

@@ -10,7 +10,7 @@ import argparse
 import json
 from pathlib import Path
 
-from appliance.cli import UsageError
+from appliance.errors import UsageError
 from appliance.commands.common import table
 
 
@@ -35,7 +35,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from appliance.bench import run_bench
-    from appliance.inference.adapter import available_backends
+    from appliance.inference.factory import available_backends
 
     backends = args.backend or available_backends()
     if not backends:

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from appliance import config as config_mod
 from appliance.config import Config
+from appliance.service.analyzer_factory import make_analyzer  # noqa: F401 - the commands import it from here
 
 
 def add_config_argument(p: argparse.ArgumentParser) -> None:
@@ -38,26 +38,6 @@ def load_config(args: argparse.Namespace) -> Config:
     if getattr(args, "state_dir", None):
         cfg.state_dir = args.state_dir
     return cfg
-
-
-def make_analyzer(cfg: Config, backend: str | None = None):
-    from appliance.pipeline.analyzer import Analyzer
-
-    a = cfg.analysis
-    if backend:
-        from dataclasses import replace
-
-        a = replace(a, backend=backend)
-    bundle_dir = a.bundle_dir or _state_bundles(cfg)
-    return Analyzer.load(a, Path(bundle_dir) if bundle_dir else None)
-
-
-def _state_bundles(cfg: Config) -> str:
-    """Bundles installed by the fleet updater take precedence over the shipped ones when active/ is complete."""
-    from appliance.fleet.state import active_bundle_dir
-
-    active = active_bundle_dir(cfg.state_path)
-    return str(active) if active else ""
 
 
 def progress_bar(total: int | None, desc: str, enabled: bool | None = None):

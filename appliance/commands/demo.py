@@ -192,7 +192,7 @@ def _port_free(port: int) -> str | None:
 
 
 def _choose_port(requested: int | None, default: int) -> list[int]:
-    from appliance.cli import UsageError
+    from appliance.errors import UsageError
 
     if requested is not None:
         if not 0 <= requested <= 65535:
@@ -210,7 +210,7 @@ def _choose_port(requested: int | None, default: int) -> list[int]:
 
 def _check_broker_possible(embedded: bool) -> None:
     from appliance.broker import mosquitto_path
-    from appliance.cli import UsageError
+    from appliance.errors import UsageError
 
     if not embedded and mosquitto_path():
         return
@@ -225,7 +225,7 @@ def _check_broker_possible(embedded: bool) -> None:
 
 def _work_dir(args: argparse.Namespace) -> tuple[Path, bool]:
     """(working folder, remove it at the end)."""
-    from appliance.cli import UsageError
+    from appliance.errors import UsageError
 
     if args.out:
         out = Path(args.out).expanduser()
@@ -254,7 +254,7 @@ def _quiet_loggers(verbose: bool) -> None:
 
 # -- the demo ------------------------------------------------------------------------------------------------------
 def run(args: argparse.Namespace) -> int:
-    from appliance.cli import UsageError
+    from appliance.errors import UsageError
 
     if not 20 <= args.slices <= MAX_SLICES:
         raise UsageError(f"--slices: between 20 and {MAX_SLICES}, got {args.slices} "
@@ -300,7 +300,7 @@ def _run(args: argparse.Namespace, cfg: Any, work: Path, display_ports: list[int
     import pydicom
 
     from appliance.broker import BrokerError, mosquitto_path, start_broker
-    from appliance.cli import UsageError
+    from appliance.errors import UsageError
     from appliance.config import ConfigError
     from appliance.daemon import Daemon
     from appliance.privacy import pseudonym
@@ -350,13 +350,13 @@ def _run(args: argparse.Namespace, cfg: Any, work: Path, display_ports: list[int
     # display
     display_url = None
     if display_ports:
-        from appliance.display.server import start_display
+        from appliance.display.server import DisplayServer
 
         err: Exception | None = None
         server = None
         for port in display_ports:
             try:
-                server = start_display(cfg, mqtt_url=url, bind="127.0.0.1", port=port)
+                server = DisplayServer(cfg, mqtt_url=url, bind="127.0.0.1", port=port).start()
                 break
             except ConfigError as e:  # taken between the check and now
                 err = e

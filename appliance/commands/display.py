@@ -23,7 +23,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from appliance.cli import UsageError
+    from appliance.errors import UsageError
     from appliance.display.server import DisplayServer
 
     cfg = load_config(args)
@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())
-    print(f"triage display on {server.url} (broker {server.broker.label}); Ctrl-C to stop", flush=True)
+    print(f"triage display on {server.url} (broker {server.broker_label}); Ctrl-C to stop", flush=True)
     try:
         done.wait()
     finally:

@@ -10,7 +10,7 @@ import argparse
 import logging
 import time
 
-from appliance.cli import UsageError
+from appliance.errors import UsageError
 from appliance.commands.common import add_config_argument, load_config
 
 

@@ -1,4 +1,4 @@
-"""Measure the pipeline on a labelled dataset: the seed's Table 3 per image and per patient, plus Dice where
+"""Measure the pipeline on a labelled dataset: Table 3 of Chen et al. 2020 per image and per patient, plus Dice where
 masks exist.
 
     DATASET/covid/<patient>/     slices: DICOM files, or lung-window crop images (*.png, *.jpg), natural name order
@@ -20,7 +20,7 @@ import json
 import sys
 from pathlib import Path
 
-from appliance.cli import UsageError
+from appliance.errors import UsageError
 from appliance.pipeline.anatomy import run_text
 from appliance.commands.common import (add_backend_arguments, add_config_argument, load_config, make_analyzer,
                                        progress_bar, table)

@@ -19,7 +19,7 @@ import os
 import sys
 from pathlib import Path
 
-from appliance.cli import UsageError
+from appliance.errors import UsageError
 from appliance.commands.common import add_config_argument, load_config, table
 
 

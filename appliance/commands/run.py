@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from appliance.cli import UsageError
+from appliance.errors import UsageError
 from appliance.commands.common import add_backend_arguments, add_config_argument, load_config
 
 

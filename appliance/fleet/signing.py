@@ -19,6 +19,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from appliance.durable import atomic_write
 from appliance.inference.bundle import Bundle, BundleError, load_bundle, sha256_file
 
 MANIFEST = "manifest.json"
@@ -187,7 +188,7 @@ def rehash(path: str | Path) -> dict:
         if p.is_file() and not p.is_symlink() and rel not in CONTROL_FILES:
             files[rel] = sha256_file(p)
     manifest["files"] = files
-    _write_atomic(mf, (json.dumps(manifest, indent=1) + "\n").encode())
+    atomic_write(mf, (json.dumps(manifest, indent=1) + "\n").encode())
     return manifest
 
 
@@ -200,7 +201,7 @@ def sign_bundle(path: str | Path, key: Ed25519PrivateKey, rehash_files: bool = F
     check_contents(root, b.manifest)
     data = (root / MANIFEST).read_bytes()
     sig = key.sign(data)
-    _write_atomic(root / SIGNATURE, (encode_signature(sig) + "\n").encode())
+    atomic_write(root / SIGNATURE, (encode_signature(sig) + "\n").encode())
     return b, sig
 
 
@@ -219,12 +220,3 @@ def verify_bundle(path: str | Path, trust: list[TrustedKey]) -> tuple[Bundle, Tr
         raise SignatureError("manifest.json changed during verification")
     check_contents(root, b.manifest)
     return b, signer
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

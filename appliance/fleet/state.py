@@ -28,7 +28,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from appliance.fleet.transfer import copy_durable, fsync_dir
+from appliance.durable import atomic_write, fsync_dir
+from appliance.fleet.transfer import copy_durable
 from appliance.inference.bundle import Bundle, BundleError, default_bundle_dir, find_bundles, load_bundle, parse_version
 
 log = logging.getLogger(__name__)
@@ -329,13 +330,7 @@ class BundleState:
             return default
 
     def _write_json(self, path: Path, data: Any) -> None:
-        tmp = path.with_name(f".{path.name}.tmp")
-        with open(tmp, "w") as f:
-            json.dump(data, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
+        atomic_write(path, json.dumps(data))
 
     def blocked(self) -> dict[str, str]:
         """sha256 → reason for bundles never to be installed automatically again."""

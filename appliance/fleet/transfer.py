@@ -17,6 +17,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from appliance.durable import fsync_dir
 from appliance.fleet.signing import MANIFEST, SIGNATURE, safe_relpath
 from appliance.inference.bundle import BundleError, load_bundle
 
@@ -75,21 +76,6 @@ def check_chunk(index: int, data: bytes, specs: list[ChunkSpec]) -> None:
         raise TransferError(f"chunk {index} has {len(data)} bytes, {want.size} announced (truncated or damaged)")
     if hashlib.sha256(data).hexdigest() != want.sha256:
         raise TransferError(f"chunk {index} sha256 mismatch (damaged in transfer)")
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_durable(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def assemble(chunk_dir: Path, count: int, out: Path, size: int, sha256: str) -> Path:

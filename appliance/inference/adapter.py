@@ -1,4 +1,4 @@
-"""One inference interface; one implementation per runtime (OpenVINO, ONNX Runtime).
+"""One inference interface; one implementation per runtime (OpenVINO, ONNX Runtime), built by factory.py.
 
 An adapter takes a float32 NCHW batch in [0, 1] and returns the model's probability map with the same layout.
 It says which backend, device and precision it really runs on, so verdicts can report it honestly.
@@ -7,11 +7,8 @@ from __future__ import annotations
 
 import os
 from abc import ABC, abstractmethod
-from pathlib import Path
 
 import numpy as np
-
-BACKENDS = ("openvino", "onnxruntime")
 
 
 class AdapterError(RuntimeError):
@@ -30,23 +27,6 @@ class InferenceAdapter(ABC):
 
     def describe(self) -> dict[str, str]:
         return {"backend": self.backend, "device": self.device, "precision": self.precision}
-
-
-def available_backends() -> list[str]:
-    out = []
-    try:
-        import openvino  # noqa: F401
-
-        out.append("openvino")
-    except ImportError:
-        pass
-    try:
-        import onnxruntime  # noqa: F401
-
-        out.append("onnxruntime")
-    except ImportError:
-        pass
-    return out
 
 
 def cpu_name() -> str:
@@ -70,31 +50,3 @@ def default_threads() -> int:
 def default_streams(threads: int) -> int:
     """Concurrent inference streams for `threads` threads: 2 from 2 threads up (see Analyzer.workers)."""
     return 2 if threads >= 2 else 1
-
-
-def create_adapter(backend: str, model_files: dict[str, Path], precision: str = "int8",
-                   threads: int | None = None, streams: int | None = None) -> InferenceAdapter:
-    """Build the adapter for `backend` ("auto" picks OpenVINO when installed, else ONNX Runtime).
-
-    model_files: {"onnx": FP32 ONNX, "onnx_int8": INT8 QDQ ONNX, "openvino_int8": IR .xml}.
-    """
-    avail = available_backends()
-    if backend == "auto":
-        if not avail:
-            raise AdapterError("no inference runtime installed: install openvino or onnxruntime")
-        backend = avail[0]
-    if backend not in BACKENDS:
-        raise AdapterError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)} or auto")
-    if backend not in avail:
-        raise AdapterError(f"backend {backend} is not installed (available: {', '.join(avail) or 'none'})")
-    threads = threads or default_threads()
-    streams = max(1, min(streams or default_streams(threads), threads))
-    if backend == "openvino":
-        from appliance.inference.openvino_adapter import OpenVINOAdapter
-
-        path = model_files["openvino_int8"] if precision == "int8" else model_files["onnx"]
-        return OpenVINOAdapter(path, precision=precision, threads=threads, streams=streams)
-    from appliance.inference.onnxruntime_adapter import OnnxRuntimeAdapter
-
-    path = model_files["onnx_int8"] if precision == "int8" else model_files["onnx"]
-    return OnnxRuntimeAdapter(path, precision=precision, threads=threads, streams=streams)

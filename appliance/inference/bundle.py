@@ -5,20 +5,25 @@
       model.onnx · model.int8.onnx · openvino/model.xml + model.bin · selftest.npz
       manifest.sig    Ed25519 signature of manifest.json (checked by the fleet updater)
 
-The bundle's identity hash is the sha256 of manifest.json, which itself pins every file's hash.
+The bundle's identity hash is the sha256 of manifest.json, which itself pins every file's hash. `Bundle.spec` is the
+manifest typed and validated at load (`Manifest`): the values the pipeline uses come from there, never from a
+second default in code; a manifest that lacks a required one is a BundleError naming the file and the key.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import re
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
 
-from appliance.inference.adapter import InferenceAdapter, create_adapter
+from appliance.inference.adapter import InferenceAdapter
+from appliance.inference.factory import create_adapter
 
 SEMVER = re.compile(r"^(\d+)\.(\d+)\.(\d+)$")
 
@@ -42,36 +47,148 @@ def parse_version(v: str) -> tuple[int, int, int]:
     return int(m[1]), int(m[2]), int(m[3])
 
 
+# ---- the typed manifest ------------------------------------------------------------------------------------------
+# A field without a default is required; the few defaults below are the only ones (documented where they are).
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    size: tuple[int, int]  # model input, rows × columns
+    window: tuple[float, float]  # HU window mapped to [0, 1]
+
+
+@dataclass(frozen=True)
+class LesionOutput:
+    """A lesion box: a component with probability ≥ threshold, larger than min_area_px measured at
+    area_scale × area_scale slice pixels, peaking at ≥ min_score."""
+
+    threshold: float
+    min_area_px: float
+    area_scale: int
+    min_score: float
+    min_crop_mm: float = 120.0  # smallest lesion-crop side on DICOM slices; no shipped manifest sets it
+
+
+@dataclass(frozen=True)
+class ValidAreaOutput:
+    """Lung: components with probability ≥ threshold of ≥ min_lung_cm2 each; the lung box grows by box_margin."""
+
+    threshold: float
+    min_lung_cm2: float
+    box_margin: float
+    region_dilate_px: int
+    min_total_lung_cm2: float = 0.0  # lung in all for a slice to count; valid-area bundles before 1.3.1: none
+
+
+OUTPUTS: dict[str, type] = {"lesion": LesionOutput, "valid-area": ValidAreaOutput}  # task → its output's type
+PROBABILITIES = ("threshold", "min_score")
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """The manifest values the appliance uses, typed and checked (`Manifest.parse`)."""
+
+    name: str
+    version: str
+    task: str  # "lesion" or "valid-area": says what `output` holds
+    input: InputSpec
+    output: LesionOutput | ValidAreaOutput
+    runtime_files: Mapping[str, str]  # {"onnx", "onnx_int8", "openvino_int8"} → path in the bundle
+    files: Mapping[str, str]  # path → sha256
+    selftest_atol: float = 0.08  # selftest.atol: the self-test's tolerance when the manifest names none
+
+    @classmethod
+    def parse(cls, raw: Any, where: str) -> "Manifest":
+        """Check and type a manifest.json's content; `where` (its path) starts every error message."""
+        if not isinstance(raw, dict):
+            raise BundleError(f"{where}: not a JSON object")
+        for key in ("name", "version", "input", "output", "files", "runtime_files"):
+            if key not in raw:
+                raise BundleError(f"{where}: missing key {key!r}")
+        version = _value(raw, "version", where, str)
+        parse_version(version)
+        task = _value(raw, "task", where, str)
+        if task not in OUTPUTS:
+            raise BundleError(f"{where}: 'task' must be one of {', '.join(OUTPUTS)}, got {task!r}")
+        size = _value(raw, "input.size", where, list)
+        window = _value(raw, "input.window", where, list)
+        if len(size) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size):
+            raise BundleError(f"{where}: 'input.size' must be [rows, columns] in pixels, got {size!r}")
+        if len(window) != 2 or not all(_is_number(v) for v in window) or not window[0] < window[1]:
+            raise BundleError(f"{where}: 'input.window' must be [low, high] in HU, got {window!r}")
+        out_type = OUTPUTS[task]
+        out = {}
+        for f in fields(out_type):
+            key = f"output.{f.name}"
+            kind = int if f.type in ("int", int) else float
+            default = f.default if f.default is not MISSING else _REQUIRED
+            v = _value(raw, key, where, kind, default)
+            if v < 0 or (f.name in PROBABILITIES and v > 1) or (f.name == "area_scale" and v == 0):
+                raise BundleError(f"{where}: {key!r} is out of range: {v!r}")
+            out[f.name] = v
+        files = {}
+        for key in ("runtime_files", "files"):
+            d = _value(raw, key, where, dict)
+            if not all(isinstance(k, str) and isinstance(v, str) for k, v in d.items()):
+                raise BundleError(f"{where}: {key!r} must map names to strings")
+            files[key] = MappingProxyType(dict(d))
+        return cls(name=_value(raw, "name", where, str), version=version, task=task,
+                   input=InputSpec((size[0], size[1]), (float(window[0]), float(window[1]))),
+                   output=out_type(**out), runtime_files=files["runtime_files"], files=files["files"],
+                   selftest_atol=_value(raw, "selftest.atol", where, float, cls.selftest_atol))
+
+
+_REQUIRED = object()
+_KIND_NAMES = {str: "a string", int: "an integer", float: "a number", list: "a list", dict: "an object"}
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _value(raw: dict, dotted: str, where: str, kind: type, default: Any = _REQUIRED) -> Any:
+    """raw["a"]["b"] for "a.b", of type `kind` (float accepts integers); missing: default, else BundleError."""
+    node: Any = raw
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            if default is _REQUIRED:
+                raise BundleError(f"{where}: missing key {dotted!r}")
+            return default
+        node = node[part]
+    ok = _is_number(node) if kind is float else (isinstance(node, kind) and not isinstance(node, bool))
+    if not ok:
+        raise BundleError(f"{where}: {dotted!r} must be {_KIND_NAMES[kind]}, got {node!r}")
+    return float(node) if kind is float else node
+
+
+# ---- bundles ------------------------------------------------------------------------------------------------------
+
+
 @dataclass
 class Bundle:
     path: Path
-    manifest: dict[str, Any]
+    manifest: dict[str, Any]  # manifest.json as signed (the fleet code checks and re-writes it as it is)
     sha256: str
+    spec: Manifest  # the same, typed and validated: what the pipeline reads
 
     @property
     def name(self) -> str:
-        return str(self.manifest["name"])
+        return self.spec.name
 
     @property
     def version(self) -> str:
-        return str(self.manifest["version"])
+        return self.spec.version
 
     @property
     def input_size(self) -> tuple[int, int]:
-        s = self.manifest["input"]["size"]
-        return int(s[0]), int(s[1])
-
-    @property
-    def output(self) -> dict[str, Any]:
-        return dict(self.manifest.get("output", {}))
+        return self.spec.input.size
 
     def ref(self) -> dict[str, str]:
         """What a verdict names: {name, version, sha256}."""
         return {"name": self.name, "version": self.version, "sha256": self.sha256}
 
     def model_files(self) -> dict[str, Path]:
-        f = self.manifest.get("runtime_files", {})
-        return {k: self.path / v for k, v in f.items()}
+        return {k: self.path / v for k, v in self.spec.runtime_files.items()}
 
     def adapter(self, backend: str = "auto", precision: str = "int8", threads: int | None = None,
                 streams: int | None = None) -> InferenceAdapter:
@@ -79,7 +196,7 @@ class Bundle:
 
     def verify_files(self) -> None:
         """Raise BundleError unless every listed file exists with its recorded sha256."""
-        for rel, digest in self.manifest.get("files", {}).items():
+        for rel, digest in self.spec.files.items():
             p = self.path / rel
             if not p.is_file():
                 raise BundleError(f"{self.name}-{self.version}: missing file {rel}")
@@ -99,7 +216,7 @@ class Bundle:
         x, want = d["inputs"], d[key]
         got = adapter.infer(x)
         diff = np.abs(got - want)
-        tol = float(atol if atol is not None else self.manifest.get("selftest", {}).get("atol", 0.08))
+        tol = float(atol if atol is not None else self.spec.selftest_atol)
         agree = float(((got >= 0.5) == (want >= 0.5)).mean())
         stats = {"max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()), "mask_agreement": agree}
         if diff.mean() > tol / 4 or agree < 0.99:
@@ -117,11 +234,7 @@ def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
         manifest = json.loads(mf.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise BundleError(f"{mf}: invalid JSON ({e})") from None
-    for key in ("name", "version", "input", "output", "files", "runtime_files"):
-        if key not in manifest:
-            raise BundleError(f"{mf}: missing key {key!r}")
-    parse_version(manifest["version"])
-    b = Bundle(p, manifest, sha256_file(mf))
+    b = Bundle(p, manifest, sha256_file(mf), Manifest.parse(manifest, str(mf)))
     if verify:
         b.verify_files()
     return b

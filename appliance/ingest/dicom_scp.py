@@ -10,17 +10,14 @@ senders open one association per image).
 from __future__ import annotations
 
 import errno
-import hashlib
 import ipaddress
 import logging
 import os
-import re
 import shutil
 import socket
 import ssl
-import tempfile
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -32,8 +29,12 @@ from pynetdicom import AE, evt
 from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.sop_class import CTImageStorage, EnhancedCTImageStorage, Verification
 
+from appliance import durable
+from appliance.uid_names import safe_name
+
 if TYPE_CHECKING:
     from appliance.config import DicomConfig
+    from appliance.ingest.spool import Spool
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +52,6 @@ DATASET_MISMATCH = 0xA900
 CANNOT_DECODE = 0xC210
 MISSING_UID = 0xC001
 PROCESSING_FAILURE = 0x0110
-
-_UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
 
 class NodeError(Exception):
@@ -77,30 +76,10 @@ class InstanceSink(Protocol):
         """The sender released an association normally after sending instances of these series."""
 
 
-def safe_name(uid: str) -> str:
-    """A file-name-safe form of a UID: the UID itself when it is well formed, else a hash of it."""
-    uid = uid.strip()
-    if _UID_RE.fullmatch(uid) and len(uid) <= 64:
-        return uid
-    return "x" + hashlib.sha256(uid.encode()).hexdigest()[:32]
-
-
 def atomic_write(path: Path, data: bytes) -> None:
-    """Write data to path completely or not at all: a hidden temp file in the same folder, fsync, os.replace."""
+    """Write data to path completely or not at all (appliance.durable), creating its folder first."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".part", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    durable.atomic_write(path, data)
 
 
 class DirectorySink:
@@ -129,6 +108,22 @@ class DirectorySink:
 
     def files(self) -> list[Path]:
         return sorted(p for p in self.path.rglob("*.dcm") if not p.name.startswith("."))
+
+
+class SpoolSink:
+    """The daemon's InstanceSink: each received instance into the spool (durably, before the sender gets its success
+    status; SpoolFull is an ENOSPC OSError → 0xA700), each released association as a completion hint."""
+
+    def __init__(self, spool: Spool, hint: Callable[[str, str], None]) -> None:
+        self.spool = spool
+        self.hint = hint  # hint(series_uid, reason): the daemon's series_complete_hint
+
+    def accept(self, data: bytes, sop_instance_uid: str, series_uid: str) -> None:
+        self.spool.accept(data)
+
+    def association_released(self, series_uids: set[str]) -> None:
+        for uid in sorted(series_uids):
+            self.hint(uid, "sender: association released")
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,9 @@ from appliance.domain import Rect, SeriesVerdict, SliceFinding, SliceImage
 from appliance.inference.bundle import Bundle, BundleError, default_bundle_dir, find_bundles
 from appliance.ingest.series import sort_key
 from appliance.pipeline.case_logic import CaseRule, decide
+from appliance.pipeline.grading import lesion_at_slice, lung_at_slice, measure_slice
 from appliance.pipeline.lesions import LesionDetector
+from appliance.pipeline.solid import solid_components
 from appliance.pipeline.valid_area import ValidArea
 
 STAGES = ("valid_area", "lesion_pre", "lesion_infer", "boxes")
@@ -142,6 +144,7 @@ class Analyzer:
         t3 = time.perf_counter()
         t["lesion_infer"] = t3 - t2
         found: dict[int, SliceFinding] = {}
+        t["measures"] = 0.0  # solid components and grading counts (HU slices)
         for j, i in enumerate(which):
             s, rect, crop, prob = slices[i], rects[j], crop_rects[j], probs[j]
             area = areas[i]
@@ -152,7 +155,14 @@ class Analyzer:
             found[i] = SliceFinding(s.key, s.position, s.shape, rect, boxes, float(prob.max()), frac,
                                     prob=prob.astype(np.float16) if keep_prob else None,
                                     crop=crop if crop != rect else None)
-        t["boxes"] = time.perf_counter() - t3
+            if s.hu is not None and area is not None:
+                tm = time.perf_counter()
+                lung = lung_at_slice(area.lung, area.offset, area.scale, s.shape)
+                lesion = lesion_at_slice(prob, self.lesion.threshold, crop, [b.rect for b in boxes], s.shape)
+                found[i].solids = solid_components(s.hu, rect, s.pixel_spacing, lung)
+                found[i].measures = measure_slice(s.hu, lung, lesion, s.pixel_spacing)
+                t["measures"] += time.perf_counter() - tm
+        t["boxes"] = time.perf_counter() - t3 - t["measures"]
         per = {k: round(v * 1000.0 / n, 3) for k, v in t.items()}
         out = []
         for i, s in enumerate(slices):

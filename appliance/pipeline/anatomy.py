@@ -29,3 +29,10 @@ def run_text(quadrant: str, first_slice: int, last_slice: int, run: int | None =
     where = f"{where} (image {quadrant})" if where != quadrant else quadrant
     tail = f" (run {run})" if run is not None else ""
     return f"{where}, slices {first_slice + 1}-{last_slice + 1}{tail}"
+
+
+def quadrant_of(cy: float, cx: float, lung_cy: float, lung_cx: float) -> str:
+    """Image quadrant of a point relative to the lung box centre, in display orientation (upper = anterior)."""
+    vert = "upper" if cy < lung_cy else "lower"
+    horiz = "left" if cx < lung_cx else "right"
+    return f"{vert}-{horiz}"

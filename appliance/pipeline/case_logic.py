@@ -1,5 +1,5 @@
 """The case rule, pure: a series is positive when ≥ `min_run` consecutive slices show lesion in the same quadrant
-(the seed's rule) and, with `min_foci` ≥ 2 (the appliance's default), the lesions form at least that many
+(the rule of Chen et al. 2020) and, with `min_foci` ≥ 2 (the appliance's default), the lesions form at least that many
 separate foci.
 
 Consecutive means neighbours in position order with a gap ≤ 1.5 × the series' median spacing: a missing slice
@@ -12,7 +12,7 @@ each by `FOCUS_GROW` of the slice size) belong to the same focus, also across `F
 model missed the lesion (a tumour marked on slices 13–15 and 17–18 is one focus, not two); a focus counts when
 it spans as many slices as a qualifying run. COVID-19 pneumonia is multifocal (bilateral, peripheral patches:
 the "typical" pattern of the RSNA consensus), while a lung tumour — with its ground-glass halo the lesion model
-cannot tell from COVID ground glass — is one focus on many consecutive slices in one quadrant, which the seed's
+cannot tell from COVID ground glass — is one focus on many consecutive slices in one quadrant, which Chen et al.'s
 rule alone calls positive. Such a series is negative for COVID-19 with the single focus reported (`focal`) for a
 radiologist.
 """
@@ -24,12 +24,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from appliance.domain import QUADRANTS, Evidence, Rect, SeriesVerdict, SliceFinding
-from appliance.ingest.series import GAP_FACTOR, links, median_spacing
+from appliance.domain import QUADRANTS, Evidence, SeriesVerdict, SliceFinding
+from appliance.geometry import GAP_FACTOR, links, median_spacing
+from appliance.pipeline.anatomy import quadrant_of  # noqa: F401 - the quadrants the rule speaks of
+from appliance.pipeline.foci import FOCUS_GROW, FOCUS_SKIP, foci  # noqa: F401
 
 MIN_RUN = 3
-FOCUS_GROW = 0.02  # boxes on neighbouring slices within 2 % of the slice size of each other: the same focus
-FOCUS_SKIP = 1  # ... also across this many slices without that box (present slices, not missing ones)
 
 
 @dataclass(frozen=True)
@@ -74,13 +74,6 @@ class CaseRule:
         return describe_rule(self.min_run, self.min_run_mm, self.min_foci)
 
 
-def quadrant_of(cy: float, cx: float, lung_cy: float, lung_cx: float) -> str:
-    """Quadrant of a point relative to the lung box centre, in display orientation (upper = anterior)."""
-    vert = "upper" if cy < lung_cy else "lower"
-    horiz = "left" if cx < lung_cx else "right"
-    return f"{vert}-{horiz}"
-
-
 def longest_runs(findings: Sequence[SliceFinding], gap_factor: float = GAP_FACTOR) -> dict[str, tuple[int, int]]:
     """For each quadrant, the longest run as (first index, length) over findings sorted in series order."""
     link = links([f.position for f in findings], gap_factor)
@@ -104,45 +97,6 @@ def slices_needed(findings: Sequence[SliceFinding], min_run: int = MIN_RUN, min_
     """Slices a run (or a focus) must span: ≥ `min_run`, and ≥ `min_run_mm` along z at the median spacing."""
     spacing = median_spacing([f.position for f in findings]) if min_run_mm > 0 else 0.0
     return max(min_run, int(math.ceil(min_run_mm / spacing - 1e-9))) if spacing > 0 else min_run
-
-
-def _touch(a: Rect, b: Rect, grow: float) -> bool:
-    return a.y0 - grow < b.y1 and b.y0 - grow < a.y1 and a.x0 - grow < b.x1 and b.x0 - grow < a.x1
-
-
-def foci(findings: Sequence[SliceFinding], gap_factor: float = GAP_FACTOR, grow: float = FOCUS_GROW,
-         skip: int = FOCUS_SKIP) -> list[tuple[int, int]]:
-    """Lesion foci as (first slice, last slice) in series order, longest first.
-
-    Boxes on slices at most `skip` + 1 apart (linked all the way: no missing slice between) that overlap, each
-    grown by `grow` × the larger side of its slice, join one focus (union-find over boxes).
-    """
-    link = links([f.position for f in findings], gap_factor)
-    ids = [(i, j) for i, f in enumerate(findings) for j in range(len(f.boxes))]
-    parent = {k: k for k in ids}
-
-    def root(k: tuple[int, int]) -> tuple[int, int]:
-        while parent[k] != k:
-            parent[k] = parent[parent[k]]
-            k = parent[k]
-        return k
-
-    for i in range(1, len(findings)):
-        cur = findings[i]
-        g = grow * max(cur.shape)
-        for d in range(1, skip + 2):
-            if i - d < 0 or not link[i - d:i].all():
-                break
-            for j, b in enumerate(cur.boxes):
-                for k, c in enumerate(findings[i - d].boxes):
-                    if _touch(b.rect, c.rect, g):
-                        parent[root((i, j))] = root((i - d, k))
-    span: dict[tuple[int, int], list[int]] = {}
-    for k in ids:
-        r = root(k)
-        lo, hi = span.get(r, [k[0], k[0]])
-        span[r] = [min(lo, k[0]), max(hi, k[0])]
-    return sorted(((lo, hi) for lo, hi in span.values()), key=lambda s: (s[0] - s[1], s[0]))
 
 
 def describe_rule(min_run: int = MIN_RUN, min_run_mm: float = 0.0, min_foci: int = 1) -> str:

@@ -1,7 +1,8 @@
 """Lesion model (UNet++ #2) on the lung-window lung-box crop → probability map → boxes.
 
-Boxes: probability ≥ threshold, connected components, area > min_area_px measured at 512² slice scale, inside
-the lung (component centroid in the dilated lung region when one is known), quadrant by the lung-box centre.
+Boxes: probability ≥ threshold, connected components, area > min_area_px measured at the manifest's area_scale²
+slice scale (512²), inside the lung (component centroid in the dilated lung region when one is known), quadrant by
+the lung-box centre. Every value comes from the bundle's typed manifest (Bundle.spec.output).
 """
 from __future__ import annotations
 
@@ -13,23 +14,24 @@ from scipy import ndimage as ndi
 from appliance.domain import Box, Rect
 from appliance.imaging import resize, window
 from appliance.inference.adapter import InferenceAdapter
-from appliance.inference.bundle import Bundle
-from appliance.pipeline.case_logic import quadrant_of
+from appliance.inference.bundle import Bundle, BundleError, LesionOutput
+from appliance.pipeline.anatomy import quadrant_of
 
-AREA_SCALE = 512
 
 
 class LesionDetector:
     def __init__(self, bundle: Bundle, adapter: InferenceAdapter) -> None:
         self.bundle, self.adapter = bundle, adapter
-        self.size = bundle.input_size
-        lo, hi = bundle.manifest["input"].get("window", [-1350, 150])
-        self.window = (float(lo), float(hi))
-        out = bundle.output
-        self.threshold = float(out.get("threshold", 0.5))
-        self.min_area = float(out.get("min_area_px", 25))
-        self.min_score = float(out.get("min_score", self.threshold))
-        self.min_crop_mm = float(out.get("min_crop_mm", 120.0))  # smallest crop side (DICOM slices)
+        out = bundle.spec.output
+        if not isinstance(out, LesionOutput):
+            raise BundleError(f"{bundle.name}-{bundle.version}: a {bundle.spec.task} bundle, not a lesion model")
+        self.size = bundle.spec.input.size
+        self.window = bundle.spec.input.window
+        self.threshold = out.threshold
+        self.min_area = out.min_area_px  # at area_scale² slice pixels
+        self.area_scale = out.area_scale
+        self.min_score = out.min_score
+        self.min_crop_mm = out.min_crop_mm  # smallest crop side (DICOM slices)
 
     def crop_hu(self, hu: np.ndarray, box: Rect) -> np.ndarray:
         return resize(window(hu[box.y0:box.y1, box.x0:box.x1], *self.window), self.size)
@@ -50,7 +52,8 @@ class LesionDetector:
             return []
         lab, n = ndi.label(mask)
         sy, sx = crop.height / self.size[0], crop.width / self.size[1]
-        to512 = 1.0 if crop_is_slice else (AREA_SCALE / slice_shape[0]) * (AREA_SCALE / slice_shape[1])
+        scale = self.area_scale
+        to_scale = 1.0 if crop_is_slice else (scale / slice_shape[0]) * (scale / slice_shape[1])
         # per-component size, peak and centre from the mask pixels only (a few hundred, not the 224² map)
         idx = np.flatnonzero(lab)
         labs = lab.ravel()[idx]
@@ -63,7 +66,7 @@ class LesionDetector:
         objs = ndi.find_objects(lab)
         out: list[Box] = []
         for i, sl in enumerate(objs, start=1):
-            area = sizes[i] * sy * sx * to512
+            area = sizes[i] * sy * sx * to_scale
             score = float(peak[i])
             if area <= self.min_area or score < self.min_score:
                 continue

@@ -10,7 +10,7 @@ from scipy import ndimage as ndi
 from appliance.domain import Rect
 from appliance.imaging import resize, window
 from appliance.inference.adapter import InferenceAdapter
-from appliance.inference.bundle import Bundle
+from appliance.inference.bundle import Bundle, BundleError, ValidAreaOutput
 
 
 @dataclass
@@ -53,15 +53,16 @@ class ValidArea:
 
     def __init__(self, bundle: Bundle, adapter: InferenceAdapter) -> None:
         self.bundle, self.adapter = bundle, adapter
-        self.size = bundle.input_size
-        lo, hi = bundle.manifest["input"].get("window", [-1350, 150])
-        self.window = (float(lo), float(hi))
-        out = bundle.output
-        self.threshold = float(out.get("threshold", 0.5))
-        self.min_lung_cm2 = float(out.get("min_lung_cm2", 6.0))  # per component
-        self.min_total_cm2 = float(out.get("min_total_lung_cm2", 0.0))  # for the slice to count as lung
-        self.margin = float(out.get("box_margin", 0.03))
-        self.region_dilate = int(out.get("region_dilate_px", 3))
+        out = bundle.spec.output
+        if not isinstance(out, ValidAreaOutput):
+            raise BundleError(f"{bundle.name}-{bundle.version}: a {bundle.spec.task} bundle, not a valid-area model")
+        self.size = bundle.spec.input.size
+        self.window = bundle.spec.input.window
+        self.threshold = out.threshold
+        self.min_lung_cm2 = out.min_lung_cm2  # per component
+        self.min_total_cm2 = out.min_total_lung_cm2  # for the slice to count as lung
+        self.margin = out.box_margin
+        self.region_dilate = out.region_dilate_px
 
     def preprocess(self, hu: np.ndarray) -> tuple[np.ndarray, tuple[int, int], float]:
         sq, off = square_pad(hu)

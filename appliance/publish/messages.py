@@ -24,10 +24,21 @@ def now_iso() -> str:
 
 
 class Topics:
-    """Topic names under a prefix for one device."""
+    """Topic names under a prefix for one device; `Topics.all_devices(prefix)` gives subscription filters for every
+    device (e.g. `.verdict(Topics.ANY)`: every device's verdicts)."""
+
+    ANY = "+"  # MQTT single-level wildcard: any device, any study key
 
     def __init__(self, prefix: str, device: str) -> None:
         self.prefix, self.device = prefix.rstrip("/"), device
+
+    @classmethod
+    def all_devices(cls, prefix: str) -> "Topics":
+        return cls(prefix, cls.ANY)
+
+    def studies(self) -> list[str]:
+        """Filters for the per-study topics of every study key: verdicts, overlays, acknowledgements."""
+        return [self.verdict(self.ANY), self.overlay(self.ANY), self.ack(self.ANY)]
 
     @property
     def base(self) -> str:

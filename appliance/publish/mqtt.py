@@ -30,7 +30,8 @@ log = logging.getLogger("ctriage.mqtt")
 PASSWORD_ENV = "CTRIAGE_MQTT_PASSWORD"
 CONNACK_TIMEOUT_S = 5.0  # protocol = auto: no CONNACK this long after the socket opened → try the other protocol
 AckCallback = Callable[[str | None], None]  # None: acknowledged; else why the broker refused it
-Handler = Callable[[str, bytes], None]
+Handler = Callable[..., None]  # (topic, payload), or (topic, payload, retained) when subscribed with_retain
+LinkListener = Callable[[bool, str | None], None]  # (connected, why not: "refused: …", "connection lost", …)
 
 
 # -- broker address ----------------------------------------------------------------------------------------------
@@ -85,6 +86,7 @@ class Transport(ABC):
 
     name = "transport"
     generation = 0
+    _link_listeners: tuple[LinkListener, ...] = ()
 
     @property
     @abstractmethod
@@ -102,7 +104,9 @@ class Transport(ABC):
              on_ack: AckCallback | None = None) -> None: ...
 
     @abstractmethod
-    def subscribe(self, topic: str, handler: Handler) -> None: ...
+    def subscribe(self, topic: str, handler: Handler, *, with_retain: bool = False) -> None:
+        """Call `handler(topic, payload)` for each message matching `topic`; with_retain: also pass the message's
+        retain flag (a retained message is old state, a live one news)."""
 
     @abstractmethod
     def set_status(self, payload: bytes) -> None:
@@ -111,21 +115,37 @@ class Transport(ABC):
     def health(self) -> dict[str, Any]:
         return {"transport": self.name, "connected": self.connected}
 
+    def add_link_listener(self, listener: LinkListener) -> None:
+        """`listener(connected, why)` on every change of the link (on any thread); why is None when connected,
+        else "refused: <reason>", "connection lost" or "broker unreachable"."""
+        self._link_listeners = (*self._link_listeners, listener)
+
+    def _link(self, connected: bool, why: str | None = None) -> None:
+        for listener in self._link_listeners:
+            try:
+                listener(connected, why)
+            except Exception:
+                log.exception("link listener failed")
+
 
 # -- MQTT --------------------------------------------------------------------------------------------------------
 class MQTTTransport(Transport):
     name = "mqtt"
 
-    def __init__(self, cfg: MQTTConfig, client_id: str, status_topic: str, will_payload: bytes,
-                 url: str | None = None) -> None:
+    def __init__(self, cfg: MQTTConfig, client_id: str, status_topic: str | None, will_payload: bytes = b"",
+                 url: str | None = None, *, clean: bool = False) -> None:
+        """status_topic None: no status and no last will (a client that only listens, like the display).
+        clean: a clean session that the broker forgets at disconnect (for clients whose state is the retained
+        messages), instead of the persistent session that keeps QoS 1 messages while offline."""
         self.cfg = cfg
+        self.clean = clean
         self.url = parse_url(url or cfg.url)
         self.username, self.password = credentials(cfg, self.url)
         self.client_id = client_id
         self.status_topic, self.will_payload = status_topic, will_payload
         self.protocol = "3.1.1" if cfg.protocol == "3.1.1" else "5"
         self._status: bytes | None = None
-        self._subs: list[tuple[str, Handler]] = []
+        self._subs: list[tuple[str, Handler, bool]] = []
         self._client: Any = None
         self._connected = threading.Event()
         self._lock = threading.Lock()  # never held while calling into paho
@@ -200,11 +220,12 @@ class MQTTTransport(Transport):
         kw: dict[str, Any] = {"callback_api_version": CallbackAPIVersion.VERSION2, "client_id": self.client_id,
                               "protocol": mqtt.MQTTv5 if v5 else mqtt.MQTTv311, "reconnect_on_failure": True}
         if not v5:
-            kw["clean_session"] = False
+            kw["clean_session"] = self.clean
         c = mqtt.Client(**kw)
         c.max_inflight_messages_set(20)
         c.reconnect_delay_set(max(1, int(self.cfg.reconnect_min_seconds)), max(1, int(self.cfg.reconnect_max_seconds)))
-        c.will_set(self.status_topic, self.will_payload, qos=1, retain=True)
+        if self.status_topic is not None:
+            c.will_set(self.status_topic, self.will_payload, qos=1, retain=True)
         if self.username:
             c.username_pw_set(self.username, self.password or None)
         if self.url.tls or self.cfg.ca_file:
@@ -227,8 +248,8 @@ class MQTTTransport(Transport):
             from paho.mqtt.properties import Properties
 
             props = Properties(PacketTypes.CONNECT)
-            props.SessionExpiryInterval = int(self.cfg.session_expiry_seconds)
-            kw = {"clean_start": False, "properties": props}
+            props.SessionExpiryInterval = 0 if self.clean else int(self.cfg.session_expiry_seconds)
+            kw = {"clean_start": self.clean, "properties": props}
         c.connect_async(self.url.host, self.url.port, keepalive=self.cfg.keepalive, **kw)
         c.loop_start()
 
@@ -265,6 +286,7 @@ class MQTTTransport(Transport):
             if self.cfg.protocol == "auto" and not self._connected_once and int(getattr(reason_code, "value", 0)) in (
                     1, 0x84):  # unacceptable / unsupported protocol version
                 self._flip.set()
+            self._link(False, f"refused: {reason_code}")
             return
         self._connected_once = True
         self.connects += 1
@@ -275,10 +297,11 @@ class MQTTTransport(Transport):
                  "resumed" if session else "new")
         subs = list(self._subs)
         if subs:
-            client.subscribe([(t, self.cfg.qos) for t, _ in subs])
-        if self._status is not None:
+            client.subscribe([(t, self.cfg.qos) for t, _, _ in subs])
+        if self._status is not None and self.status_topic is not None:
             client.publish(self.status_topic, self._status, qos=1, retain=True)
         self._connected.set()
+        self._link(True)
 
     def _on_socket_open(self, client: Any, userdata: Any, sock: Any) -> None:
         self._socket_opened = time.monotonic()
@@ -286,6 +309,7 @@ class MQTTTransport(Transport):
     def _on_connect_fail(self, client: Any, userdata: Any) -> None:
         self.last_error = f"cannot reach the broker at {self.url.redacted()}"
         log.debug("MQTT: %s", self.last_error)
+        self._link(False, "broker unreachable")
 
     def _on_disconnect(self, client: Any, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
         was = self.connected
@@ -297,6 +321,7 @@ class MQTTTransport(Transport):
             log.warning("MQTT: connection lost (%s); reconnecting with backoff", reason_code)
         elif self.cfg.protocol == "auto" and not self._connected_once:
             self._flip.set()
+        self._link(False, "connection lost")
 
     def _on_publish(self, client: Any, userdata: Any, mid: int, reason_code: Any, properties: Any) -> None:
         refused = str(reason_code) if getattr(reason_code, "is_failure", False) else None
@@ -316,7 +341,7 @@ class MQTTTransport(Transport):
             log.exception("MQTT: acknowledgement handler failed")
 
     def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
-        self._inbox.put((msg.topic, bytes(msg.payload)))
+        self._inbox.put((msg.topic, bytes(msg.payload), bool(msg.retain)))
 
     def _dispatch(self) -> None:
         import paho.mqtt.client as mqtt
@@ -325,11 +350,11 @@ class MQTTTransport(Transport):
             item = self._inbox.get()
             if item is None:
                 return
-            topic, payload = item
-            for pattern, handler in list(self._subs):
+            topic, payload, retained = item
+            for pattern, handler, with_retain in list(self._subs):
                 if mqtt.topic_matches_sub(pattern, topic):
                     try:
-                        handler(topic, payload)
+                        handler(topic, payload, retained) if with_retain else handler(topic, payload)
                     except Exception:
                         log.exception("MQTT: handler for %s failed", pattern)
 
@@ -360,8 +385,8 @@ class MQTTTransport(Transport):
         if early != "pending":
             self._ack(cb, early)
 
-    def subscribe(self, topic: str, handler: Handler) -> None:
-        self._subs.append((topic, handler))
+    def subscribe(self, topic: str, handler: Handler, *, with_retain: bool = False) -> None:
+        self._subs.append((topic, handler, with_retain))
         c = self._client
         if c is not None and self.connected:
             c.subscribe(topic, qos=self.cfg.qos)
@@ -369,7 +394,7 @@ class MQTTTransport(Transport):
     def set_status(self, payload: bytes) -> None:
         self._status = payload
         c = self._client
-        if c is not None and self.connected:
+        if c is not None and self.connected and self.status_topic is not None:
             c.publish(self.status_topic, payload, qos=1, retain=True)
 
 

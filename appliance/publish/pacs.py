@@ -29,7 +29,8 @@ from pydicom.dataset import Dataset
 from pydicom.filereader import read_file_meta_info
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from appliance.ingest.dicom_scp import atomic_write, safe_name
+from appliance.durable import atomic_write
+from appliance.uid_names import safe_name
 
 if TYPE_CHECKING:
     from appliance.config import Config

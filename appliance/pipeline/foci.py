@@ -1,0 +1,62 @@
+"""Lesion foci, pure: one lesion followed through a series.
+
+Boxes on slices at most `FOCUS_SKIP` + 1 apart (linked all the way: no missing slice between) that overlap, each
+grown by `FOCUS_GROW` × the larger side of its slice, join one focus (union-find over boxes): a tumour the model
+marked on slices 13–15 and 17–18 is one focus, not two.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from appliance.domain import Rect, SliceFinding
+from appliance.geometry import GAP_FACTOR, links
+
+FOCUS_GROW = 0.02  # boxes on neighbouring slices within 2 % of the slice size of each other: the same focus
+FOCUS_SKIP = 1  # ... also across this many slices without that box (present slices, not missing ones)
+
+
+def _touch(a: Rect, b: Rect, grow: float) -> bool:
+    return a.y0 - grow < b.y1 and b.y0 - grow < a.y1 and a.x0 - grow < b.x1 and b.x0 - grow < a.x1
+
+
+def focus_members(findings: Sequence[SliceFinding], gap_factor: float = GAP_FACTOR, grow: float = FOCUS_GROW,
+                  skip: int = FOCUS_SKIP) -> list[list[tuple[int, int]]]:
+    """The foci of findings sorted in series order, longest first (ties: the most superior): per focus, its
+    members as (slice index, box index) in series order."""
+    link = links([f.position for f in findings], gap_factor)
+    ids = [(i, j) for i, f in enumerate(findings) for j in range(len(f.boxes))]
+    parent = {k: k for k in ids}
+
+    def root(k: tuple[int, int]) -> tuple[int, int]:
+        while parent[k] != k:
+            parent[k] = parent[parent[k]]
+            k = parent[k]
+        return k
+
+    for i in range(1, len(findings)):
+        cur = findings[i]
+        g = grow * max(cur.shape)
+        for d in range(1, skip + 2):
+            if i - d < 0 or not link[i - d:i].all():
+                break
+            for j, b in enumerate(cur.boxes):
+                for k, c in enumerate(findings[i - d].boxes):
+                    if _touch(b.rect, c.rect, g):
+                        parent[root((i, j))] = root((i - d, k))
+    groups: dict[tuple[int, int], list[tuple[int, int]]] = {}
+    for k in ids:
+        groups.setdefault(root(k), []).append(k)
+    out = [sorted(g) for g in groups.values()]
+    out.sort(key=lambda m: (m[0][0] - m[-1][0], m[0][0]))
+    return out
+
+
+def foci(findings: Sequence[SliceFinding], gap_factor: float = GAP_FACTOR, grow: float = FOCUS_GROW,
+         skip: int = FOCUS_SKIP) -> list[tuple[int, int]]:
+    """Lesion foci as (first slice, last slice) in series order, longest first."""
+    return [(m[0][0], m[-1][0]) for m in focus_members(findings, gap_factor, grow, skip)]
+
+
+def member_boxes(findings: Sequence[SliceFinding], members: Sequence[tuple[int, int]]) -> list[tuple[int, Rect]]:
+    """A focus's members as (slice index, box rect)."""
+    return [(i, findings[i].boxes[j].rect) for i, j in members]
