@@ -55,6 +55,8 @@ class SeriesReport:
             "focal": v.focal.as_dict() if v.focal else None,
             "foci": v.foci,
             "reason": v.reason,
+            "grade": v.grade,
+            "others": v.others,
             "slices": v.slices,
             "lung_slices": v.lung_slices,
             "lesion_slices": v.lesion_slices,

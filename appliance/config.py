@@ -35,6 +35,7 @@ class AnalysisConfig:
     min_slices: int = 20  # a series needs this many axial slices for a negative
     min_run_mm: float = 5.0  # ... and the run must cover at least this many mm along z (DICOM series)
     min_foci: int = 2  # separate lesion foci, each spanning such a run, for a positive (1: Chen et al. 2020's rule)
+    other_findings: bool = True  # lesion foci that are the halo of a solid nodule or mass do not count (named)
     gap_factor: float = 1.5  # a gap > factor × median spacing breaks a run
     max_tilt_deg: float = 10.0  # slices tilted more than this from axial are rejected
     bundle_dir: str = ""  # empty: <state_dir>/bundles when it has bundles, else the shipped ones

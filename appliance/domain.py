@@ -204,5 +204,7 @@ class SeriesVerdict:
     lesion_slices: int
     reason: str | None = None  # why indeterminate, if it is; or the note on a negative with a focal lesion
     gaps: int = 0  # breaks in the slice sequence (missing slices)
-    focal: Evidence | None = None  # a negative's single-focus run (the seed's rule fired on one lesion focus)
-    foci: int = 0  # lesion foci that each span a qualifying run
+    focal: Evidence | None = None  # a negative's single-focus run (Chen et al.'s rule fired on one lesion focus)
+    foci: int = 0  # lesion foci that each span a qualifying run (those a solid lesion explains left out)
+    others: list[dict] = field(default_factory=list)  # solid nodules/masses that explained lesion foci (to_dict)
+    grade: dict | None = None  # the viral-pneumonia-pattern grade of a positive (appliance.pipeline.grading)

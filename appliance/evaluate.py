@@ -25,7 +25,7 @@ from appliance.analyze import analyze_files, discover
 from appliance.domain import Rect, SliceFinding
 from appliance.imaging import resize
 from appliance.ingest.image_reader import image_series, natural_key
-from appliance.pipeline.case_logic import SeriesSummary, study_verdict
+from appliance.pipeline.case_logic import SeriesSummary, decide, study_verdict
 
 GROUPS = ("covid", "control")
 METRIC_KEYS = ("sensitivity", "specificity", "accuracy", "ppv", "npv", "tp", "fp", "tn", "fn")
@@ -256,12 +256,16 @@ class PatientResult:
     rejected: list[dict] = field(default_factory=list)
     seconds: float = 0.0
     focal: dict | None = None  # a negative's single lesion focus (its run), named for a radiologist
+    grade: dict | None = None  # the pattern grade of the study verdict (category, reasons, severity, extent)
+    others: list[dict] = field(default_factory=list)  # solid nodules/masses that explained lesion foci
+    without_others: str | None = None  # the call with the other-findings stage off (every focus counts)
 
     def as_dict(self) -> dict:
         return {"patient": self.source.name, "group": self.source.group, "result": self.result,
                 "evidence": self.evidence, "focal": self.focal, "slices": self.slices,
-                "lesion_slices": self.lesion_slices,
-                "series": self.series, "reason": self.reason, "rejected": len(self.rejected)}
+                "lesion_slices": self.lesion_slices, "series": self.series, "reason": self.reason,
+                "rejected": len(self.rejected), "grade": self.grade, "others": self.others,
+                "result_without_other_findings": self.without_others}
 
 
 @dataclass
@@ -347,7 +351,8 @@ def _run_patient(src: PatientSource, dicom_files: list[Path], image_groups: dict
                  max_tilt_deg: float,
                  progress: Callable[[int], None] | None) -> tuple[PatientResult, list[ImageResult]]:
     seconds = 0.0
-    runs = []  # (kind, verdict, ordered findings)
+    runs = []  # (kind, verdict, ordered findings, verdict with the other-findings stage off)
+    without = analyzer.rule.but(other_findings=False)
     t0 = time.perf_counter()
     done = analyze_files(dicom_files, analyzer, max_tilt_deg, progress, keep_prob=True)
     rejected = done.rejected
@@ -361,7 +366,7 @@ def _run_patient(src: PatientSource, dicom_files: list[Path], image_groups: dict
     for a in done.series:
         verdict, ordered = analyzer.verdict(a.kept, a.findings)
         rejected += a.rejected
-        runs.append(("dicom", verdict, ordered))
+        runs.append(("dicom", verdict, ordered, decide(ordered, without)))
     seconds += time.perf_counter() - t0
     for folder, files in sorted(image_groups.items(), key=lambda kv: natural_key(str(kv[0]))):
         t0 = time.perf_counter()
@@ -381,9 +386,9 @@ def _run_patient(src: PatientSource, dicom_files: list[Path], image_groups: dict
         # a crop patient is a handful of slices picked from a scan: no slice count is asked of it
         verdict, ordered = analyzer.verdict(slices, findings, rule=analyzer.rule.but(min_slices=1))
         seconds += time.perf_counter() - t0
-        runs.append(("images", verdict, ordered))
+        runs.append(("images", verdict, ordered, verdict))  # crops carry no HU: no solid lesions to find
     out: list[ImageResult] = []
-    for kind, _, ordered in runs:
+    for kind, _, ordered, _ in runs:
         for i, f in enumerate(ordered):
             out.append(_score_image(src, kind, i, f, analyzer))
             f.prob = None  # memory stays flat: only boxes are kept
@@ -418,13 +423,15 @@ def _score_image(src: PatientSource, kind: str, index: int, f: SliceFinding, ana
 
 
 def _patient_verdict(src: PatientSource, runs: list, rejected: list[dict], seconds: float) -> PatientResult:
-    slices = sum(v.slices for _, v, _ in runs)
-    lesion = sum(v.lesion_slices for _, v, _ in runs)
+    slices = sum(v.slices for _, v, _, _ in runs)
+    lesion = sum(v.lesion_slices for _, v, _, _ in runs)
     if not runs:
         why = f"no usable slices ({len(rejected)} file(s) rejected)" if rejected else "no slices"
         return PatientResult(src, "indeterminate", why, None, 0, 0, 0, rejected, seconds)
     # the study-level function the appliance publishes from: a patient's call is the study verdict of its runs
-    v, _ = study_verdict([SeriesSummary(str(i), run_v) for i, (_, run_v, _) in enumerate(runs)])
+    v, _ = study_verdict([SeriesSummary(str(i), run_v) for i, (_, run_v, _, _) in enumerate(runs)])
+    off, _ = study_verdict([SeriesSummary(str(i), run_off) for i, (_, _, _, run_off) in enumerate(runs)])
     return PatientResult(src, v.result, None if v.result == "positive" else v.reason,
                          v.evidence.as_dict() if v.evidence else None, len(runs), slices, lesion, rejected, seconds,
-                         focal=v.focal.as_dict() if v.focal else None)
+                         focal=v.focal.as_dict() if v.focal else None, grade=v.grade, others=v.others,
+                         without_others=off.result)

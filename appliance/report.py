@@ -224,10 +224,16 @@ def build_html(ev: Evaluation, data: dict, max_tilt_deg: float = 10.0, gallery: 
         run = (html.escape(run_text(ev_["quadrant"], ev_["first_slice"], ev_["last_slice"], ev_["run"]))
                if ev_ else html.escape(p.get("reason") or "–"))
         right = (p["result"] == "positive") == (p["group"] == "covid")
-        prow.append((right, [html.escape(p["patient"]), p["group"], p["result"], run, p["slices"],
+        g = p.get("grade")
+        pattern = (html.escape(f"{g['category']} ({', '.join(g.get('reasons', []))}); severity {g['severity']}/25")
+                   if g and p["result"] == "positive" else "–")
+        named = "<br>".join(html.escape(o["text"]) for o in p.get("others") or []) or "–"
+        prow.append((right, [html.escape(p["patient"]), p["group"], p["result"],
+                             p.get("result_without_other_findings") or p["result"], run, pattern, named, p["slices"],
                              p["lesion_slices"], p["series"], p["rejected"]]))
-    head = ["patient", "group", "result", "run that fired (quadrant, slices, length) or reason", "slices",
-            "lesion slices", "series", "rejected"]
+    head = ["patient", "group", "result", "without other findings",
+            "run that fired (quadrant, slices, length) or reason", "pattern (positives)",
+            "solid nodules and masses named", "slices", "lesion slices", "series", "rejected"]
     ptab = (f"<table><thead><tr>{''.join(f'<th>{h}</th>' for h in head)}</tr></thead><tbody>"
             + "".join(f'<tr class="{"ok" if ok else "bad"}">' + "".join(f"<td>{c}</td>" for c in r) + "</tr>"
                       for ok, r in prow) + "</tbody></table>")

@@ -117,7 +117,8 @@ def finding_from_dict(d: dict[str, Any]) -> SliceFinding:
 def verdict_to_dict(v: SeriesVerdict) -> dict[str, Any]:
     return {"result": v.result, "state": v.state, "evidence": v.evidence.as_dict() if v.evidence else None,
             "slices": v.slices, "lung_slices": v.lung_slices, "lesion_slices": v.lesion_slices, "reason": v.reason,
-            "gaps": v.gaps, "focal": v.focal.as_dict() if v.focal else None, "foci": v.foci}
+            "gaps": v.gaps, "focal": v.focal.as_dict() if v.focal else None, "foci": v.foci, "others": v.others,
+            "grade": v.grade}
 
 
 def verdict_from_dict(d: dict[str, Any]) -> SeriesVerdict:
@@ -125,7 +126,8 @@ def verdict_from_dict(d: dict[str, Any]) -> SeriesVerdict:
     return SeriesVerdict(result=d["result"], state=d["state"], evidence=Evidence(**ev) if ev else None,
                          slices=int(d["slices"]), lung_slices=int(d["lung_slices"]),
                          lesion_slices=int(d["lesion_slices"]), reason=d.get("reason"), gaps=int(d.get("gaps", 0)),
-                         focal=Evidence(**fo) if fo else None, foci=int(d.get("foci", 0)))
+                         focal=Evidence(**fo) if fo else None, foci=int(d.get("foci", 0)),
+                         others=list(d.get("others") or []), grade=d.get("grade"))
 
 
 def _tuple(x: Any) -> Any:

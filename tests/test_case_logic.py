@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 
 from appliance.domain import Box, Rect, SliceFinding
@@ -207,3 +209,36 @@ def test_case_rule_is_built_once_from_the_config_and_the_seed_rule_stays_availab
     assert decide(fs, seed).result == "positive"
     v = decide(fs, r)
     assert v.result == "negative" and v.focal is not None and v.focal.quadrant == UL
+
+
+def test_a_focus_that_is_the_halo_of_a_solid_nodule_does_not_count_and_the_nodule_is_named():
+    from appliance.domain import SliceMeasures, Solid
+
+    def slice_(i: int) -> SliceFinding:
+        boxes, solids = [], []
+        if 8 <= i <= 13:  # the halo the lesion model marks around a solid nodule (upper-left)
+            boxes.append(Box(Rect(140, 140, 190, 190), 300.0, 0.9, UL))
+        if 9 <= i <= 12:  # the nodule's solid core, 20 mm at 0.7 mm pixels, lung all round it
+            solids.append(Solid(Rect(150, 150, 179, 179), 280.0, 20.0, 20.0, False, 0.7, 0.1))
+        if 14 <= i <= 18:  # a second lesion elsewhere: ground glass, no solid core (lower-right)
+            boxes.append(Box(Rect(330, 330, 380, 380), 300.0, 0.9, LR))
+        m = SliceMeasures(0.49, lung_right=20000, lung_left=20000, lesion_right=900 if boxes else 0,
+                          lesion_left=300 if 14 <= i <= 18 else 0, ggo=1000 if boxes else 0, consolidation=100,
+                          peripheral=800 if boxes else 0, central=200)
+        return SliceFinding(f"s{i}", -5.0 * i, (512, 512), Rect(50, 50, 460, 460), boxes, solids=solids, measures=m)
+
+    fs = [slice_(i) for i in range(30)]
+    appliance = rule(min_slices=20, min_foci=2, min_run_mm=5.0, other_findings=True)
+    assert decide(fs, appliance.but(other_findings=False)).result == "positive", "two foci: every focus counts"
+    v = decide(fs, appliance)
+    assert v.result == "negative" and v.foci == 1, "the halo does not count: one focus is left"
+    (nodule,) = v.others
+    assert nodule["kind"] == "nodule" and nodule["diameter_mm"] == 20.0 and (nodule["first_slice"],
+                                                                           nodule["last_slice"]) == (9, 12)
+    assert nodule["text"].startswith("solid nodule 20 mm, patient's right") and "not a COVID-19 pattern" in v.reason
+    assert v.grade is not None and v.grade["category"] in ("indeterminate", "atypical")
+    # without the nodule the same two foci are the multifocal pattern, graded
+    plain = [dataclasses.replace(f, solids=[]) for f in fs]
+    p = decide(plain, appliance)
+    assert p.result == "positive" and p.others == [] and p.grade["category"] in ("typical", "indeterminate")
+    assert 0 <= p.grade["severity"] <= 25 and set(p.grade["extent"]) == {"right", "left", "total"}

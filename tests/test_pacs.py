@@ -180,6 +180,25 @@ def test_a_focal_negative_names_its_lesion_in_the_sr(source, series):
     assert str(pydicom.dcmread(series[1], stop_before_pixels=True).SOPInstanceUID) in refs  # the focus's slices
 
 
+def test_the_sr_carries_the_pattern_grade_and_names_solid_lesions(source, series):
+    v = _verdict() | {"schema": "ctriage.verdict/2",
+                      "grade": {"category": "typical", "reasons": ["bilateral"], "severity": 7,
+                                "extent": {"right": 3.0, "left": 2.0, "total": 2.5}},
+                      "others": [{"kind": "nodule", "diameter_mm": 12.5, "first_slice": 3, "last_slice": 5,
+                                  "quadrant": "upper-left", "zone": "upper", "text": "solid nodule 12 mm, …"}]}
+    flat = content_items(build_sr(v, source, KEY_SLICES))
+    coded = {it.ConceptNameCodeSequence[0].value: it.ConceptCodeSequence[0].value for it in flat
+             if it.ValueType == "CODE"}
+    nums = {it.ConceptNameCodeSequence[0].CodeValue: float(it.MeasuredValueSequence[0].NumericValue) for it in flat
+            if it.ValueType == "NUM"}
+    assert coded["PATTERN"] == "TYPICAL" and nums["SEVERITY"] == 7 and nums["EXTENT"] == 2.5
+    assert nums["SOLID-DIAMETER"] == 12.5
+    assert any(it.ValueType == "CODE" and it.ConceptCodeSequence[0].meaning == "Nodule" for it in flat)
+    # a negative carries no pattern grade even when one was measured
+    neg = _verdict("negative") | {"grade": v["grade"], "others": []}
+    assert "PATTERN" not in {it.ConceptNameCodeSequence[0].value for it in content_items(build_sr(neg, source))}
+
+
 def test_provisional_negative_sr(source):
     sr = build_sr(_verdict("negative", "provisional"), source)
     assert sr.CompletionFlag == "PARTIAL" and sr.PreliminaryFlag == "PRELIMINARY"

@@ -28,6 +28,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_config_argument(p)
 
 
+def finding_lines(name: str, v) -> list[str]:
+    """What a series shows besides its result: the grade of a positive, solid nodules and masses named."""
+    out = []
+    g = v.grade
+    if g and v.result == "positive":
+        ext = g.get("extent", {})
+        out.append(f"{name}: COVID-19 pattern (a viral pneumonia pattern: isolate pending PCR) — {g['category']} "
+                   f"({', '.join(g.get('reasons', []))}); severity {g['severity']}/25; involved: right "
+                   f"{ext.get('right', 0):g} %, left {ext.get('left', 0):g} %")
+    out += [f"{name}: {o['text']} (slices {o['first_slice'] + 1}-{o['last_slice'] + 1})" for o in v.others]
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
     from appliance.analyze import analyze_path
     from appliance.privacy import load_secret
@@ -61,9 +74,14 @@ def run(args: argparse.Namespace) -> int:
         v = rep.verdict
         ev = v.evidence
         evtxt = run_text(ev.quadrant, ev.first_slice, ev.last_slice, ev.run) if ev else (v.reason or "-")
+        g = v.grade
+        pattern = f"{g['category']} {g['severity']}/25" if g and v.result == "positive" else "-"
         rows.append([rep.series_key[:10], (rep.description or Path(rep.source).name)[:28], str(v.slices),
-                     str(v.lung_slices), str(v.lesion_slices), v.result.upper(), evtxt])
-    print(table(rows, ["series", "description", "slices", "lung", "lesion", "result", "evidence"]))
+                     str(v.lung_slices), str(v.lesion_slices), v.result.upper(), pattern, evtxt])
+    print(table(rows, ["series", "description", "slices", "lung", "lesion", "result", "pattern", "evidence"]))
+    notes = [line for rep in reports for line in finding_lines(rep.series_key[:10], rep.verdict)]
+    if notes:
+        print("\n" + "\n".join(notes))
     print(f"\nbackend {analyzer.backend} ({analyzer.precision}) on {analyzer.device}; models "
           + ", ".join(f"{b['name']} {b['version']}" for b in analyzer.bundles))
     rejected = [r for rep in reports for r in rep.rejected]

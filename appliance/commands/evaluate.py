@@ -62,8 +62,24 @@ def summary(data: dict) -> str:
     for p in data["patients"]:
         ev = p["evidence"]
         run = run_text(ev["quadrant"], ev["first_slice"], ev["last_slice"], ev["run"]) if ev else (p["reason"] or "-")
-        prow.append([p["patient"], p["group"], p["result"].upper(), str(p["slices"]), str(p["lesion_slices"]), run])
-    out += ["", table(prow, ["patient", "group", "result", "slices", "lesion", "run / reason"]), ""]
+        g = p.get("grade")
+        pattern = f"{g['category']} {g['severity']}/25" if g and p["result"] == "positive" else "-"
+        off = (p.get("result_without_other_findings") or p["result"]).upper()
+        prow.append([p["patient"], p["group"], p["result"].upper(), off, pattern, str(p["slices"]),
+                     str(p["lesion_slices"]), run])
+    out += ["", table(prow, ["patient", "group", "result", "without other findings", "pattern", "slices", "lesion",
+                             "run / reason"]), ""]
+    cats: dict[str, int] = {}
+    for p in data["patients"]:
+        if p["result"] == "positive" and p.get("grade"):
+            cats[p["grade"]["category"]] = cats.get(p["grade"]["category"], 0) + 1
+    if cats:
+        out += ["positives by pattern (RSNA consensus categories): "
+                + ", ".join(f"{k} {cats[k]}" for k in ("typical", "indeterminate", "atypical") if k in cats), ""]
+    named = [(p["patient"], o["text"]) for p in data["patients"] for o in p.get("others") or []]
+    if named:
+        out += ["solid nodules and masses named (their halo did not count):"]
+        out += [f"  {who}: {text}" for who, text in named] + [""]
     if data["rejected"]:
         out.append(f"{len(data['rejected'])} file(s) rejected:")
         out += [f"  {r['file']}: {r['reason']}" for r in data["rejected"][:20]]

@@ -28,6 +28,8 @@ from appliance.domain import QUADRANTS, Evidence, SeriesVerdict, SliceFinding
 from appliance.geometry import GAP_FACTOR, links, median_spacing
 from appliance.pipeline.anatomy import quadrant_of  # noqa: F401 - the quadrants the rule speaks of
 from appliance.pipeline.foci import FOCUS_GROW, FOCUS_SKIP, foci  # noqa: F401
+from appliance.pipeline.grading import grade
+from appliance.pipeline.solid import explain_foci
 
 MIN_RUN = 3
 
@@ -48,13 +50,14 @@ class CaseRule:
     min_foci: int
     min_slices: int
     gap_factor: float
+    other_findings: bool = False  # foci a solid nodule or mass explains do not count (see appliance.pipeline.solid)
 
     @classmethod
     def from_config(cls, analysis: Any) -> "CaseRule":
         """From `appliance.config.AnalysisConfig` (the one place the defaults live)."""
         return cls(min_run=int(analysis.min_run), min_run_mm=float(analysis.min_run_mm),
                    min_foci=int(analysis.min_foci), min_slices=int(analysis.min_slices),
-                   gap_factor=float(analysis.gap_factor))
+                   gap_factor=float(analysis.gap_factor), other_findings=bool(analysis.other_findings))
 
     @classmethod
     def chen2020(cls, min_slices: int = 0) -> "CaseRule":
@@ -71,7 +74,9 @@ class CaseRule:
 
     def describe(self) -> str:
         """The rule in one phrase (reports)."""
-        return describe_rule(self.min_run, self.min_run_mm, self.min_foci)
+        text = describe_rule(self.min_run, self.min_run_mm, self.min_foci)
+        return text + ("; foci that are the halo of a solid nodule or mass do not count" if self.other_findings
+                       else "")
 
 
 def longest_runs(findings: Sequence[SliceFinding], gap_factor: float = GAP_FACTOR) -> dict[str, tuple[int, int]]:
@@ -134,9 +139,10 @@ def decide(findings: Sequence[SliceFinding], rule: CaseRule, *, final: bool = Tr
     """
     min_run, min_slices, gap_factor = rule.min_run, rule.min_slices, rule.gap_factor
     min_run_mm, min_foci = rule.min_run_mm, rule.min_foci
-    ev = find_evidence(findings, min_run, gap_factor, min_run_mm)
+    counted, solids = explain_foci(findings, gap_factor) if rule.other_findings else (list(findings), [])
+    ev = find_evidence(counted, min_run, gap_factor, min_run_mm)
     need = slices_needed(findings, min_run, min_run_mm)
-    n_foci = sum(1 for lo, hi in foci(findings, gap_factor) if hi - lo + 1 >= need)
+    n_foci = sum(1 for lo, hi in foci(counted, gap_factor) if hi - lo + 1 >= need)
     focal = None
     if ev is not None and n_foci < min_foci:
         focal, ev = ev, None
@@ -157,9 +163,18 @@ def decide(findings: Sequence[SliceFinding], rule: CaseRule, *, final: bool = Tr
         note = (f"a single focal lesion ({focal.quadrant}, slices {focal.first_slice + 1}–{focal.last_slice + 1}):"
                 " not the multifocal pattern of COVID-19 pneumonia — for a radiologist")
         reason = f"{reason}; {note}" if reason else note
+    if solids and result != "positive":
+        note = "lesion seen around " + "; ".join(s.describe() for s in solids)
+        reason = f"{reason}; {note}" if reason else note
+    graded = None
+    if (ev is not None or focal is not None or solids) and any(f.measures is not None for f in findings):
+        # a nodule or mass shapes the pattern when it is the finding (no focus left) or a mass; an incidental small
+        # one beside many foci is named (others) but does not make the pattern atypical
+        shaping = solids if n_foci == 0 or any(s.kind == "mass" for s in solids) else []
+        graded = grade([f.measures for f in findings], n_foci, [f.position for f in findings], shaping).to_dict()
     return SeriesVerdict(result=result, state="final" if final else "provisional", evidence=ev, slices=n,
                          lung_slices=lung, lesion_slices=lesion, reason=reason, gaps=gaps, focal=focal,
-                         foci=n_foci)
+                         foci=n_foci, others=[s.to_dict() for s in solids], grade=graded)
 
 
 # -- the study verdict over its series -----------------------------------------------------------------------------
@@ -199,5 +214,5 @@ def study_verdict(series: Sequence[SeriesSummary]) -> tuple[SeriesVerdict, Serie
     lv = lead.verdict
     v = SeriesVerdict(result=result, state=state, evidence=lv.evidence, slices=lv.slices,  # type: ignore[arg-type]
                       lung_slices=lv.lung_slices, lesion_slices=lv.lesion_slices, reason=lv.reason, gaps=lv.gaps,
-                      focal=lv.focal, foci=lv.foci)
+                      focal=lv.focal, foci=lv.foci, others=lv.others, grade=lv.grade)
     return v, lead

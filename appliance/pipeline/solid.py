@@ -27,6 +27,7 @@ Slices are in display orientation; the working grid is the lung box, reduced to 
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -428,3 +429,33 @@ def focus_members(findings: Sequence[SliceFinding], gap_factor: float = GAP_FACT
                   skip: int = FOCUS_SKIP) -> list[list[tuple[int, Rect]]]:
     """The lesion foci (appliance.pipeline.foci) with their members as (slice index, box rect), longest first."""
     return [member_boxes(findings, m) for m in _members(findings, gap_factor, grow, skip)]
+
+
+def explain_foci(findings: Sequence[SliceFinding],
+                 gap_factor: float = GAP_FACTOR) -> tuple[list[SliceFinding], list[SolidLesion]]:
+    """(findings without the boxes of foci that solid lesions explain, the solid lesions that explain some).
+
+    The case rule then counts runs and foci on what is left: a tumour's or nodule's halo does not make a series
+    COVID-19-positive, and the lesions that explained it are named in the verdict."""
+    per_slice = [f.solids for f in findings]
+    if not any(per_slice):
+        return list(findings), []
+    lesions = link_solids(per_slice, [f.position for f in findings], [f.lung for f in findings], gap_factor)
+    if not lesions:
+        return list(findings), []
+    drop: dict[int, set[int]] = {}
+    named: list[SolidLesion] = []
+    for members in _members(findings, gap_factor):
+        lesion = explain(member_boxes(findings, members), lesions, per_slice)
+        if lesion is None:
+            continue
+        if lesion not in named:
+            named.append(lesion)
+        for i, j in members:
+            drop.setdefault(i, set()).add(j)
+    if not named:
+        return list(findings), []
+    kept = [f if i not in drop else dataclasses.replace(f, boxes=[b for j, b in enumerate(f.boxes)
+                                                                    if j not in drop[i]])
+            for i, f in enumerate(findings)]
+    return kept, sorted(named, key=lambda s: (-s.diameter_mm, s.first_slice))

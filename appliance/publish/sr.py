@@ -71,6 +71,16 @@ QUADRANT_CODES = {
     "lower-left": _code("LL", "lower-left (posterior, patient right)"),
     "lower-right": _code("LR", "lower-right (posterior, patient left)"),
 }
+PATTERN = _code("PATTERN", "Viral pneumonia pattern (RSNA category), not a diagnosis")
+PATTERNS = {"typical": _code("TYPICAL", "Typical appearance"),
+            "indeterminate": _code("INDETERMINATE", "Indeterminate appearance"),
+            "atypical": _code("ATYPICAL", "Atypical appearance")}
+SEVERITY = _code("SEVERITY", "Severity score, 25-point style from lung zones")
+EXTENT = _code("EXTENT", "Lung volume involved")
+OTHER_DIAMETER = _code("SOLID-DIAMETER", "Solid nodule or mass diameter (its halo did not count)")
+SCORE_UNIT = hd.sr.CodedConcept("{score}", "UCUM", "score")
+PERCENT = hd.sr.CodedConcept("%", "UCUM", "percent")
+MM = hd.sr.CodedConcept("mm", "UCUM", "millimetre")
 COVID19 = hd.sr.CodedConcept("840539006", "SCT", "COVID-19")
 CT_CHEST = hd.sr.CodedConcept("24627-2", "LN", "CT Chest")
 SLICES_UNIT = hd.sr.CodedConcept("{slices}", "UCUM", "slices")
@@ -271,6 +281,11 @@ def build_sr(verdict: dict[str, Any], source: SourceSeries, key_slices: Sequence
                          hd.sr.Measurement(first_c, float(first + 1), SLICES_UNIT),
                          hd.sr.Measurement(last_c, float(last + 1), SLICES_UNIT)]
         run_images = [i for i in range(first, last + 1) if 0 <= i < n]
+    g = verdict.get("grade") or None
+    if g and result == "positive" and g.get("category") in PATTERNS:  # the pattern of a positive, graded
+        evaluations.append(hd.sr.QualitativeEvaluation(PATTERN, PATTERNS[g["category"]]))
+        measurements.append(hd.sr.Measurement(SEVERITY, float(g.get("severity", 0)), SCORE_UNIT))
+        measurements.append(hd.sr.Measurement(EXTENT, float((g.get("extent") or {}).get("total", 0.0)), PERCENT))
     for concept, key in ((SLICES, "slices"), (LUNG_SLICES, "lung_slices"), (LESION_SLICES, "lesion_slices"),
                          (FOCI, "foci")):
         if counts.get(key) is not None:
@@ -281,6 +296,16 @@ def build_sr(verdict: dict[str, Any], source: SourceSeries, key_slices: Sequence
         tracking_identifier=hd.sr.TrackingIdentifier(uid=generate_uid(), identifier="ctriage verdict"),
         finding_type=COVID19, algorithm_id=algorithm, measurements=measurements or None,
         qualitative_evaluations=evaluations, source_images=sources or None)]
+    for k, o in enumerate(verdict.get("others") or []):  # solid nodules and masses named, not the COVID-19 pattern
+        first, last = int(o["first_slice"]), int(o["last_slice"])
+        srcs = [hd.sr.SourceImageForMeasurementGroup(source.instances[i].sop_class_uid,
+                                                     source.instances[i].sop_instance_uid)
+                for i in range(first, last + 1) if 0 <= i < n][:64]
+        groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(uid=generate_uid(), identifier=f"other finding {k + 1}"[:64]),
+            finding_type=codes.SCT.Mass if o.get("kind") == "mass" else codes.SCT.Nodule, algorithm_id=algorithm,
+            measurements=[hd.sr.Measurement(OTHER_DIAMETER, float(o["diameter_mm"]), MM)],
+            source_images=srcs or None))
     regions = []
     for ks in key_slices or []:
         i = int(ks.get("index", -1))
