@@ -6,6 +6,7 @@ use `*_file` keys or environment variables (CTRIAGE_MQTT_PASSWORD, CTRIAGE_STUDY
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import os
@@ -18,6 +19,8 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from appliance.dicom_names import is_ae_title, parse_peer
 
 
 class ConfigError(ValueError):
@@ -149,13 +152,13 @@ class DicomConfig:
 
     def validate(self, where: str) -> None:
         _range(where, "port", self.port, 1, 65535)
-        if not (1 <= len(self.ae_title) <= 16):
+        if not is_ae_title(self.ae_title):
             raise ConfigError(f"{where} ae_title: 1 to 16 characters, got {self.ae_title!r}")
         _range(where, "max_associations", self.max_associations, 1, 100)
         _range(where, "timeout_seconds", self.timeout_seconds, 1, 3600)
         for i, c in enumerate(self.allowed_callers):
             aet, _, host = c.partition("@")
-            if not (1 <= len(aet.strip()) <= 16) or ("@" in c and not host.strip()):
+            if not is_ae_title(aet) or ("@" in c and not host.strip()):
                 raise ConfigError(f"{where} allowed_callers[{i}]: expected 'AET', 'AET@host' or '*@host', got {c!r}")
         if bool(self.tls_cert_file) != bool(self.tls_key_file):
             raise ConfigError(f"{where} tls_cert_file and tls_key_file: set both or neither")
@@ -177,13 +180,10 @@ class PacsConfig:
     timeout_seconds: float = 30.0
 
     def validate(self, where: str) -> None:
-        import re
-
         for i, d in enumerate(self.destinations):
-            if not re.fullmatch(r"[^@]{1,16}@(\[[0-9A-Fa-f:.]+\]|[^:@\[\]\s]+):\d{1,5}", d.strip()) \
-                    or not 1 <= int(d.rsplit(":", 1)[1]) <= 65535:
+            if parse_peer(d) is None:
                 raise ConfigError(f"{where} destinations[{i}]: expected AET@host:port, got {d!r}")
-        if len(self.calling_ae_title) > 16:
+        if self.calling_ae_title and not is_ae_title(self.calling_ae_title):
             raise ConfigError(f"{where} calling_ae_title: at most 16 characters, got {self.calling_ae_title!r}")
         _range(where, "retry_seconds", self.retry_seconds, 0.1, 86400)
         _range(where, "max_retry_seconds", self.max_retry_seconds, self.retry_seconds, 86400)
@@ -235,6 +235,25 @@ class Config:
             raise ConfigError(f"device_id: letters, digits, '-', '_' and '.' only (it is an MQTT topic level), "
                               f"got {self.device_id!r}")
         _choice("", "log_level", self.log_level.upper(), ("DEBUG", "INFO", "WARNING", "ERROR"))
+
+    def with_overrides(self, overrides: dict[str, Any]) -> Config:
+        """A copy with overrides applied ({"watch.dir": "/srv/ct", "device_id": "ct-2"}: "[table].key" or a
+        top-level key), each value type-checked as the TOML's would be, then the whole configuration checked
+        once; ConfigError names the key."""
+        new = copy.deepcopy(self)
+        for dotted, value in overrides.items():
+            table, _, key = dotted.rpartition(".")
+            obj = getattr(new, table, None) if table else new
+            if not dataclasses.is_dataclass(obj) or key not in {f.name for f in dataclasses.fields(obj)}:
+                raise ConfigError(f"unknown key {dotted!r}")
+            where = f"[{table}]" if table else ""
+            setattr(obj, key, _coerce(where, key, typing.get_type_hints(type(obj))[key], value))
+        new.validate()
+        for f in dataclasses.fields(new):
+            sub = getattr(new, f.name)
+            if dataclasses.is_dataclass(sub) and hasattr(sub, "validate"):
+                sub.validate(f"[{f.name}]")
+        return new
 
     @property
     def state_path(self) -> Path:

@@ -43,7 +43,9 @@ from appliance.pipeline.case_logic import CaseRule
 from appliance.pipeline.tracker import SeriesTracker
 from appliance.privacy import load_secret
 from appliance.publish import messages as msg
-from appliance.publish.mqtt import MQTTTransport, OutboxPump, Transport
+from appliance.publish.mqtt import MQTTTransport
+from appliance.publish.outbox import OutboxPump
+from appliance.publish.transport import Transport
 from appliance.service import compact_json
 from appliance.service.health import BROKER_GRACE_S, STATUS_FILE, STATUS_INTERVAL_S, Health, read_status
 from appliance.service.intake import Intake

@@ -21,7 +21,8 @@ from scipy import ndimage as ndi
 
 from appliance import __version__
 from appliance.domain import Rect, SliceFinding
-from appliance.evaluate import Evaluation, ImageResult, auc, read_mask
+from appliance.evaluate import Evaluation, ImageResult, read_mask
+from appliance.metrics import auc
 from appliance.imaging import resize
 from appliance.pipeline.anatomy import run_text
 from appliance.publish.overlays import png_bytes, render

@@ -19,7 +19,7 @@ from appliance.domain import SliceFinding
 from appliance.pipeline.analyzer import Analyzer
 from appliance.pipeline.case_logic import slices_needed
 from appliance.pipeline.grading import Grade, grade
-from appliance.pipeline.solid import SolidLesion, explain, focus_members, link_solids
+from appliance.pipeline.solid_lesions import SolidLesion, explain, focus_members, link_solids
 
 DATA = Path(os.environ.get("CTRIAGE_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 SERIES = {

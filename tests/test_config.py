@@ -57,3 +57,31 @@ def test_config_command_check_and_show(tmp_path, capsys):
     bad.write_text("[mqtt]\nqos = 7\n")
     assert main(["config", "--config", str(bad), "--check"]) == 2
     assert "[mqtt] qos" in capsys.readouterr().err
+
+
+def test_with_overrides_returns_a_checked_copy():
+    cfg = from_dict({})
+    new = cfg.with_overrides({"watch.dir": "/srv/ct", "series.quiet_seconds": 2, "device_id": "ct-2"})
+    assert (new.watch.dir, new.series.quiet_seconds, new.device_id) == ("/srv/ct", 2.0, "ct-2")
+    assert cfg.watch.dir == "" and cfg.device_id == "ct-room-1"  # the original is untouched
+    for overrides, msg in [({"series.quiet_seconds": 0}, "[series] quiet_seconds: must be between 0.1 and 3600"),
+                           ({"mqtt.url": "http://x"}, "[mqtt] url: must start with mqtt://"),
+                           ({"device_id": "a/b"}, "device_id: letters, digits"),
+                           ({"watch.dirr": "/x"}, "unknown key 'watch.dirr'"),
+                           ({"dicom.port": "104"}, "[dicom] port: expected an integer")]:
+        with pytest.raises(ConfigError) as e:
+            cfg.with_overrides(overrides)
+        assert msg in str(e.value)
+
+
+@pytest.mark.parametrize("data,msg", [
+    ({"dicom": {"ae_title": "CT\\AI"}}, "[dicom] ae_title"),
+    ({"dicom": {"ae_title": "    "}}, "[dicom] ae_title"),
+    ({"dicom": {"allowed_callers": ["A" * 17]}}, "[dicom] allowed_callers[0]"),
+    ({"pacs": {"destinations": ["PA\tCS@host:104"]}}, "[pacs] destinations[0]"),
+    ({"pacs": {"calling_ae_title": "A" * 17}}, "[pacs] calling_ae_title"),
+])
+def test_one_ae_title_rule(data, msg):
+    with pytest.raises(ConfigError) as e:
+        from_dict(data)
+    assert msg in str(e.value)

@@ -281,7 +281,7 @@ def test_check_complete_at_every_cut_point(tmp_path, name):
     whole file is complete, proven by its pixel data."""
     import warnings
 
-    from appliance.ingest.dicom_reader import check_complete
+    from appliance.ingest.completeness import check_complete
 
     if name.startswith("phantom"):
         src = write_phantom(tmp_path, PhantomSpec(slices=1, size=64, seed=1), transfer_syntax=JPEG_LOSSLESS_SV1)[0]
@@ -303,19 +303,19 @@ def test_check_complete_at_every_cut_point(tmp_path, name):
 
 
 def test_check_complete_never_loads_pixel_data(tmp_path, monkeypatch):
-    from appliance.ingest import dicom_reader
+    from appliance.ingest import completeness
 
     path = write_phantom(tmp_path, PhantomSpec(slices=1, seed=2))[0]
     calls = []
     real = pydicom.dcmread
     monkeypatch.setattr(pydicom, "dcmread", lambda *a, **k: calls.append(k) or real(*a, **k))
-    ext = dicom_reader.check_complete(path)
+    ext = completeness.check_complete(path)
     assert ext.why is None and ext.pixels and "PixelData" not in ext.ds
     assert all(k.get("stop_before_pixels") and k.get("defer_size") for k in calls)
 
 
 def test_non_image_objects_are_complete_when_whole(tmp_path):
-    from appliance.ingest.dicom_reader import check_complete
+    from appliance.ingest.completeness import check_complete
 
     for name in ("test-SR.dcm", "rtplan.dcm"):
         src = get_testdata_file(name)

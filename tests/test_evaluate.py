@@ -12,8 +12,8 @@ import pytest
 from PIL import Image
 
 from appliance.domain import Rect
-from appliance.evaluate import (Confusion, DatasetError, auc, component_score, confusion, dice, find_patients, iou,
-                                predicted_mask, sweep)
+from appliance.evaluate import DatasetError, find_patients
+from appliance.metrics import Confusion, auc, component_score, confusion, dice, iou, predicted_mask, sweep
 
 from .conftest import shared_data
 

@@ -10,7 +10,8 @@ from scipy import ndimage as ndi
 
 from appliance.domain import SliceImage
 from appliance.pipeline.grading import Grade, SliceMeasures, grade, measure_slice, region_score
-from appliance.pipeline.solid import link_solids, solid_components
+from appliance.pipeline.solid import solid_components
+from appliance.pipeline.solid_lesions import link_solids
 
 from .test_solid import LEFT_LUNG, LUNG_BOX, PX, RIGHT_LUNG, XX, YY, chest, ellipse, real_series, solid_view
 
@@ -160,7 +161,7 @@ def series_cache():
 
 
 def graded(analyzer, findings) -> Grade:
-    from appliance.pipeline.solid import explain
+    from appliance.pipeline.solid_lesions import explain
 
     per, lesions, foci = solid_view(analyzer, findings)
     by = [explain(m, lesions, per) for m in foci]

@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 
 from appliance.config import ConfigError, MQTTConfig
-from appliance.publish.mqtt import MQTTTransport, OutboxPump, credentials, parse_url
+from appliance.publish.mqtt import MQTTTransport
+from appliance.publish.mqtt_url import credentials, parse_url
+from appliance.publish.outbox import OutboxPump
 from appliance.store import Store
 
 from .broker import Mosquitto, free_port

@@ -20,7 +20,8 @@ from appliance.domain import Box, Rect, SliceFinding
 from appliance.ingest.dicom_reader import Rejected, read_slice, to_display
 from appliance.phantom import PhantomSpec, write_phantom
 from appliance.publish.overlays import render, slice_grey
-from appliance.publish.pacs import Destination, KeyImage, PacsSender, associate, DicomNetworkError
+from appliance.publish.dicom_peer import Destination, DicomNetworkError, associate
+from appliance.publish.pacs import KeyImage, PacsSender
 from appliance.publish.sr import (NOT_FOR_DIAGNOSIS, SourceInstance, SourceSeries, build_key_image, build_sr,
                                   display_box_to_stored)
 

@@ -11,7 +11,9 @@ import pytest
 from scipy import ndimage as ndi
 
 from appliance.domain import Box, Rect, SliceFinding
-from appliance.pipeline.solid import Solid, SolidLesion, explain, focus_members, link_solids, solid_components
+from appliance.domain import Solid
+from appliance.pipeline.solid import solid_components
+from appliance.pipeline.solid_lesions import SolidLesion, explain, focus_members, link_solids
 
 from .conftest import shared_data
 

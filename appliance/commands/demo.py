@@ -20,37 +20,23 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
-import os
 import shutil
 import signal
 import socket
 import tempfile
 import threading
 import time
-import uuid
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from appliance.commands.common import add_backend_arguments, add_config_argument, load_config, table
+from appliance.commands.common import add_backend_arguments, add_config_argument, load_config
+from appliance.commands.demo_console import Console, VerdictFeed, print_summary
+from appliance.commands.demo_studies import export_studies, write_sample_studies
 
 PORT_TRIES = 20  # without --port: the configured display port (8080) or one of the next ones
 MB_PER_SLICE = 0.6  # 512² × 16 bit and header
 MAX_SLICES = 400
-
-
-@dataclass
-class DemoStudy:
-    """One synthetic study to export: where its files are and what it was built to show."""
-
-    number: int
-    name: str  # folder name in the export
-    label: str  # what the phantom has, for the technician
-    expected: str  # the verdict the phantom was built for
-    files: list[Path]
-    study_key: str = ""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -72,112 +58,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keep", action="store_true", help="keep the temporary working folder")
     add_backend_arguments(p)
     add_config_argument(p)
-
-
-def write_sample_studies(out: Path, slices: int = 60) -> list[DemoStudy]:
-    """Two SYNTHETIC studies (one series each, so the display shows two tiles): two lesion foci (one per lung) over
-    consecutive slices, and clear lungs."""
-    from appliance.phantom import PhantomSpec, write_phantom
-
-    specs = [(1, "study1-lesions", "lesions in both lungs", "positive",
-              PhantomSpec(slices=slices, lesion=True, seed=7)),
-             (2, "study2-clear", "clear lungs", "negative", PhantomSpec(slices=slices, lesion=False, seed=8))]
-    return [DemoStudy(n, name, label, expected, write_phantom(out / name, spec, series_number=1))
-            for n, name, label, expected, spec in specs]
-
-
-# -- output --------------------------------------------------------------------------------------------------------
-class Console:
-    """Progress lines for the technician, from the main thread and the MQTT thread alike."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-
-    def say(self, text: str = "") -> None:
-        with self._lock:
-            print(text, flush=True)
-
-
-def evidence_text(payload: dict[str, Any], short: bool = False) -> str:
-    from appliance.pipeline.anatomy import ANATOMY
-
-    ev = payload.get("evidence")
-    c = payload.get("counts", {})
-    if ev:
-        q = ev["quadrant"]
-        slices = f"slices {ev['first_slice'] + 1}-{ev['last_slice'] + 1}"
-        if short:
-            return f"{q} ({ANATOMY.get(q, q)}), {slices}"
-        return (f"lesion on {ev['run']} consecutive slices ({slices[7:]}), image {q} = patient's "
-                f"{ANATOMY.get(q, q)}")
-    if payload.get("result") == "indeterminate":
-        return payload.get("reason") or "not enough to decide"
-    fo = payload.get("focal")
-    if fo:
-        slices = f"slices {fo['first_slice'] + 1}-{fo['last_slice'] + 1}"
-        if short:
-            return f"one focal lesion {fo['quadrant']}, {slices}"
-        return payload.get("reason") or f"one focal lesion ({fo['quadrant']}, {slices})"  # the case rule's note
-    if short:
-        return "no lesion run"
-    return f"no lesion run; {c.get('lung_slices', 0)} of {c.get('slices', 0)} slices show lung"
-
-
-ADVICE = {"positive": "isolate the patient; a radiologist reads the scan",
-          "negative": "no COVID-19 pattern found", "indeterminate": "review the scan"}
-
-
-class VerdictFeed:
-    """Subscribes to the appliance's verdicts (as the display does) and prints each change for the technician."""
-
-    def __init__(self, url: str, prefix: str, device: str, studies: list[DemoStudy], console: Console) -> None:
-        from paho.mqtt import client as mqtt
-        from paho.mqtt.enums import CallbackAPIVersion
-
-        from appliance.publish.mqtt import parse_url
-
-        self.studies = {s.study_key: s for s in studies}
-        self.console = console
-        self.latest: dict[str, dict[str, Any]] = {}
-        self.finals: dict[str, dict[str, Any]] = {}
-        self._shown: dict[str, tuple[str, str]] = {}
-        self._lock = threading.Lock()
-        self.topic = f"{prefix.rstrip('/')}/{device}/verdict/+"
-        u = parse_url(url)
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"ctriage-demo-{uuid.uuid4().hex[:8]}",
-                                  protocol=mqtt.MQTTv311, clean_session=True)
-        self.client.on_connect = lambda c, *_: c.subscribe(self.topic, qos=1)
-        self.client.on_message = self._on_message
-        self.client.connect_async(u.host, u.port, keepalive=30)
-        self.client.loop_start()
-
-    def _on_message(self, client: Any, userdata: Any, m: Any) -> None:
-        try:
-            p = json.loads(m.payload)
-            key, state, result = p["study_key"], p["state"], p["result"]
-        except (ValueError, KeyError, TypeError):
-            return
-        study = self.studies.get(key)
-        with self._lock:
-            self.latest[key] = p
-            if state == "final":
-                self.finals[key] = p
-            if self._shown.get(key) == (state, result):
-                return
-            self._shown[key] = (state, result)
-        who = f"study {study.number} ({study.label})" if study else f"study {key[:6]}"
-        word = f"{state} {result.upper()}" if state == "provisional" else f"FINAL {result.upper()}"
-        lat = p.get("timings", {}).get("last_slice_to_verdict_s")
-        after = f"; {lat:.1f} s after its last slice" if state == "final" and lat is not None else ""
-        self.console.say(f"  ▶ {word}  {who}: {evidence_text(p)} — {ADVICE.get(result, '')}{after}")
-
-    def has_final(self, keys: list[str]) -> bool:
-        with self._lock:
-            return all(k in self.finals for k in keys)
-
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
 
 
 # -- set-up helpers ------------------------------------------------------------------------------------------------
@@ -234,16 +114,6 @@ def _work_dir(args: argparse.Namespace) -> tuple[Path, bool]:
         out.mkdir(parents=True, exist_ok=True)
         return out, False
     return Path(tempfile.mkdtemp(prefix="ctriage-demo-")), not args.keep
-
-
-def export_slice(src: Path, dest_dir: Path) -> Path:
-    """Copy one slice the way a console exports: a temporary dot-name (ignored by the watch folder), then rename."""
-    dest_dir.mkdir(parents=True, exist_ok=True)
-    tmp = dest_dir / f".{src.name}.part"
-    shutil.copyfile(src, tmp)
-    final = dest_dir / src.name
-    os.replace(tmp, final)
-    return final
 
 
 def _quiet_loggers(verbose: bool) -> None:
@@ -324,19 +194,15 @@ def _run(args: argparse.Namespace, cfg: Any, work: Path, display_ports: list[int
     console.say(f"MQTT broker started at {url} ({'embedded Python broker (amqtt)' if embedded else 'mosquitto'})")
 
     # appliance
-    cfg.state_dir = str(work / "state")
-    cfg.watch.dir = str(work / "export")
+    cfg = cfg.with_overrides({
+        "state_dir": str(work / "state"), "watch.dir": str(work / "export"),
+        "watch.stable_seconds": 0.2, "watch.rescan_seconds": 1.0, "watch.incomplete_seconds": 5.0,
+        "watch.min_free_mb": 0,  # the demo's folder may sit on a small /tmp; its space was checked above
+        "series.quiet_seconds": args.quiet_seconds, "mqtt.url": url,
+        "mqtt.reconnect_min_seconds": 0.2, "mqtt.reconnect_max_seconds": 2.0, "mqtt.stats_interval_seconds": 2.0,
+        **({"mqtt.protocol": "3.1.1"} if embedded else {}),  # amqtt speaks MQTT 3.1.1 only: no fallback round trip
+    })
     Path(cfg.watch.dir).mkdir(parents=True, exist_ok=True)
-    cfg.watch.stable_seconds, cfg.watch.rescan_seconds, cfg.watch.incomplete_seconds = 0.2, 1.0, 5.0
-    cfg.watch.min_free_mb = 0  # the demo's folder may sit on a small /tmp; its space was checked above
-    cfg.series.quiet_seconds = args.quiet_seconds
-    cfg.mqtt.url = url
-    cfg.mqtt.reconnect_min_seconds, cfg.mqtt.reconnect_max_seconds = 0.2, 2.0
-    cfg.mqtt.stats_interval_seconds = 2.0
-    if embedded:
-        cfg.mqtt.protocol = "3.1.1"  # amqtt speaks MQTT 3.1.1 only: no fallback round trip
-    for part in ("mqtt", "watch", "series", "analysis"):
-        getattr(cfg, part).validate(f"[{part}]")
     console.say("loading the models …")
     daemon = Daemon(cfg)
     daemon.start()
@@ -380,20 +246,7 @@ def _run(args: argparse.Namespace, cfg: Any, work: Path, display_ports: list[int
     stack.callback(feed.close)
 
     export = Path(cfg.watch.dir)
-    every = max(1, round(args.slices / 6))
-    for s in studies:
-        if stop.is_set():
-            break
-        console.say(f"CT console: exporting study {s.number} of 2 (SYNTHETIC, {s.label}), {args.slices} slices, "
-                    f"{args.pause:g} s apart")
-        for i, f in enumerate(s.files, 1):
-            if stop.is_set():
-                break
-            export_slice(f, export / s.name)
-            if i == 1 or i % every == 0 or i == len(s.files):
-                console.say(f"  slice {i}/{len(s.files)} exported")
-            if args.pause and stop.wait(args.pause):
-                break
+    export_studies(studies, export, args.slices, args.pause, stop, console.say)
     if stop.is_set():
         console.say("interrupted; stopping …")
         return 0
@@ -410,7 +263,7 @@ def _run(args: argparse.Namespace, cfg: Any, work: Path, display_ports: list[int
         console.say(f"error: no final verdict for study {', '.join(missing)} after {limit:.0f} s "
                     f"(state and logs in {work}; run with -v for the appliance log)")
         return 1
-    _summary(studies, feed, console)
+    print_summary(studies, feed, console)
     if display_url:
         console.say(f"triage display: {display_url}")
     if args.once:
@@ -430,27 +283,3 @@ def _wait(cond: Any, timeout: float, stop: threading.Event) -> bool:
         if stop.wait(0.1):
             return False
     return bool(cond())
-
-
-def _summary(studies: list[DemoStudy], feed: VerdictFeed, console: Console) -> None:
-    rows = []
-    surprises = []
-    for s in studies:
-        p = feed.finals[s.study_key]
-        c = p.get("counts", {})
-        lat = p.get("timings", {}).get("last_slice_to_verdict_s")
-        rows.append([f"{s.number} ({s.study_key[:6]})", s.label, str(c.get("slices", "")),
-                     str(c.get("lung_slices", "")), str(c.get("lesion_slices", "")), p["result"].upper(),
-                     evidence_text(p, short=True), f"{lat:.1f} s" if lat is not None else "-"])
-        if p["result"] != s.expected:
-            models = ", ".join(f"{b['name']} {b['version']}" for b in p.get("bundles", []))
-            surprises.append(f"note: study {s.number} ({s.label}) was built to be {s.expected.upper()} but came out "
-                             f"{p['result'].upper()} with the models {models}: a model issue, not a demo issue")
-    console.say()
-    console.say("Final verdicts (SYNTHETIC phantom studies, not patients):")
-    header = ["study", "phantom", "slices", "lung", "lesion", "verdict", "where", "final after last slice"]
-    console.say(table(rows, header))
-    for line in surprises:
-        console.say(line)
-    console.say()
-

@@ -10,6 +10,7 @@ import argparse
 import logging
 import time
 
+from appliance.dicom_names import is_ae_title
 from appliance.errors import UsageError
 from appliance.commands.common import add_config_argument, load_config
 
@@ -25,7 +26,7 @@ def run(args: argparse.Namespace) -> int:
     from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
     from pynetdicom.sop_class import Verification
 
-    from appliance.publish.pacs import Destination, DicomNetworkError, associate
+    from appliance.publish.dicom_peer import Destination, DicomNetworkError, associate
 
     try:
         dest = Destination.parse(args.peer)
@@ -34,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.timeout > 0:
         raise UsageError(f"--timeout must be positive, got {args.timeout:g}")
     aet = (args.aet or load_config(args).dicom.ae_title).strip()
-    if not 1 <= len(aet) <= 16:
+    if not is_ae_title(aet):
         raise UsageError(f"calling AE title must be 1 to 16 characters, got {aet!r}")
     quiet = logging.getLogger("pynetdicom")
     level = quiet.level

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
+from appliance.dicom_names import is_ae_title
 from appliance.errors import UsageError
 from appliance.commands.common import add_backend_arguments, add_config_argument, load_config
 
@@ -45,43 +47,38 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def configure(args: argparse.Namespace):
     """Config file (or defaults) with the command-line overrides applied and checked."""
     cfg = load_config(args)
+    overrides: dict[str, Any] = {}
     if args.watch:
-        cfg.watch.dir = args.watch
+        overrides["watch.dir"] = args.watch
     if args.mqtt_url:
-        cfg.mqtt.url = args.mqtt_url
+        overrides["mqtt.url"] = args.mqtt_url
     if args.device_id:
-        cfg.device_id = args.device_id
+        overrides["device_id"] = args.device_id
     if args.quiet_seconds is not None:
-        cfg.series.quiet_seconds = args.quiet_seconds
+        overrides["series.quiet_seconds"] = args.quiet_seconds
     if args.log_json:
-        cfg.log_json = True
+        overrides["log_json"] = True
     if args.dicom_port is not None:
-        cfg.dicom.enabled, cfg.dicom.port = True, args.dicom_port
+        overrides.update({"dicom.enabled": True, "dicom.port": args.dicom_port})
     if args.dicom_aet is not None:
         aet = args.dicom_aet.strip()
-        if not 1 <= len(aet) <= 16 or "\\" in aet or not aet.isprintable():
+        if not is_ae_title(aet):
             raise UsageError(f"--dicom-aet {args.dicom_aet!r}: an AE title is 1 to 16 printable characters, no '\\'")
-        cfg.dicom.ae_title = aet
+        overrides["dicom.ae_title"] = aet
     if args.pacs:
-        from appliance.publish.pacs import Destination
+        from appliance.publish.dicom_peer import Destination
 
         for d in args.pacs:
             try:
                 Destination.parse(d)
             except ValueError as e:
                 raise UsageError(f"--pacs {e}") from None
-        cfg.pacs.destinations = list(dict.fromkeys([*cfg.pacs.destinations, *(d.strip() for d in args.pacs)]))
+        overrides["pacs.destinations"] = list(dict.fromkeys([*cfg.pacs.destinations, *(d.strip() for d in args.pacs)]))
     for k in args.trust_key:
         if not Path(k).expanduser().is_file():
             raise UsageError(f"--trust-key {k}: no such file")
-    cfg.validate()
-    cfg.mqtt.validate("[mqtt]")
-    cfg.series.validate("[series]")
-    cfg.watch.validate("[watch]")
-    cfg.analysis.validate("[analysis]")
-    cfg.dicom.validate("[dicom]")
-    cfg.pacs.validate("[pacs]")
-    from appliance.publish.mqtt import parse_url
+    cfg = cfg.with_overrides(overrides)
+    from appliance.publish.mqtt_url import parse_url
 
     parse_url(cfg.mqtt.url)
     return cfg

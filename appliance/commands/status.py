@@ -99,7 +99,7 @@ def _queued_for_pacs(store: Any) -> int:
 def pacs_state(state_dir: Path, live: dict[str, Any] | None) -> dict[str, Any] | None:
     """PACS delivery per destination: pending and failed from the outbox on disk, delivered (since the daemon
     started), last error and next retry from the running daemon. None when there is neither."""
-    from appliance.publish.pacs import JOBS
+    from appliance.publish.pacs_outbox import JOBS
 
     root = state_dir / "pacs-outbox"
     dests: dict[str, dict[str, Any]] = {}

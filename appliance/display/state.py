@@ -19,121 +19,32 @@ positive, or a correction from negative to positive), the tile asks to be acknow
 
 Where the finding is: only the case rule's own run — `evidence` on a positive, `focal` on a negative naming a single
 focal lesion — in patient terms (appliance.pipeline.anatomy). The overlay's per-box quadrants only draw boxes.
+
+Payload checks live in appliance.display.payloads; what a tile says of a verdict (flag, finding, correction, the
+viral-pneumonia-pattern grade, solid nodules or masses) in appliance.display.views.
 """
 from __future__ import annotations
 
-import base64
-import binascii
 import datetime as dt
 import hashlib
-import io
 import json
 import logging
-import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from appliance.pipeline.anatomy import ANATOMY, patient_side, patient_terms
+from appliance.display.payloads import (
+    DEVICE_RE, FINAL_STATES, KEY_RE, MAX_PAYLOAD, Ignored, Validators, checked_png, iso, parse_time, schema_dir,
+    utcnow)
+from appliance.display.views import (
+    correction_view, finding_of, flag_of, grade_view, others_view, where_text)
+from appliance.pipeline.anatomy import patient_side
+
+__all__ = ["DEVICE_RE", "KEY_RE", "Device", "DisplayState", "Ignored", "Study", "Validators", "flag_of", "iso",
+           "schema_dir", "utcnow", "where_text"]  # what the server and the tests use from here
 
 log = logging.getLogger(__name__)
 
-KEY_RE = re.compile(r"^[0-9a-f]{16}$")
-DEVICE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-MAX_PAYLOAD = 4 * 1024 * 1024  # bytes; overlays carry a small PNG, anything larger is refused
 MAX_STUDIES = 300  # the oldest go first beyond this
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-FINAL_STATES = ("final", "corrected")  # a corrected verdict is a final one that replaces an earlier final
-RESULTS = ("positive", "negative", "indeterminate")
-
-
-def utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
-
-
-def iso(t: dt.datetime | None) -> str | None:
-    if t is None:
-        return None
-    return t.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
-
-
-def parse_time(s: Any) -> dt.datetime | None:
-    if not isinstance(s, str):
-        return None
-    try:
-        t = dt.datetime.fromisoformat(s.replace("Z", "+00:00").replace("z", "+00:00"))
-    except ValueError:
-        return None
-    return t if t.tzinfo else t.replace(tzinfo=dt.timezone.utc)
-
-
-def schema_dir() -> Path:
-    """The JSON Schemas of the MQTT payloads: shipped in the package, or config/schemas in a checkout."""
-    here = Path(__file__).resolve().parent
-    for d in (here.parent / "schemas", here.parents[1] / "config" / "schemas"):
-        if (d / "verdict.schema.json").is_file():
-            return d
-    raise FileNotFoundError("MQTT payload schemas not found (appliance/schemas or config/schemas)")
-
-
-class Validators:
-    """jsonschema validators for the payloads the screen consumes and publishes."""
-
-    def __init__(self, directory: Path | None = None) -> None:
-        from jsonschema import Draft202012Validator
-
-        d = directory or schema_dir()
-        schemas = {name: json.loads((d / f"{name}.schema.json").read_text())
-                   for name in ("verdict", "overlay", "status", "stats", "ack")}
-        schemas["verdict"] = allow_corrections(schemas["verdict"])
-        schemas["overlay"] = allow_corrections(schemas["overlay"], correction=False)
-        self.by_name = {name: Draft202012Validator(schema) for name, schema in schemas.items()}
-
-    def problem(self, name: str, payload: Any) -> str | None:
-        """None when valid, else where and which rule failed (no values: they may be identifiers)."""
-        err = next(iter(self.by_name[name].iter_errors(payload)), None)
-        if err is not None:
-            where = "/".join(str(p) for p in err.absolute_path) or "(root)"
-            return f"{where}: {err.validator} rule failed"
-        if name == "verdict":
-            return correction_problem(payload)
-        return None
-
-
-#: what a corrected verdict says of the final it replaces (the display's own check; the schema may say more)
-CORRECTION_SCHEMA: dict[str, Any] = {
-    "type": ["object", "null"], "additionalProperties": False,
-    "required": ["previous_result", "previous_state", "previous_created", "what"],
-    "properties": {"previous_result": {"enum": list(RESULTS)}, "previous_state": {"enum": list(FINAL_STATES)},
-                   "previous_created": {"type": ["string", "null"]}, "what": {"type": "string", "maxLength": 500}}}
-
-
-def allow_corrections(schema: dict[str, Any], correction: bool = True) -> dict[str, Any]:
-    """The payload schema, widened (in memory) to state "corrected" and, for verdicts, the `correction` object and
-    the ctriage.verdict/2 tag — whether or not the shipped schema file says so yet. A file that already allows them
-    is returned unchanged in meaning."""
-    out = json.loads(json.dumps(schema))
-    props = out.setdefault("properties", {})
-    state = props.get("state")
-    if isinstance(state, dict) and isinstance(state.get("enum"), list) and "corrected" not in state["enum"]:
-        state["enum"] = [*state["enum"], "corrected"]
-    if correction:
-        props.setdefault("correction", CORRECTION_SCHEMA)
-        tag = props.get("schema")
-        if isinstance(tag, dict) and tag.get("const") == "ctriage.verdict/1":
-            props["schema"] = {"enum": ["ctriage.verdict/1", "ctriage.verdict/2"]}
-    return out
-
-
-def correction_problem(v: dict[str, Any]) -> str | None:
-    """A corrected verdict must say what it corrects; None when the verdict is fine."""
-    if v.get("state") == "corrected" and not isinstance(v.get("correction"), dict):
-        return "correction: required with state corrected"
-    return None
-
-
-class Ignored(ValueError):
-    """A message the screen does not use; the text says why (and never contains payload values)."""
 
 
 @dataclass
@@ -163,43 +74,6 @@ class Device:
     status: dict[str, Any] = field(default_factory=dict)
     last_seen: dt.datetime | None = None
     state_since: dt.datetime | None = None
-
-
-def flag_of(verdict: dict[str, Any] | None) -> str:
-    """The tile's flag: positive whatever the state; otherwise a final (or corrected) result, else pending."""
-    if verdict is None:
-        return "pending"
-    if verdict["result"] == "positive":
-        return "positive"
-    if verdict["state"] not in FINAL_STATES:
-        return "pending"
-    return verdict["result"]
-
-
-def finding_of(verdict: dict[str, Any] | None) -> dict[str, Any] | None:
-    """The case rule's finding: the positive run (`evidence`), else the single focal lesion a negative names."""
-    v = verdict or {}
-    for kind in ("evidence", "focal"):
-        run = v.get(kind)
-        if isinstance(run, dict) and run.get("quadrant") in ANATOMY:
-            return {"kind": kind, **{k: run[k] for k in ("quadrant", "first_slice", "last_slice", "run")}}
-    return None
-
-
-def where_text(finding: dict[str, Any]) -> str:
-    """The where-line, "patient's left posterior, slices 113–132" (payload slices 0-based; people read 1-based)."""
-    first, last = finding["first_slice"] + 1, finding["last_slice"] + 1
-    slices = f"slice {first}" if first == last else f"slices {first}–{last}"
-    return f"{patient_terms(finding['quadrant'])}, {slices}"
-
-
-def correction_view(v: dict[str, Any]) -> dict[str, Any] | None:
-    """What a corrected verdict replaced, for the tile ("CORRECTED — was NEGATIVE" and what changed)."""
-    c = v.get("correction")
-    if v.get("state") != "corrected" or not isinstance(c, dict):
-        return None
-    return {"previous_result": c.get("previous_result"), "previous_state": c.get("previous_state"),
-            "previous_created": c.get("previous_created"), "what": c.get("what") or ""}
 
 
 class DisplayState:
@@ -335,7 +209,7 @@ class DisplayState:
             return []
         image = None
         if o.get("image"):
-            image = _png(o["image"]["data"])
+            image = checked_png(o["image"]["data"])
         s = self._study(device, o["study_key"])
         if s.overlay_time is not None and created < s.overlay_time:
             return []
@@ -451,7 +325,7 @@ class DisplayState:
             "updated": iso(max((t for t in (s.verdict_time, s.overlay_time) if t), default=None)),
             "finding": finding, "where": where_text(finding) if finding else None,
             "quadrants": quadrants, "anatomy": [patient_side(q) for q in quadrants],
-            "correction": correction_view(v),
+            "correction": correction_view(v), "grade": grade_view(v), "others": others_view(v),
             "key_slice": key_index, "key_of": (s.overlay or {}).get("slices"),
             "key_state": (s.overlay or {}).get("state"), "boxes": boxes,
             "image": f"/img/{s.device}/{s.study_key}/{s.image_tag}.png" if s.image else None,
@@ -488,23 +362,6 @@ def _scan_start(v: dict, created: dt.datetime, now: dt.datetime) -> dt.datetime:
     if isinstance(lead, (int, float)) and 0 <= lead <= 6 * 3600:
         t -= dt.timedelta(seconds=lead)
     return t
-
-
-def _png(data: str) -> bytes:
-    try:
-        raw = base64.b64decode(data, validate=True)
-    except (binascii.Error, ValueError):
-        raise Ignored("image/data: not base64") from None
-    if not raw.startswith(PNG_MAGIC):
-        raise Ignored("image/data: not a PNG")
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(io.BytesIO(raw)) as im:
-            im.verify()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
-        raise Ignored("image/data: damaged PNG") from None
-    return raw
 
 
 def _safe_topic(topic: str) -> str:

@@ -8,14 +8,14 @@ with the others and reproduce its selftest.npz on the configured backend before 
 analyses with it fail, the previous bundle comes back by itself. Every step and outcome is published (retained)
 on `<prefix>/<device>/update` and appended to <state>/bundles/history.jsonl.
 
-The daemon wires it with three calls (see `Updater.__init__`, `handle_message`, `on_activated`) and reports each
-analysis after a switch through `report_first_analysis(ok)`. Messages are handled without blocking: transfers are
-written to disk as they arrive, installs run on one worker thread.
+This module takes the announcements and transfers in and runs the installs on its worker thread; the install
+itself is appliance.fleet.install, the probation after a switch appliance.fleet.confirm, the reports
+appliance.fleet.reports. The daemon wires it with three calls (see `Updater.__init__`, `handle_message`,
+`on_activated`) and reports each analysis after a switch through `report_first_analysis(ok)`. Messages are handled
+without blocking: transfers are written to disk as they arrive, installs run on one worker thread.
 """
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import hashlib
 import logging
 import queue
@@ -28,19 +28,18 @@ from pathlib import Path
 from typing import Any
 
 from appliance.config import AnalysisConfig, Config
-from appliance.fleet.announce import Announcement, chunk_base, now_iso, parse_topic, rollback_from
-from appliance.fleet.signing import TrustedKey, load_trust, verify_bundle
-from appliance.fleet.state import REQUIRED, BundleState, crashpoint
+from appliance.fleet.announce import Announcement, chunk_base, parse_topic
+from appliance.fleet.confirm import Confirmation
+from appliance.fleet.install import Installer, check_policy
+from appliance.fleet.reports import InstallResult, Publish, UpdateReporter, UpdateStop
+from appliance.fleet.signing import TrustedKey, load_trust
+from appliance.fleet.state import BundleState
 from appliance.fleet.transfer import (MAX_BUNDLE_BYTES, TransferError, assemble, check_chunk, copy_durable, fetch_url,
                                       unpack)
-from appliance.inference.bundle import Bundle, BundleError, load_bundle, parse_version
+from appliance.inference.bundle import BundleError
 
 log = logging.getLogger(__name__)
 
-UPDATE_SCHEMA = "ctriage.update/1"
-STEPS = ("announce", "transfer", "verify", "policy", "store", "load", "selftest", "wait_idle", "activate", "confirm",
-         "rollback", "startup")
-OUTCOMES = ("progress", "refused", "failed", "installed", "confirmed", "rolled_back", "repaired")
 # the project's public keys: appliance/trust (a link to config/trust in the source tree, a copy in a wheel).
 # Every ctriage-project-*.pub there is trusted, so a key can be rotated without orphaning bundles signed before.
 PROJECT_TRUST_DIR = Path(__file__).resolve().parents[1] / "trust"
@@ -50,8 +49,6 @@ def project_keys() -> list[Path]:
     """The shipped project public keys, oldest first (k1, k2, ...)."""
     return sorted(PROJECT_TRUST_DIR.glob("ctriage-project-*.pub"))
 
-Publish = Callable[[str, dict[str, Any], bool], None]
-
 
 def default_trust_keys(configured: list[str] | tuple[str, ...] = (),
                        extra: list[str] | tuple[str, ...] = ()) -> list[str]:
@@ -59,39 +56,6 @@ def default_trust_keys(configured: list[str] | tuple[str, ...] = (),
     plus keys given on the command line (`ctriage run --trust-key`)."""
     base = [str(k) for k in configured] or [str(k) for k in project_keys()]
     return base + [str(k) for k in extra if str(k) not in base]
-
-
-def update_payload(*, device: str, step: str, outcome: str, reason: str | None = None,
-                   bundle: dict[str, str] | None = None, previous: dict[str, str] | None = None,
-                   detail: dict[str, Any] | None = None) -> dict[str, Any]:
-    """`<prefix>/<device>/update` (retained; schema config/schemas/update.schema.json)."""
-    p: dict[str, Any] = {"schema": UPDATE_SCHEMA, "device": device, "step": step, "outcome": outcome, "reason": reason,
-                         "bundle": bundle, "previous": previous, "created": now_iso()}
-    if detail:
-        p["detail"] = detail
-    return p
-
-
-class UpdateStop(BundleError):
-    """An install ended before activation: `outcome` is refused (policy/verification) or failed (could not run)."""
-
-    def __init__(self, step: str, outcome: str, reason: str) -> None:
-        super().__init__(reason)
-        self.step, self.outcome, self.reason = step, outcome, reason
-
-
-@dataclass
-class InstallResult:
-    outcome: str  # installed | unchanged | refused | failed | rolled_back
-    step: str
-    reason: str | None = None
-    bundle: dict[str, str] | None = None
-    previous: dict[str, str] | None = None
-    detail: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def ok(self) -> bool:
-        return self.outcome in ("installed", "unchanged", "rolled_back")
 
 
 @dataclass
@@ -108,23 +72,6 @@ class _Download:
         return len(self.got) == len(self.ann.chunks)
 
 
-_SMOKE: list | None = None
-
-
-def _smoke_slices() -> list:
-    """Two synthetic chest slices (appliance.phantom) to run the whole pipeline once with a new bundle."""
-    global _SMOKE
-    if _SMOKE is None:
-        from appliance.domain import SliceImage
-        from appliance.phantom import PhantomSpec, phantom_series
-
-        spec = PhantomSpec(slices=8, size=256, spacing_mm=1.4, seed=3)
-        hus = phantom_series(spec)
-        _SMOKE = [SliceImage(key=f"selftest-{k}", series_uid="selftest", study_uid="selftest", position=5.0 * k,
-                             hu=hus[k], pixel_spacing=(1.4, 1.4)) for k in (3, 4)]
-    return _SMOKE
-
-
 class Updater:
     def __init__(self, state_dir: str | Path, trust_keys: list[str | Path | TrustedKey],
                  analysis_config: AnalysisConfig | None = None, publish: Publish | None = None,
@@ -138,9 +85,9 @@ class Updater:
         self.state = BundleState(state_dir, shipped_dir)
         self.trust = load_trust(list(trust_keys))
         self.config = analysis_config or AnalysisConfig()
-        self.publish_cb, self.wait_idle = publish, wait_idle
+        self.wait_idle = wait_idle
         self.device, self.prefix, self.groups = device, prefix.rstrip("/"), tuple(groups)
-        self.auto_install, self.confirm_after = auto_install, max(1, confirm_after)
+        self.auto_install = auto_install
         self.transfer_timeout_s, self.url_ca_file = transfer_timeout_s, url_ca_file
         self._callbacks: list[Callable[[Any], None]] = []
         self._lock = threading.RLock()
@@ -151,7 +98,10 @@ class Updater:
         self._busy = 0
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
-        self._pending = self.state.pending()
+        self._report = UpdateReporter(self.state, device, self.update_topic, publish)
+        self.confirmation = Confirmation(self.state, self.config, self._report, self._callbacks, confirm_after)
+        self.installer = Installer(self.state, self.trust, self.config, self._report, wait_idle, self._callbacks,
+                                   self.confirmation)
         if recover:
             events = self.state.recover()
             if events:
@@ -176,25 +126,6 @@ class Updater:
     def on_activated(self, callback: Callable[[Any], None]) -> None:
         """callback(analyzer) after each switch or rollback, with an Analyzer already loaded on the new set."""
         self._callbacks.append(callback)
-
-    # ---- reporting -------------------------------------------------------------------------------------------
-
-    def _report(self, step: str, outcome: str, reason: str | None = None, bundle: dict[str, str] | None = None,
-                previous: dict[str, str] | None = None, detail: dict[str, Any] | None = None) -> dict[str, Any]:
-        p = update_payload(device=self.device, step=step, outcome=outcome, reason=reason, bundle=bundle,
-                           previous=previous, detail=detail)
-        try:
-            self.state.append_history(p)
-        except OSError as e:
-            log.error("cannot write update history: %s", e)
-        (log.info if outcome in ("progress", "installed", "confirmed") else log.warning)(
-            "update %s: %s%s", step, outcome, f" ({reason})" if reason else "")
-        if self.publish_cb is not None:
-            try:
-                self.publish_cb(self.update_topic, p, True)
-            except Exception as e:  # the broker being away never stops an update
-                log.warning("cannot publish update progress: %s", e)
-        return p
 
     # ---- messages (called on the MQTT network thread: never blocks long, never raises) -----------------------
 
@@ -242,7 +173,7 @@ class Updater:
             if self.config.bundle_dir:
                 raise UpdateStop("policy", "refused", "analysis.bundle_dir pins the bundles; fleet updates are off")
             signer = ann.verify(self.trust)
-            self._policy(ann.name, ann.version, ann.sha256, ann.manifest, cur, automatic=True)
+            check_policy(self.state, ann.name, ann.version, ann.sha256, ann.manifest, cur, automatic=True)
         except UpdateStop as e:
             self._finish(key, ann.name, ann.version)
             self._report(e.step, e.outcome, e.reason, ref, previous)
@@ -420,7 +351,7 @@ class Updater:
                 if self._downloads.get(ann.name) is dl and dl is not None:
                     del self._downloads[ann.name]
             self._finish(key, ann.name, ann.version)
-        self._install(staged, ann, automatic=True)
+        self.installer.install(staged, ann, automatic=True)
 
     def install_path(self, path: str | Path, automatic: bool = False) -> InstallResult:
         """Install a bundle directory or a tar archive (as `ctriage models publish --archive-out` writes)."""
@@ -431,217 +362,15 @@ class Updater:
             staged = unpack(src, self.state.new_staging(src.stem))
         else:
             raise BundleError(f"{src}: no such bundle directory or archive")
-        return self._install(staged, None, automatic=automatic)
-
-    def _policy(self, name: str, version: str, sha256: str, manifest: dict[str, Any], cur: Bundle | None,
-                automatic: bool) -> None:
-        if name not in REQUIRED:
-            raise UpdateStop("policy", "refused", f"unknown bundle name {name!r} (this appliance uses "
-                                                  f"{', '.join(REQUIRED)})")
-        if automatic and sha256 in (blocked := self.state.blocked()):
-            raise UpdateStop("policy", "refused", f"bundle {name} {version} was blocked: {blocked[sha256]}")
-        if cur is None:
-            return
-        new, have = parse_version(version), parse_version(cur.version)
-        if new > have:
-            return
-        rb = rollback_from(manifest)
-        if rb:
-            if cur.version in rb:
-                return
-            raise UpdateStop("policy", "refused", f"rollback order to {version} applies to {', '.join(rb)}, "
-                                                  f"the active version is {cur.version}")
-        if new == have:
-            raise UpdateStop("policy", "refused", f"version {version} is not newer than the active {cur.version} "
-                                                  "(replay refused)")
-        raise UpdateStop("policy", "refused", f"version {version} is older than the active {cur.version} "
-                                              "(downgrade refused; a signed rollback order is needed)")
-
-    def _install(self, staged: Path, ann: Announcement | None, automatic: bool) -> InstallResult:
-        ref = {"name": ann.name, "version": ann.version, "sha256": ann.sha256} if ann else None
-        previous: dict[str, str] | None = None
-        if ann is not None:
-            cur, _ = self.state.effective(ann.name)
-            previous = cur.ref() if cur is not None else None
-        dest: Path | None = None
-        try:
-            crashpoint("staged")
-            try:
-                b, signer = verify_bundle(staged, self.trust)
-            except BundleError as e:
-                raise UpdateStop("verify", "refused", str(e)) from None
-            if ann is not None and (b.sha256 != ann.sha256 or b.name != ann.name):
-                raise UpdateStop("verify", "refused", "the transferred bundle is not the announced one")
-            ref = b.ref()
-            cur, _ = self.state.effective(b.name)
-            previous = cur.ref() if cur is not None else None
-            if cur is not None and cur.sha256 == b.sha256:
-                shutil.rmtree(staged, ignore_errors=True)
-                return InstallResult("unchanged", "policy", f"{b.name} {b.version} is already active", ref, previous)
-            self._policy(b.name, b.version, b.sha256, b.manifest, cur, automatic)
-            with self.state.lock():
-                dest = self.state.store_dir_for(b)
-                self.state.commit(staged, dest)
-                self._report("selftest", "progress", None, ref, previous, {"signer": signer.key_id})
-                analyzer, stats = self._load_and_selftest(b, dest)
-                crashpoint("selftested")
-                self._report("wait_idle", "progress", None, ref, previous)
-                try:
-                    idle = self.wait_idle() if self.wait_idle is not None else None
-                    gate = idle if isinstance(idle, contextlib.AbstractContextManager) else contextlib.nullcontext()
-                    gate.__enter__()
-                except TimeoutError as e:
-                    raise UpdateStop("wait_idle", "failed", f"studies kept the appliance busy: {e}") from None
-                try:
-                    old = self.state.switch(b.name, dest)
-                    self._set_pending({"name": b.name, "sha256": b.sha256, "version": b.version, "ok": 0,
-                                       "previous": previous})
-                    crashpoint("activated")
-                    try:
-                        for cb in self._callbacks:
-                            cb(analyzer)
-                    except Exception as e:
-                        log.exception("activation callback failed")
-                        self._report("activate", "failed", f"the appliance could not switch: {e}", ref, previous)
-                        return self._rollback_locked(b.name, f"activation failed: {e}", automatic=True)
-                finally:
-                    gate.__exit__(None, None, None)
-                self.state.prune()
-            detail = {"selftest": stats, "store": dest.name, "previous_store": old.name if old else None}
-            self._report("activate", "installed", None, ref, previous, detail)
-            return InstallResult("installed", "activate", None, ref, previous, detail)
-        except UpdateStop as e:
-            shutil.rmtree(staged, ignore_errors=True)
-            if dest is not None and e.step in ("load", "selftest", "wait_idle"):
-                with self.state.lock():
-                    if dest.exists() and dest.resolve() not in self.state.referenced():
-                        shutil.rmtree(dest, ignore_errors=True)
-                if automatic and ref and e.step != "wait_idle":
-                    self.state.block(ref["sha256"], f"{e.step} failed: {e.reason}")
-            self._report(e.step, e.outcome, e.reason, ref, previous)
-            return InstallResult(e.outcome, e.step, e.reason, ref, previous)
-        except Exception as e:  # disk full, permissions…: the old set stays active
-            log.exception("install failed")
-            shutil.rmtree(staged, ignore_errors=True)
-            reason = f"{type(e).__name__}: {e}"
-            self._report("store", "failed", reason, ref, previous)
-            return InstallResult("failed", "store", reason, ref, previous)
-
-    def _load_and_selftest(self, b: Bundle, dest: Path) -> tuple[Any, dict[str, Any]]:
-        """Load an Analyzer on the candidate set (the new bundle + the others in use) and run the self-tests."""
-        from appliance.inference.adapter import AdapterError
-        from appliance.pipeline.analyzer import Analyzer
-
-        cand = self.state.new_staging("candidate")
-        cand.mkdir(parents=True)
-        try:
-            for name in REQUIRED:
-                if name == b.name:
-                    src = dest
-                else:
-                    other, _ = self.state.effective(name)
-                    if other is None:
-                        raise UpdateStop("load", "failed", f"no {name} bundle to run with")
-                    src = other.path
-                (cand / name).symlink_to(Path(src).resolve())
-            cfg = dataclasses.replace(self.config, bundle_dir="")
-            try:
-                analyzer = Analyzer.load(cfg, cand)
-            except (BundleError, AdapterError, OSError, RuntimeError, ValueError) as e:
-                raise UpdateStop("load", "failed", f"the new bundle does not load: {e}") from None
-        finally:
-            shutil.rmtree(cand, ignore_errors=True)
-        part = analyzer.lesion if b.name == "lesion" else analyzer.valid_area
-        if part is None or part.bundle.sha256 != b.sha256:
-            raise UpdateStop("load", "failed", "the analyzer did not pick up the new bundle")
-        try:
-            stats = part.bundle.selftest(part.adapter)
-        except BundleError as e:
-            raise UpdateStop("selftest", "failed", str(e)) from None
-        except Exception as e:
-            raise UpdateStop("selftest", "failed", f"self-test could not run: {e}") from None
-        try:
-            findings = analyzer.findings(_smoke_slices())
-        except Exception as e:
-            raise UpdateStop("selftest", "failed", f"the pipeline failed on synthetic slices: {e}") from None
-        stats = {k: round(v, 6) for k, v in stats.items()}
-        stats["backend"] = part.adapter.backend
-        stats["precision"] = part.adapter.precision
-        stats["smoke_slices"] = len(findings)
-        return analyzer, stats
+        return self.installer.install(staged, None, automatic=automatic)
 
     # ---- after activation ------------------------------------------------------------------------------------
 
     def report_first_analysis(self, ok: bool, reason: str = "") -> None:
         """The daemon calls this after each analysis; the first ones after a switch confirm it or roll it back."""
-        if self._pending:  # cached: this runs after every analysed batch
-            self._submit(lambda: self._after_analysis(ok, reason))
-
-    def _set_pending(self, data: dict[str, Any] | None) -> None:
-        self.state.set_pending(data)
-        self._pending = dict(data) if data else None
-
-    def _after_analysis(self, ok: bool, reason: str) -> None:
-        pend = self._pending
-        if not pend:
-            return
-        pend = dict(pend)
-        ref = {"name": pend["name"], "version": pend["version"], "sha256": pend["sha256"]}
-        cur = self.state.active_bundle(pend["name"])
-        if cur is None or cur.sha256 != pend["sha256"]:
-            self._set_pending(None)
-            return
-        if not ok:
-            why = f"first analysis with {pend['name']} {pend['version']} failed" + (f": {reason}" if reason else "")
-            try:
-                with self.state.lock():
-                    self._rollback_locked(pend["name"], why, automatic=True)
-            except BundleError as e:
-                self._set_pending(None)
-                self._report("rollback", "failed", f"{why}; {e}", ref, pend.get("previous"))
-            return
-        pend["ok"] = int(pend.get("ok", 0)) + 1
-        if pend["ok"] >= self.confirm_after:
-            self._set_pending(None)
-            self._report("confirm", "confirmed", None, ref, pend.get("previous"), {"analyses": pend["ok"]})
-        else:
-            self._set_pending(pend)
+        if self.confirmation.pending:  # cached: this runs after every analysed batch
+            self._submit(lambda: self.confirmation.after_analysis(ok, reason))
 
     def rollback(self, name: str, reason: str = "ordered by the operator") -> InstallResult:
         """Go back to previous/<name> (else the shipped bundle); the bundle left is blocked from automatic installs."""
-        with self.state.lock():
-            return self._rollback_locked(name, reason, automatic=False)
-
-    def _rollback_locked(self, name: str, reason: str, automatic: bool) -> InstallResult:
-        cur = self.state.target("active", name)
-        if cur is None:
-            raise BundleError(f"no installed {name} bundle to roll back (the shipped one is in use)")
-        bad = load_bundle(cur, verify=False)
-        target = self.state.target("previous", name)
-        if target is None:
-            shipped = self.state.shipped().get(name)
-            if shipped is None or shipped.sha256 == bad.sha256:
-                raise BundleError(f"nothing to roll back {name} {bad.version} to (no previous bundle)")
-            target = self.state.adopt_shipped(name)
-            assert target is not None
-        good = load_bundle(target, verify=True)
-        self.state.set_link("active", name, target, step="rollback_link")
-        self.state.remove_link("previous", name)
-        self.state.block(bad.sha256, f"rolled back: {reason}")
-        pend = self.state.pending()
-        if pend and pend.get("name") == name:
-            self._set_pending(None)
-        self.state.prune()
-        if self._callbacks:
-            from appliance.pipeline.analyzer import Analyzer
-
-            try:
-                analyzer = Analyzer.load(dataclasses.replace(self.config, bundle_dir=""), self.state.active)
-                for cb in self._callbacks:
-                    cb(analyzer)
-            except Exception as e:
-                log.exception("the rolled-back bundle set could not be loaded")
-                reason += f"; reloading failed: {e}"
-        self._report("rollback", "rolled_back", reason, good.ref(), bad.ref(), {"automatic": automatic})
-        return InstallResult("rolled_back", "rollback", reason, good.ref(), bad.ref())
-
+        return self.confirmation.rollback(name, reason)

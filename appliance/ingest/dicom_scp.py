@@ -30,6 +30,7 @@ from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.sop_class import CTImageStorage, EnhancedCTImageStorage, Verification
 
 from appliance import durable
+from appliance.dicom_names import AE_TITLE_MAX, is_ae_title
 from appliance.uid_names import safe_name
 
 if TYPE_CHECKING:
@@ -137,7 +138,7 @@ class Caller:
     def parse(cls, text: str) -> Caller:
         aet, sep, host = text.strip().rpartition("@") if "@" in text else (text.strip(), "", "")
         aet, host = aet.strip(), host.strip().strip("[]")
-        if not aet or len(aet) > 16 or (sep and not host):
+        if not is_ae_title(aet) or (sep and not host):
             raise ValueError(f"allowed caller {text!r}: expected 'AET', 'AET@host' or '*@host' (AE title 1-16 chars)")
         return cls(aet, host)
 
@@ -213,7 +214,7 @@ class DicomNode:
     def __init__(self, sink: InstanceSink, *, ae_title: str = "CTRIAGE", port: int = 11112, bind: str = "",
                  allowed_callers: Iterable[str] = (), ssl_context: ssl.SSLContext | None = None,
                  accept_lossy: bool = False, max_associations: int = 8, timeout: float = 60.0) -> None:
-        if not 1 <= len(ae_title.strip()) <= 16:
+        if not is_ae_title(ae_title):
             raise ValueError(f"AE title must be 1 to 16 characters, got {ae_title!r}")
         self.sink = sink
         self.ae_title = ae_title.strip()
@@ -352,7 +353,7 @@ class DicomNode:
         series = header["SeriesInstanceUID"]
         try:
             meta = event.file_meta
-            meta.SourceApplicationEntityTitle = str(event.assoc.requestor.ae_title).strip()[:16] or "UNKNOWN"
+            meta.SourceApplicationEntityTitle = str(event.assoc.requestor.ae_title).strip()[:AE_TITLE_MAX] or "UNKNOWN"
             data = b"".join((b"\0" * 128, b"DICM", encode_file_meta(meta), event.encoded_dataset(include_meta=False)))
             self.sink.accept(data, sop_instance, series)
         except OutOfSpace as e:

@@ -33,7 +33,8 @@ from pathlib import Path
 from typing import NamedTuple
 
 from appliance.config import WatchConfig
-from appliance.ingest.dicom_reader import Rejected, check_complete, read_dataset
+from appliance.ingest.completeness import check_complete
+from appliance.ingest.dicom_file import Rejected, read_dataset
 from appliance.ingest.spool import Spool, SpoolFull
 
 log = logging.getLogger("ctriage.watch")

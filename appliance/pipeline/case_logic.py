@@ -29,7 +29,7 @@ from appliance.geometry import GAP_FACTOR, links, median_spacing
 from appliance.pipeline.anatomy import quadrant_of  # noqa: F401 - the quadrants the rule speaks of
 from appliance.pipeline.foci import FOCUS_GROW, FOCUS_SKIP, foci  # noqa: F401
 from appliance.pipeline.grading import grade
-from appliance.pipeline.solid import explain_foci
+from appliance.pipeline.solid_lesions import explain_foci
 
 MIN_RUN = 3
 

@@ -33,7 +33,8 @@ from scipy.spatial import ConvexHull, QhullError
 from appliance.domain import Rect, SliceMeasures  # noqa: F401 - SliceMeasures: the per-slice counts
 from appliance.imaging import resize
 from appliance.geometry import median_spacing
-from appliance.pipeline.solid import SolidLesion, block_mean, fill_holes, midline, morph
+from appliance.pipeline.solid import block_mean, fill_holes, midline, morph
+from appliance.pipeline.solid_lesions import SolidLesion
 
 GGO_HU = (-750.0, -300.0)  # ground glass: hazy, vessels still visible through it
 CONSOLIDATION_HU = (-300.0, 100.0)  # consolidation: vessels obscured (above ~+100: calcium, contrast, bone)

@@ -1,131 +1,29 @@
-"""Getting messages out: a small `Transport` interface, its MQTT implementation (paho-mqtt 2.x), and the outbox
-pump that drains the store's outbox through a transport, in order, one acknowledged message at a time.
+"""The MQTT implementation of the `Transport` interface (appliance.publish.transport), on paho-mqtt 2.x.
 
 MQTT: protocol 5 where the broker speaks it (falls back to 3.1.1 in `protocol = "auto"`), persistent session
 (clean_start False + session expiry / clean_session False), QoS 1, last will (`status` offline, retained), TLS
 (CA, client certificate) and user/password from the URL, the config or CTRIAGE_MQTT_PASSWORD, reconnect with
 exponential backoff. A message counts as delivered only when the broker acknowledged it (PUBACK); paho re-sends
-unacknowledged messages after a reconnect, and the outbox re-sends them after a restart (at least once).
-Subscription handlers run on their own thread, so a slow handler never stalls the network loop.
+unacknowledged messages after a reconnect, and the outbox (appliance.publish.outbox) re-sends them after a restart
+(at least once). Subscription handlers run on their own thread, so a slow handler never stalls the network loop.
+The broker address and credentials: appliance.publish.mqtt_url.
 """
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import ssl
 import threading
 import time
-from abc import ABC, abstractmethod
-from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlsplit
 
-from appliance.config import ConfigError, MQTTConfig
+from appliance.config import MQTTConfig
+from appliance.publish.mqtt_url import credentials, parse_url
+from appliance.publish.transport import AckCallback, Handler, Transport
 
 log = logging.getLogger("ctriage.mqtt")
 
-PASSWORD_ENV = "CTRIAGE_MQTT_PASSWORD"
 CONNACK_TIMEOUT_S = 5.0  # protocol = auto: no CONNACK this long after the socket opened → try the other protocol
-AckCallback = Callable[[str | None], None]  # None: acknowledged; else why the broker refused it
-Handler = Callable[..., None]  # (topic, payload), or (topic, payload, retained) when subscribed with_retain
-LinkListener = Callable[[bool, str | None], None]  # (connected, why not: "refused: …", "connection lost", …)
-
-
-# -- broker address ----------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class BrokerURL:
-    host: str
-    port: int
-    tls: bool
-    username: str = ""
-    password: str = ""
-
-    def redacted(self) -> str:
-        user = f"{self.username}:***@" if self.username else ""
-        return f"{'mqtts' if self.tls else 'mqtt'}://{user}{self.host}:{self.port}"
-
-
-def parse_url(url: str) -> BrokerURL:
-    """mqtt[s]://[user[:pass]@]host[:port] → BrokerURL (default port 1883, or 8883 with TLS)."""
-    u = urlsplit(url)
-    if u.scheme not in ("mqtt", "mqtts"):
-        raise ConfigError(f"[mqtt] url: must start with mqtt:// or mqtts://, got {url!r}")
-    try:
-        port = u.port
-    except ValueError:
-        raise ConfigError(f"[mqtt] url: invalid port in {url!r}") from None
-    if not u.hostname:
-        raise ConfigError(f"[mqtt] url: no host in {url!r}")
-    tls = u.scheme == "mqtts"
-    return BrokerURL(u.hostname, port or (8883 if tls else 1883), tls, unquote(u.username or ""),
-                     unquote(u.password or ""))
-
-
-def credentials(cfg: MQTTConfig, url: BrokerURL) -> tuple[str, str]:
-    """(username, password): the URL's, else config username and CTRIAGE_MQTT_PASSWORD or password_file."""
-    user = url.username or cfg.username
-    pw = url.password
-    if not pw:
-        pw = os.environ.get(PASSWORD_ENV, "")
-    if not pw and cfg.password_file:
-        pw = Path(cfg.password_file).expanduser().read_text().strip()
-    return user, pw
-
-
-# -- the interface -----------------------------------------------------------------------------------------------
-class Transport(ABC):
-    """A way out for the appliance's messages (MQTT here; another transport implements the same few calls).
-
-    `send` is asynchronous: `on_ack` is called (on any thread) once the far end has taken the message.
-    `generation` changes whenever messages handed over earlier may have been lost (a new connection object), so
-    the outbox pump knows to send its in-flight message again.
-    """
-
-    name = "transport"
-    generation = 0
-    _link_listeners: tuple[LinkListener, ...] = ()
-
-    @property
-    @abstractmethod
-    def connected(self) -> bool: ...
-
-    @abstractmethod
-    def start(self) -> None: ...
-
-    @abstractmethod
-    def stop(self, offline_payload: bytes | None = None) -> None:
-        """Leave cleanly; publish `offline_payload` as the final retained status first when given."""
-
-    @abstractmethod
-    def send(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False, expiry: int | None = None,
-             on_ack: AckCallback | None = None) -> None: ...
-
-    @abstractmethod
-    def subscribe(self, topic: str, handler: Handler, *, with_retain: bool = False) -> None:
-        """Call `handler(topic, payload)` for each message matching `topic`; with_retain: also pass the message's
-        retain flag (a retained message is old state, a live one news)."""
-
-    @abstractmethod
-    def set_status(self, payload: bytes) -> None:
-        """The retained status message: sent now when connected, and again on every (re)connect."""
-
-    def health(self) -> dict[str, Any]:
-        return {"transport": self.name, "connected": self.connected}
-
-    def add_link_listener(self, listener: LinkListener) -> None:
-        """`listener(connected, why)` on every change of the link (on any thread); why is None when connected,
-        else "refused: <reason>", "connection lost" or "broker unreachable"."""
-        self._link_listeners = (*self._link_listeners, listener)
-
-    def _link(self, connected: bool, why: str | None = None) -> None:
-        for listener in self._link_listeners:
-            try:
-                listener(connected, why)
-            except Exception:
-                log.exception("link listener failed")
 
 
 # -- MQTT --------------------------------------------------------------------------------------------------------
@@ -396,94 +294,3 @@ class MQTTTransport(Transport):
         c = self._client
         if c is not None and self.connected and self.status_topic is not None:
             c.publish(self.status_topic, payload, qos=1, retain=True)
-
-
-# -- outbox pump -------------------------------------------------------------------------------------------------
-class OutboxPump:
-    """Drains the store's outbox through a transport: oldest first, one message in flight, deleted only when
-    acknowledged. Survives disconnects (the transport re-sends) and restarts (the outbox is durable)."""
-
-    def __init__(self, store: Any, transport: Transport, retry_seconds: float = 30.0) -> None:
-        self.store, self.transport, self.retry_seconds = store, transport, retry_seconds
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._inflight: int | None = None
-        self._sent_at = 0.0
-        self._generation = -1
-        self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
-        self.delivered = 0
-        self.dropped = 0
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="outbox", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(10)
-
-    def kick(self) -> None:
-        self._wake.set()
-
-    def drain(self, timeout: float) -> bool:
-        """Wait until the outbox is empty (True) or timeout / no connection (False)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.store.outbox_count() == 0:
-                return True
-            if not self.transport.connected:
-                return False
-            self._wake.set()
-            time.sleep(0.05)
-        return self.store.outbox_count() == 0
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self._step()
-            except Exception:
-                log.exception("outbox: send failed; retrying")
-                time.sleep(1.0)
-            self._wake.wait(0.5)
-            self._wake.clear()
-
-    def _step(self) -> None:
-        while not self._stop.is_set() and self.transport.connected:
-            with self._lock:
-                inflight = self._inflight
-            if inflight is not None:
-                stale = self.transport.generation != self._generation
-                if not stale and time.monotonic() - self._sent_at < self.retry_seconds:
-                    return  # waiting for the acknowledgement
-                msg = self.store.outbox_next(inflight - 1)
-                if msg is None or msg.id != inflight:
-                    with self._lock:
-                        self._inflight = None
-                    continue
-            else:
-                msg = self.store.outbox_next()
-                if msg is None:
-                    return
-            with self._lock:
-                self._inflight = msg.id
-            self._sent_at = time.monotonic()
-            self._generation = self.transport.generation
-            self.store.outbox_attempt(msg.id)
-            self.transport.send(msg.topic, msg.payload, qos=msg.qos, retain=msg.retain, expiry=msg.expiry,
-                                on_ack=lambda refused, mid=msg.id: self._acked(mid, refused))
-            return
-
-    def _acked(self, msg_id: int, refused: str | None) -> None:
-        if refused:
-            log.error("outbox: message %d refused (%s); dropped so later messages are not held up", msg_id, refused)
-            self.dropped += 1
-        else:
-            self.delivered += 1
-        self.store.outbox_done(msg_id)
-        with self._lock:
-            if self._inflight == msg_id:
-                self._inflight = None
-        self._wake.set()

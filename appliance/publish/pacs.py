@@ -7,7 +7,8 @@ thread builds the DICOM objects from it into a spool folder per destination and 
 A file is deleted once PACS answered success (or a warning); while PACS cannot be reached, refuses the association
 or is out of resources, delivery is retried with exponential backoff (retry_seconds doubling up to
 max_retry_seconds); an instance PACS refuses for good (e.g. SOP class not supported) moves to `failed/` with the
-reason beside it. The outbox is self-contained (a spool directory), independent of the appliance's SQLite store.
+reason beside it. The outbox is self-contained (a spool directory: appliance.publish.pacs_outbox), independent of
+the appliance's SQLite store; the peer address and the association are appliance.publish.dicom_peer.
 """
 from __future__ import annotations
 
@@ -15,9 +16,6 @@ import base64
 import io
 import json
 import logging
-import os
-import re
-import socket
 import threading
 import time
 from collections.abc import Sequence
@@ -29,8 +27,8 @@ from pydicom.dataset import Dataset
 from pydicom.filereader import read_file_meta_info
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from appliance.durable import atomic_write
-from appliance.uid_names import safe_name
+from appliance.publish.dicom_peer import ContextsRefused, Destination, DicomNetworkError, associate
+from appliance.publish.pacs_outbox import Outbox
 
 if TYPE_CHECKING:
     from appliance.config import Config
@@ -38,164 +36,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_DEST_RE = re.compile(r"^(?P<aet>[^@]{1,16})@(?P<host>\[[0-9A-Fa-f:.]+\]|[^:@\[\]\s]+):(?P<port>\d{1,5})$")
 BATCH = 50  # instances per association
-JOBS = "_results"  # outbox folder of results still to be built (a destination slug always holds an '@')
-
-
-class DicomNetworkError(Exception):
-    """A peer could not be reached or refused us; the message is one line naming the reason."""
-
-
-class ContextsRefused(DicomNetworkError):
-    """The peer accepted none of the SOP classes / transfer syntaxes offered (retrying will not help)."""
-
-
-@dataclass(frozen=True)
-class Destination:
-    """A DICOM peer: called AE title, host and port ("AET@host:port", IPv6 as "AET@[::1]:104")."""
-
-    ae_title: str
-    host: str
-    port: int
-
-    @classmethod
-    def parse(cls, text: str) -> Destination:
-        m = _DEST_RE.match(text.strip())
-        if not m or not m["aet"].strip() or not 1 <= int(m["port"]) <= 65535:
-            raise ValueError(f"{text!r}: expected AET@host:port (AE title 1-16 characters, port 1-65535)")
-        return cls(m["aet"].strip(), m["host"].strip("[]"), int(m["port"]))
-
-    def __str__(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{self.ae_title}@{host}:{self.port}"
-
-    @property
-    def slug(self) -> str:
-        return re.sub(r"[^A-Za-z0-9_.-]", "_", f"{self.ae_title}@{self.host}_{self.port}")
-
-
-def connect_error(host: str, port: int, timeout: float) -> str | None:
-    """Why a TCP connection to host:port fails (one line), or None when it opens."""
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return None
-    except socket.gaierror:
-        return f"unknown host {host}"
-    except TimeoutError:
-        return f"no answer from {host}:{port} within {timeout:g} s"
-    except OSError as e:
-        return f"cannot connect to {host}:{port}: {e.strerror or e}"
-
-
-def associate(dest: Destination, calling_aet: str, contexts: Sequence[tuple[str, Sequence[str]]],
-              timeout: float = 30.0, ssl_context=None):
-    """An established association to dest, or DicomNetworkError saying why not."""
-    from pynetdicom import AE
-
-    ae = AE(ae_title=calling_aet)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
-    ae.connection_timeout = timeout
-    for sop, syntaxes in contexts:
-        ae.add_requested_context(sop, list(syntaxes))
-    tls = (ssl_context, dest.host) if ssl_context is not None else None
-    try:
-        assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=tls)
-    except socket.gaierror:
-        raise DicomNetworkError(f"unknown host {dest.host}") from None
-    except OSError as e:
-        raise DicomNetworkError(f"cannot connect to {dest.host}:{dest.port}: {e.strerror or e}") from None
-    if assoc.is_established:
-        return assoc
-    if assoc.is_rejected:
-        rsp = assoc.acceptor.primitive
-        why = getattr(rsp, "reason_str", "") or "no reason given"
-        kind = getattr(rsp, "result_str", "") or "Rejected"
-        raise DicomNetworkError(f"association rejected by {dest} ({kind}): {why}")
-    if assoc.is_aborted and assoc.rejected_contexts and not assoc.accepted_contexts:
-        names = sorted({str(getattr(cx.abstract_syntax, "name", cx.abstract_syntax)) for cx in assoc.rejected_contexts})
-        raise ContextsRefused(f"{dest} accepts none of: {', '.join(names)}")
-    if assoc.is_aborted:
-        detail = connect_error(dest.host, dest.port, min(timeout, 5.0))
-        raise DicomNetworkError(detail or f"association aborted by {dest}")
-    detail = connect_error(dest.host, dest.port, min(timeout, 5.0))
-    raise DicomNetworkError(detail or f"no association with {dest} within {timeout:g} s")
-
-
-class Outbox:
-    """Spool folders of .dcm files per destination: <root>/<slug>/<ns>-<uid>.dcm, failed ones in <slug>/failed/."""
-
-    def __init__(self, root: str | os.PathLike) -> None:
-        self.root = Path(root)
-
-    def folder(self, dest: Destination) -> Path:
-        d = self.root / dest.slug
-        if not (d / "destination.txt").exists():
-            d.mkdir(parents=True, exist_ok=True)
-            (d / "destination.txt").write_text(str(dest) + "\n")
-        return d
-
-    def put(self, dest: Destination, ds: Dataset) -> Path:
-        """Queue ds for dest (once: an instance already waiting under the same SOP Instance UID is kept as is)."""
-        folder, uid = self.folder(dest), safe_name(str(ds.SOPInstanceUID))
-        waiting = list(folder.glob(f"[0-9]*-{uid}.dcm"))
-        if waiting:
-            return waiting[0]
-        p = folder / f"{time.time_ns():020d}-{uid}.dcm"
-        atomic_write(p, _encode(ds))
-        return p
-
-    def put_job(self, key: str, job: dict[str, Any]) -> Path:
-        """Queue a result to build (JSON), once per key (the SR's SOP Instance UID)."""
-        d = self.root / JOBS
-        d.mkdir(parents=True, exist_ok=True)
-        name = safe_name(key)
-        waiting = list(d.glob(f"[0-9]*-{name}.json"))
-        if waiting:
-            return waiting[0]
-        p = d / f"{time.time_ns():020d}-{name}.json"
-        atomic_write(p, json.dumps(job).encode())
-        return p
-
-    def jobs(self) -> list[Path]:
-        d = self.root / JOBS
-        return sorted(d.glob("[0-9]*.json")) if d.is_dir() else []
-
-    def pending(self, dest: Destination) -> list[Path]:
-        d = self.root / dest.slug
-        return sorted(d.glob("[0-9]*.dcm")) if d.is_dir() else []
-
-    def failed(self, dest: Destination) -> list[Path]:
-        d = self.root / dest.slug / "failed"
-        return sorted(d.glob("*.dcm")) if d.is_dir() else []
-
-    def fail(self, path: Path, reason: str) -> None:
-        d = path.parent / "failed"
-        d.mkdir(exist_ok=True)
-        (d / (path.stem + ".reason.txt")).write_text(reason + "\n")
-        os.replace(path, d / path.name)
-
-    def orphans(self, known: Sequence[Destination]) -> dict[str, int]:
-        """Pending counts in folders of destinations that are no longer configured."""
-        slugs = {d.slug for d in known} | {JOBS}
-        out = {}
-        if self.root.is_dir():
-            for d in self.root.iterdir():
-                if d.is_dir() and d.name not in slugs:
-                    n = len(list(d.glob("[0-9]*.dcm")))
-                    if n:
-                        label = d / "destination.txt"
-                        name = label.read_text().strip() if label.exists() else d.name
-                        out[name] = n
-        return out
-
-
-def _encode(ds: Dataset) -> bytes:
-    from io import BytesIO
-
-    buf = BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
 
 
 @dataclass

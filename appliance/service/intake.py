@@ -10,7 +10,6 @@ in flight from stored findings. Tracker updates go to `on_update(update, now)`.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import threading
 import time
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance.domain import SliceFinding, SliceImage
+from appliance.inference.bundle import sha256_file
 from appliance.ingest.dicom_reader import Rejected, read_slice
 from appliance.ingest.series import sort_key
 from appliance.pipeline.tracker import Arrival, TrackedSeries, Update
@@ -30,14 +30,6 @@ log = logging.getLogger("ctriage.daemon")
 
 HINT_MAX_AGE_S = 600.0
 LABEL_TAGS = ("PatientName", "PatientID", "PatientBirthDate", "AccessionNumber")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _series_uid(path: Path) -> str:
@@ -224,7 +216,7 @@ class Intake:
                 self._quarantine(p, r.reason or "unreadable", r.series_uid)
                 continue
             s = r.image
-            ident = s.sop_uid or f"sha256:{_sha256(p)}"
+            ident = s.sop_uid or f"sha256:{sha256_file(p)}"
             if ident in seen or self.store.has_slice(ident):
                 dest = self.spool.processed_path(p.name)
                 self.store.add_file(p.name, "duplicate", ident=ident, series_uid=s.series_uid, path=str(dest),

@@ -14,6 +14,7 @@
     indeterminate: { word: "INDETERMINATE", action: "review the scan", icon: "i-indeterminate" },
   };
   const QUAD_CLASS = { "upper-left": "ul", "upper-right": "ur", "lower-left": "ll", "lower-right": "lr" };
+  const G = window.CTriageGrade;   // grade.js: the pattern grade, zone figure and solid lesions of a verdict
 
   const studies = new Map();       // id -> study (as sent by the server)
   const tiles = new Map();         // id -> tile element
@@ -181,7 +182,7 @@
         el.dataset.id = s.id;
         $(".ack", el).addEventListener("click", () => ack(s.id));
         $(".key", el).addEventListener("click", () => openLightbox(s.id));
-        for (const sel of [".where", ".corr-note", ".info"]) {
+        for (const sel of [".where", ".corr-note", ".info", ".grade", ".others", ".extent"]) {
           const part = $(sel, el);
           part.addEventListener("click", () => toggleOpen(el));
           part.addEventListener("keydown", (e) => { if (e.key === "Enter" || e.key === " ") toggleOpen(el); });
@@ -222,10 +223,11 @@
 
     setIcon($(".flag-icon", el), f.icon);
     $(".flag-word", el).textContent = f.word;
-    let action = f.action;
+    let action = G.action(s) || f.action;
     if (s.flag === "pending" && s.result === "negative") action = "no lesion run so far — wait";
     else if (s.flag === "negative" && s.focal) action = "radiologist to read";
     $(".flag-action", el).textContent = action;
+    $(".flag-action", el).classList.toggle("long", action.length > 24);
 
     $(".strip-text", el).textContent = stripText(s);
 
@@ -250,9 +252,13 @@
     }
 
     renderWhere(el, s);
+    G.renderGrade(el, s);
+    G.renderOthers(el, s);
     const focal = !!(s.finding && s.finding.kind === "focal");
-    $(".detail", el).textContent = detailText(s);
-    $(".detail", el).classList.toggle("focal", focal);
+    const special = G.detail(s);
+    $(".detail", el).textContent = special || detailText(s);
+    $(".detail", el).classList.toggle("focal", focal || (!!special && !G.graded(s)));
+    $(".detail", el).classList.toggle("extent-total", !!special && G.graded(s));
     renderCorrection(el, s);
     $(".model", el).textContent = (s.bundles || []).length
       ? "model " + s.bundles.map((b) => b.name + " " + b.version).join(" · ") : "";
@@ -279,7 +285,7 @@
   function renderWhere(el, s) {
     const where = $(".where", el), text = $(".where-text", el);
     const f = s.finding;
-    where.classList.toggle("hidden", !f);
+    where.classList.toggle("hidden", !f || G.graded(s));  // graded: the zone figure says where (the run on tap)
     where.classList.toggle("focal", !!f && f.kind === "focal");
     const lit = f ? QUAD_CLASS[f.quadrant] : null;
     for (const q of el.querySelectorAll(".quad .q")) q.classList.toggle("on", !!lit && q.classList.contains(lit));
@@ -314,7 +320,7 @@
 
   /* The tile's full detail, shown over its body on tap: the texts a tile line may have to ellipsise, whole. */
   function renderInfo(el, s) {
-    const lines = [];
+    const lines = G.infoLines(s);
     if (s.where) lines.push(["where", "Where: " + s.where]);
     const c = s.correction;
     if (c) {
@@ -373,7 +379,8 @@
     }
     canvas.classList.add("hidden");
     none.classList.remove("hidden");
-    none.textContent = s.flag === "negative" ? (s.focal ? "Key image pending" : "No lesion found")
+    none.textContent = s.flag === "negative"
+      ? (s.focal ? "Key image pending" : (s.others || []).length ? "No key image" : "No lesion found")
       : s.flag === "pending" ? "Key image follows a finding"
       : s.flag === "positive" ? "Key image pending" : "No key image";
   }
