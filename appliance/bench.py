@@ -56,7 +56,7 @@ def _pcts(values: list[float]) -> dict[str, float]:
 def bench_backend(path: Path, backend: str, precision: str, threads: int | None, streaming_slices: int,
                   bundles: Path | None = None, workers: int | None = None, batch: int | None = None) -> dict:
     """Run in the child: the whole series once (batch mode), then a streaming tail."""
-    from appliance.analyze import analyze_files, discover
+    from appliance.oneshot import analyze_files, discover
     from appliance.config import AnalysisConfig
     from appliance.ingest.dicom_reader import load_pixels
     from appliance.ingest.series import sort_key

@@ -86,8 +86,11 @@ def setup_logging(cfg: Config, verbose: bool = False) -> None:
     root.addHandler(h)
     root.setLevel(logging.DEBUG if verbose else getattr(logging, cfg.log_level.upper(), logging.INFO))
     # pynetdicom says a line per instance; highdicom names the source instance (a UID) when it builds a result
-    for noisy in ("watchdog", "PIL", "pydicom", "pynetdicom", "highdicom"):
+    for noisy in ("watchdog", "PIL", "pynetdicom", "highdicom"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # pydicom both warns and logs each header oddity: keep the warning, as a log line (JSON too), said once
+    logging.getLogger("pydicom").setLevel(logging.ERROR)
+    logging.captureWarnings(True)
 
 
 

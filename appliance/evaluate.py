@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from appliance.analyze import analyze_files, discover
+from appliance.oneshot import analyze_files, discover
 from appliance.domain import SliceFinding
 from appliance.ingest.image_reader import image_series, natural_key
 from appliance.metrics import Confusion, auc, component_score, confusion, dice, iou, mean_or_none, predicted_mask, sweep

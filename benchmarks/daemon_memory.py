@@ -29,7 +29,7 @@ def main() -> None:
     from appliance.malloc import limit_arenas
 
     limit_arenas()  # as `ctriage run` does (export MALLOC_ARENA_MAX to compare another setting)
-    from appliance.broker import start_broker
+    from appliance.embedded_broker import start_broker
     from appliance.config import from_dict
     from appliance.daemon import Daemon
     from appliance.phantom import PhantomSpec, write_phantom

@@ -35,7 +35,7 @@ NIFTI = {"TB Portals": "tb-portal-volumes/data", "TotalSegmentator chest": "tota
 
 def read_series(analyzer: Analyzer, folder: Path) -> list[SliceFinding]:
     """Findings of the (largest) DICOM series under folder, in series order, through the appliance's own path."""
-    from appliance.analyze import analyze_path
+    from appliance.oneshot import analyze_path
 
     reports, _ = analyze_path(folder, analyzer, b"probe")
     return max(reports, key=lambda r: len(r.findings)).findings

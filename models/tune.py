@@ -85,7 +85,7 @@ def dice_of(f, gt: np.ndarray, thr: float) -> float:
 
 def per_patient_hu(analyzer: Analyzer) -> dict[str, str]:
     """Whole real HU series through the full pipeline: A0001 (tumour, training data) and NY-SBU slices."""
-    from appliance.analyze import analyze_path
+    from appliance.oneshot import analyze_path
     from appliance.privacy import pseudonym  # noqa: F401
 
     res = {}

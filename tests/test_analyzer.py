@@ -23,7 +23,7 @@ def test_min_crop_grows_small_boxes_about_their_centre_within_the_slice():
 
 
 def test_findings_keep_order_and_geometry(analyzer, phantom_dir):
-    from appliance.analyze import analyze_files
+    from appliance.oneshot import analyze_files
 
     (a,) = analyze_files(sorted(phantom_dir.glob("*.dcm")), analyzer, 10.0).series
     kept, found = a.kept, a.findings
@@ -41,8 +41,8 @@ def test_analyze_files_overlaps_the_header_pass_and_matches_the_two_pass_analysi
     import random
     import shutil
 
-    import appliance.analyze as an
-    from appliance.analyze import analyze_files
+    import appliance.oneshot as an
+    from appliance.oneshot import analyze_files
     from appliance.ingest.dicom_reader import read_slice
     from appliance.phantom import PhantomSpec, write_phantom
 
@@ -82,8 +82,8 @@ def test_analyze_files_overlaps_the_header_pass_and_matches_the_two_pass_analysi
 def test_analyze_files_routes_decode_failures_to_their_series(analyzer, phantom_dir, tmp_path, monkeypatch):
     import shutil
 
-    import appliance.analyze as an
-    from appliance.analyze import analyze_files
+    import appliance.oneshot as an
+    from appliance.oneshot import analyze_files
 
     for f in sorted(phantom_dir.glob("*.dcm"))[:6]:
         shutil.copy(f, tmp_path / f.name)
@@ -137,7 +137,7 @@ def test_ordered_map_keeps_input_order_and_bounds_work_in_flight():
 
 
 def test_two_workers_give_the_findings_of_one(phantom_dir):
-    from appliance.analyze import analyze_files
+    from appliance.oneshot import analyze_files
     from appliance.config import AnalysisConfig
     from appliance.pipeline.analyzer import Analyzer
 

@@ -229,7 +229,7 @@ def test_streaming_provisional_then_final_duplicates_and_a_second_series(tmp_pat
         assert prov["evidence"]["quadrant"] in ("lower-right", "upper-left") and prov["counts"]["foci"] == 2
         assert final["result"] == "positive" and final["counts"]["slices"] == 24
         # the streaming verdict is the one-shot analysis of the same slices
-        from appliance.analyze import analyze_files
+        from appliance.oneshot import analyze_files
 
         (one,) = analyze_files(list(study["pos"]), rule_analyzer, 10.0).series
         batch, _ = rule_analyzer.verdict(one.kept, one.findings)

@@ -11,7 +11,7 @@ import shutil
 
 import pytest
 
-from appliance.display.state import DisplayState, Validators, schema_dir
+from appliance.display.screen_state import DisplayState, Validators, schema_dir
 from appliance.display.views import grade_view, others_view, short_reason
 from appliance.domain import Evidence
 

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from appliance.config import Config, ConfigError, from_dict
-from appliance.display.state import DisplayState, Validators, flag_of, iso, schema_dir
+from appliance.display.screen_state import DisplayState, Validators, flag_of, iso, schema_dir
 from appliance.domain import Box, Evidence, Rect, SeriesVerdict, SliceFinding
 from appliance.publish import messages
 
@@ -184,7 +184,7 @@ def test_late_older_verdict_and_provisional_after_final_are_ignored(st):
     (f"other/{DEV}/verdict/{KEY}", None, "outside the prefix"),
 ])
 def test_malformed_messages_are_ignored_with_a_reason(st, caplog, topic, payload, why):
-    with caplog.at_level(logging.WARNING, logger="appliance.display.state"):
+    with caplog.at_level(logging.WARNING, logger="appliance.display.screen_state"):
         assert st.handle(topic, payload if payload is not None else enc(verdict(DEV, KEY))) == []
     assert st.studies == {} and st.ignored == 1
     assert why in caplog.text
@@ -491,7 +491,7 @@ def test_an_mqtt_3_1_1_broker_is_spoken_to_in_3_1_1(tmp_path):
     from paho.mqtt import client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion
 
-    from appliance.broker import free_port, start_amqtt
+    from appliance.embedded_broker import free_port, start_amqtt
     from .display_helpers import start_display
 
     port = free_port()

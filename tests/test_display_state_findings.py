@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from appliance.display.state import DisplayState, Validators, flag_of, iso, schema_dir, where_text
+from appliance.display.screen_state import DisplayState, Validators, flag_of, iso, schema_dir, where_text
 from appliance.domain import Evidence
 
 from .test_display_server import DEV, KEY, T0, at, enc, overlay, verdict

@@ -20,8 +20,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("inputs and runtimes", ("appliance.ingest", "appliance.inference", "appliance.resample", "appliance.phantom")),
     ("models", ("appliance.pipeline",)),
     ("outputs and tools", ("appliance.publish", "appliance.store", "appliance.fleet", "appliance.display",
-                           "appliance.analyze", "appliance.evaluate", "appliance.metrics", "appliance.report",
-                           "appliance.bench", "appliance.broker")),
+                           "appliance.oneshot", "appliance.evaluate", "appliance.metrics", "appliance.report",
+                           "appliance.bench", "appliance.embedded_broker")),
     ("service", ("appliance.service", "appliance.daemon")),
     ("command line", ("appliance.commands", "appliance.cli")),
 ]

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from appliance.cli import main as cli
-from appliance.fleet.state import BundleState, active_bundle_dir
+from appliance.fleet.bundle_store import BundleState, active_bundle_dir
 from appliance.inference.bundle import find_bundles, load_bundle
 
 from .test_signing import bump, flip_byte, keys, make_variant, source_bundles  # noqa: F401

@@ -259,7 +259,7 @@ def test_tls_with_client_certificate_and_password(tmp_path, monkeypatch):
 
 
 def test_demo_broker_mosquitto_and_embedded_fallback():
-    from appliance.broker import mosquitto_path, start_broker
+    from appliance.embedded_broker import mosquitto_path, start_broker
 
     kinds = ["mosquitto"] if mosquitto_path() else []
     try:

@@ -35,7 +35,7 @@ def shipped():
 
 @pytest.mark.slow
 def test_analyze_evaluate_bench_and_the_daemon_agree(tmp_path, mosquitto, shipped):
-    from appliance.analyze import analyze_path
+    from appliance.oneshot import analyze_path
     from appliance.bench import bench_backend
     from appliance.daemon import Daemon
     from appliance.evaluate import evaluate

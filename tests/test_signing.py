@@ -20,7 +20,7 @@ import pytest
 from appliance.fleet import announce, transfer
 from appliance.fleet.signing import (SignatureError, generate_keypair, load_private_key, load_public_key, load_trust,
                                      rehash, sign_bundle, verify_bundle)
-from appliance.fleet.state import REQUIRED
+from appliance.fleet.bundle_store import REQUIRED
 from appliance.inference.bundle import BundleError, default_bundle_dir, find_bundles, load_bundle, parse_version
 
 ROOT = Path(__file__).resolve().parents[1]

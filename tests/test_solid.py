@@ -224,7 +224,7 @@ def series_cache():
 
 def real_series(analyzer, cache: dict, *parts: str):
     """(slices (headers, series order), findings) of the largest series under shared data `parts`."""
-    from appliance.analyze import analyze_path
+    from appliance.oneshot import analyze_path
 
     folder = shared_data(*parts)
     if folder not in cache:

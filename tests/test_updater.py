@@ -20,7 +20,7 @@ import pytest
 from appliance.cli import main as cli
 from appliance.config import AnalysisConfig
 from appliance.fleet import announce, transfer
-from appliance.fleet.state import CRASH_ENV, BundleState, active_bundle_dir
+from appliance.fleet.bundle_store import CRASH_ENV, BundleState, active_bundle_dir
 from appliance.fleet.updater import Updater
 from appliance.inference.bundle import find_bundles, load_bundle
 from appliance.pipeline.analyzer import Analyzer

@@ -42,7 +42,7 @@ def finding_lines(name: str, v) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from appliance.analyze import analyze_path
+    from appliance.oneshot import analyze_path
     from appliance.privacy import load_secret
 
     path = Path(args.path)

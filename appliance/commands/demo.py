@@ -89,7 +89,7 @@ def _choose_port(requested: int | None, default: int) -> list[int]:
 
 
 def _check_broker_possible(embedded: bool) -> None:
-    from appliance.broker import mosquitto_path
+    from appliance.embedded_broker import mosquitto_path
     from appliance.errors import UsageError
 
     if not embedded and mosquitto_path():
@@ -169,7 +169,7 @@ def _run(args: argparse.Namespace, cfg: Any, work: Path, display_ports: list[int
          console: Console, stack: contextlib.ExitStack) -> int:
     import pydicom
 
-    from appliance.broker import BrokerError, mosquitto_path, start_broker
+    from appliance.embedded_broker import BrokerError, mosquitto_path, start_broker
     from appliance.errors import UsageError
     from appliance.config import ConfigError
     from appliance.daemon import Daemon

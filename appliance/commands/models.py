@@ -208,7 +208,7 @@ def _rollback(args: argparse.Namespace) -> int:
 
 def _list(args: argparse.Namespace) -> int:
     from appliance.fleet.signing import load_trust, verify_bundle
-    from appliance.fleet.state import BundleState, active_bundle_dir
+    from appliance.fleet.bundle_store import BundleState, active_bundle_dir
     from appliance.fleet.updater import default_trust_keys
     from appliance.inference.bundle import BundleError, find_bundles, load_bundle
 

@@ -1,6 +1,6 @@
 """The triage screen's server: MQTT in (a Transport), Server-Sent Events out, acknowledgements back to MQTT.
 
-One process holds the MQTT link and the current state (appliance.display.state); pages get a snapshot on
+One process holds the MQTT link and the current state (appliance.display.screen_state); pages get a snapshot on
 connect and every change after it over `GET /events` (text/event-stream). A click on "seen" is `POST /api/ack`;
 the server publishes `<prefix>/<device>/ack/<study_key>` (QoS 1, retained, expiring with the studies) and the tile
 turns acknowledged when the broker echoes it back, so every screen shows the same.
@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance.config import Config, ConfigError
-from appliance.display.state import DEVICE_RE, KEY_RE, DisplayState, iso, utcnow
+from appliance.display.screen_state import DEVICE_RE, KEY_RE, DisplayState, iso, utcnow
 from appliance.publish.messages import ACK_SCHEMA, Topics
 from appliance.publish.mqtt import MQTTTransport, Transport
 

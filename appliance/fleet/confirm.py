@@ -11,7 +11,7 @@ from typing import Any
 
 from appliance.config import AnalysisConfig
 from appliance.fleet.reports import InstallResult, UpdateReporter
-from appliance.fleet.state import BundleState
+from appliance.fleet.bundle_store import BundleState
 from appliance.inference.bundle import BundleError, load_bundle
 
 log = logging.getLogger("appliance.fleet.updater")

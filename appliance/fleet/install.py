@@ -17,7 +17,7 @@ from appliance.fleet.announce import Announcement, rollback_from
 from appliance.fleet.confirm import Confirmation
 from appliance.fleet.reports import InstallResult, UpdateReporter, UpdateStop
 from appliance.fleet.signing import TrustedKey, verify_bundle
-from appliance.fleet.state import REQUIRED, BundleState, crashpoint
+from appliance.fleet.bundle_store import REQUIRED, BundleState, crashpoint
 from appliance.inference.bundle import Bundle, BundleError, parse_version
 
 log = logging.getLogger("appliance.fleet.updater")

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from appliance.fleet.announce import now_iso
-from appliance.fleet.state import BundleState
+from appliance.fleet.bundle_store import BundleState
 from appliance.inference.bundle import BundleError
 
 log = logging.getLogger("appliance.fleet.updater")

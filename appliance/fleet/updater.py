@@ -33,7 +33,7 @@ from appliance.fleet.confirm import Confirmation
 from appliance.fleet.install import Installer, check_policy
 from appliance.fleet.reports import InstallResult, Publish, UpdateReporter, UpdateStop
 from appliance.fleet.signing import TrustedKey, load_trust
-from appliance.fleet.state import BundleState
+from appliance.fleet.bundle_store import BundleState
 from appliance.fleet.transfer import (MAX_BUNDLE_BYTES, TransferError, assemble, check_chunk, copy_durable, fetch_url,
                                       unpack)
 from appliance.inference.bundle import BundleError

@@ -25,7 +25,7 @@ def make_analyzer(cfg: Config, backend: str | None = None) -> Analyzer:
 
 def _state_bundles(cfg: Config) -> str:
     """Bundles installed by the fleet updater take precedence over the shipped ones when active/ is complete."""
-    from appliance.fleet.state import active_bundle_dir
+    from appliance.fleet.bundle_store import active_bundle_dir
 
     active = active_bundle_dir(cfg.state_path)
     return str(active) if active else ""
