@@ -45,3 +45,19 @@ def mosquitto(tmp_path):
     b = Mosquitto(tmp_path / "broker").start()
     yield b
     b.stop()
+
+
+@pytest.fixture(scope="session")
+def validators():
+    """The triage display's payload validators over the shipped schemas."""
+    from appliance.display.screen_state import Validators
+
+    return Validators()
+
+
+@pytest.fixture
+def st(validators):
+    """A fresh triage display state."""
+    from appliance.display.screen_state import DisplayState
+
+    return DisplayState(validators=validators)

@@ -61,11 +61,6 @@ def v2(room: str, k: str, state: str = "final", result: str = "positive", *, min
 # ---- the state (pure) ----------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def validators() -> Validators:
-    return Validators()
-
-
-@pytest.fixture(scope="module")
 def old_validators(tmp_path_factory) -> Validators:
     """The validators over a verdict schema file that knows nothing of grade and others yet."""
     d = tmp_path_factory.mktemp("schemas")

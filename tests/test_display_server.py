@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from appliance.config import Config, ConfigError, from_dict
-from appliance.display.screen_state import DisplayState, Validators, flag_of, iso, schema_dir
+from appliance.display.screen_state import DisplayState, flag_of, iso, schema_dir
 from appliance.domain import Box, Evidence, Rect, SeriesVerdict, SliceFinding
 from appliance.publish import messages
 
@@ -111,16 +111,6 @@ def enc(p: dict) -> bytes:
 
 KEY = "9f3a61c2d07e4b18"
 DEV = "ct-room-2"
-
-
-@pytest.fixture(scope="module")
-def validators() -> Validators:
-    return Validators()
-
-
-@pytest.fixture
-def st(validators) -> DisplayState:
-    return DisplayState(validators=validators)
 
 
 def test_builders_make_schema_valid_payloads(validators):

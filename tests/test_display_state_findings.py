@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from appliance.display.screen_state import DisplayState, Validators, flag_of, iso, schema_dir, where_text
+from appliance.display.screen_state import Validators, flag_of, iso, schema_dir, where_text
 from appliance.domain import Evidence
 
 from .test_display_server import DEV, KEY, T0, at, enc, overlay, verdict
@@ -21,16 +21,6 @@ def corrected(result: str = "positive", was: str = "negative", *, created: dt.da
     p["state"] = "corrected"
     p["correction"] = {"previous_result": was, "previous_state": "final", "previous_created": iso(T0), "what": WHAT}
     return p
-
-
-@pytest.fixture(scope="module")
-def validators() -> Validators:
-    return Validators()
-
-
-@pytest.fixture
-def st(validators) -> DisplayState:
-    return DisplayState(validators=validators)
 
 
 @pytest.fixture(scope="module")

@@ -183,6 +183,13 @@ class Bundle:
     def input_size(self) -> tuple[int, int]:
         return self.spec.input.size
 
+    def output_of(self, kind: type, what: str) -> Any:
+        """The typed output section when this bundle is a `what` model (`kind`: its output class), else BundleError."""
+        out = self.spec.output
+        if not isinstance(out, kind):
+            raise BundleError(f"{self.name}-{self.version}: a {self.spec.task} bundle, not a {what} model")
+        return out
+
     def ref(self) -> dict[str, str]:
         """What a verdict names: {name, version, sha256}."""
         return {"name": self.name, "version": self.version, "sha256": self.sha256}

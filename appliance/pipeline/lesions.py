@@ -14,7 +14,7 @@ from scipy import ndimage as ndi
 from appliance.domain import Box, Rect
 from appliance.imaging import resize, window
 from appliance.inference.adapter import InferenceAdapter
-from appliance.inference.bundle import Bundle, BundleError, LesionOutput
+from appliance.inference.bundle import Bundle, LesionOutput
 from appliance.pipeline.anatomy import quadrant_of
 
 
@@ -22,9 +22,7 @@ from appliance.pipeline.anatomy import quadrant_of
 class LesionDetector:
     def __init__(self, bundle: Bundle, adapter: InferenceAdapter) -> None:
         self.bundle, self.adapter = bundle, adapter
-        out = bundle.spec.output
-        if not isinstance(out, LesionOutput):
-            raise BundleError(f"{bundle.name}-{bundle.version}: a {bundle.spec.task} bundle, not a lesion model")
+        out: LesionOutput = bundle.output_of(LesionOutput, "lesion")
         self.size = bundle.spec.input.size
         self.window = bundle.spec.input.window
         self.threshold = out.threshold

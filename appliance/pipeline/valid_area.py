@@ -10,7 +10,7 @@ from scipy import ndimage as ndi
 from appliance.domain import Rect
 from appliance.imaging import resize, window
 from appliance.inference.adapter import InferenceAdapter
-from appliance.inference.bundle import Bundle, BundleError, ValidAreaOutput
+from appliance.inference.bundle import Bundle, ValidAreaOutput
 
 
 @dataclass
@@ -53,9 +53,7 @@ class ValidArea:
 
     def __init__(self, bundle: Bundle, adapter: InferenceAdapter) -> None:
         self.bundle, self.adapter = bundle, adapter
-        out = bundle.spec.output
-        if not isinstance(out, ValidAreaOutput):
-            raise BundleError(f"{bundle.name}-{bundle.version}: a {bundle.spec.task} bundle, not a valid-area model")
+        out: ValidAreaOutput = bundle.output_of(ValidAreaOutput, "valid-area")
         self.size = bundle.spec.input.size
         self.window = bundle.spec.input.window
         self.threshold = out.threshold
