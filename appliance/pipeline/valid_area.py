@@ -48,6 +48,10 @@ def square_pad(hu: np.ndarray, fill: float = -1024.0) -> tuple[np.ndarray, tuple
     return out, (oy, ox)
 
 
+GAS_MEAN_HU = -970.0  # a mask component this dark on average is gas (stomach, bowel), not lung: lung parenchyma,
+# a mix of air, vessels and tissue, averages near −860 HU, and even severe emphysema stays above about −950 HU
+
+
 class ValidArea:
     """Preprocess → infer → postprocess for the lung valid-area model."""
 
@@ -62,20 +66,27 @@ class ValidArea:
         self.margin = out.box_margin
         self.region_dilate = out.region_dilate_px
 
-    def preprocess(self, hu: np.ndarray) -> tuple[np.ndarray, tuple[int, int], float]:
+    def preprocess(self, hu: np.ndarray) -> tuple[np.ndarray, tuple[int, int], float, np.ndarray]:
+        """(model input, padding offset, slice pixels per model pixel, the padded HU at model size)."""
         sq, off = square_pad(hu)
         x = resize(window(sq, *self.window), self.size)
-        return x, off, sq.shape[0] / self.size[0]
+        return x, off, sq.shape[0] / self.size[0], resize(sq.astype(np.float32, copy=False), self.size)
 
     def postprocess(self, prob: np.ndarray, shape: tuple[int, int], offset: tuple[int, int], scale: float,
-                    spacing: tuple[float, float]) -> LungArea | None:
+                    spacing: tuple[float, float], hu_small: np.ndarray | None = None) -> LungArea | None:
+        """The lung area from the model's map; hu_small: the square-padded slice's HU at model size, to leave
+        out components that are gas (stomach or bowel below the diaphragm), not lung."""
         mask = prob >= self.threshold
         lab, n = ndi.label(mask)
         if n == 0:
             return None
         sizes = np.bincount(lab.ravel())[1:]
         px_cm2 = spacing[0] * spacing[1] * scale * scale / 100.0
-        keep = np.flatnonzero(sizes * px_cm2 >= self.min_lung_cm2) + 1
+        big = sizes * px_cm2 >= self.min_lung_cm2
+        if hu_small is not None:
+            mean = np.bincount(lab.ravel(), weights=hu_small.ravel(), minlength=n + 1)[1:] / np.maximum(sizes, 1)
+            big &= mean >= GAS_MEAN_HU
+        keep = np.flatnonzero(big) + 1
         if keep.size == 0 or sizes[keep - 1].sum() * px_cm2 < self.min_total_cm2:
             return None  # no lung, or only a sliver at the apex/base (often the trachea or bowel gas)
         lung = np.isin(lab, keep)
@@ -96,4 +107,5 @@ class ValidArea:
         pre = [self.preprocess(h) for h in hus]
         batch = np.stack([p[0] for p in pre])[:, None]
         prob = self.adapter.infer(batch)[:, 0]
-        return [self.postprocess(prob[i], hus[i].shape, pre[i][1], pre[i][2], spacings[i]) for i in range(len(hus))]
+        return [self.postprocess(prob[i], hus[i].shape, pre[i][1], pre[i][2], spacings[i], pre[i][3])
+                for i in range(len(hus))]
