@@ -66,3 +66,19 @@ def spawn_display(*, config: str | Path | None = None, mqtt_url: str | None = No
     proc.kill()
     proc.wait()
     raise RuntimeError(f"ctriage display did not start within {timeout:g} s")
+
+
+def validators_over(folder: Path, edit_verdict_schema):
+    """The display's validators over a copy of the shipped schemas whose verdict schema `edit_verdict_schema(dict)`
+    changed in place (an older schema file, say)."""
+    import json
+    import shutil
+
+    from appliance.display.screen_state import Validators, schema_dir
+
+    for f in schema_dir().glob("*.schema.json"):
+        shutil.copy(f, folder / f.name)
+    v = json.loads((folder / "verdict.schema.json").read_text())
+    edit_verdict_schema(v)
+    (folder / "verdict.schema.json").write_text(json.dumps(v))
+    return Validators(folder)

@@ -5,16 +5,16 @@ The screenshot of a 10-study queue with them goes to /tmp/display-grade-1280.png
 """
 from __future__ import annotations
 
-import json
 import re
 import shutil
 
 import pytest
 
-from appliance.display.screen_state import DisplayState, Validators, schema_dir
+from appliance.display.screen_state import DisplayState, Validators
 from appliance.display.views import grade_view, others_view, short_reason
 from appliance.domain import Evidence
 
+from .display_helpers import validators_over
 from .test_display import ART, ago, assert_nothing_clipped, browser, bus, display, tile  # noqa: F401 - fixtures
 from .test_display_queue import HD, ack_payload, assert_fully_shown, key, open_at
 from .test_display_server import DEV, KEY, T0, at, enc, iso, overlay, status, verdict
@@ -63,14 +63,11 @@ def v2(room: str, k: str, state: str = "final", result: str = "positive", *, min
 @pytest.fixture(scope="module")
 def old_validators(tmp_path_factory) -> Validators:
     """The validators over a verdict schema file that knows nothing of grade and others yet."""
-    d = tmp_path_factory.mktemp("schemas")
-    for f in schema_dir().glob("*.schema.json"):
-        shutil.copy(f, d / f.name)
-    v = json.loads((d / "verdict.schema.json").read_text())
-    v["properties"].pop("grade", None)
-    v["properties"].pop("others", None)
-    (d / "verdict.schema.json").write_text(json.dumps(v))
-    return Validators(d)
+    def older(v: dict) -> None:
+        v["properties"].pop("grade", None)
+        v["properties"].pop("others", None)
+
+    return validators_over(tmp_path_factory.mktemp("schemas"), older)
 
 
 def test_grade_and_others_pass_whatever_the_schema_file_says(validators, old_validators):

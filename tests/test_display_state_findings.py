@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 import datetime as dt
-import json
-import shutil
 
 import pytest
 
-from appliance.display.screen_state import Validators, flag_of, iso, schema_dir, where_text
+from appliance.display.screen_state import Validators, flag_of, iso, where_text
 from appliance.domain import Evidence
 
+from .display_helpers import validators_over
 from .test_display_server import DEV, KEY, T0, at, enc, overlay, verdict
 
 TOPIC = f"ctriage/{DEV}/verdict/{KEY}"
@@ -26,15 +25,12 @@ def corrected(result: str = "positive", was: str = "negative", *, created: dt.da
 @pytest.fixture(scope="module")
 def v1_validators(tmp_path_factory) -> Validators:
     """The validators over a verdict schema that knows nothing of corrections (ctriage.verdict/1)."""
-    d = tmp_path_factory.mktemp("schemas")
-    for f in schema_dir().glob("*.schema.json"):
-        shutil.copy(f, d / f.name)
-    v = json.loads((d / "verdict.schema.json").read_text())
-    v["properties"]["schema"] = {"const": "ctriage.verdict/1"}
-    v["properties"]["state"] = {"enum": ["provisional", "final"]}
-    v["properties"].pop("correction", None)
-    (d / "verdict.schema.json").write_text(json.dumps(v))
-    return Validators(d)
+    def v1(v: dict) -> None:
+        v["properties"]["schema"] = {"const": "ctriage.verdict/1"}
+        v["properties"]["state"] = {"enum": ["provisional", "final"]}
+        v["properties"].pop("correction", None)
+
+    return validators_over(tmp_path_factory.mktemp("schemas"), v1)
 
 
 @pytest.mark.parametrize("result,flag", [("positive", "positive"), ("negative", "negative"),
