@@ -264,3 +264,66 @@ def prepare_valid_area(cache: Path = CACHE) -> Path:
         split.append("val" if k % 5 == 0 else "train")
     np.savez_compressed(out, x=np.stack(X), y=np.stack(Y), src=np.array(src), split=np.array(split))
     return out
+
+
+# ---------------------------------------------------------------- lesion model 2 additions
+
+CTMD = DATA / "covid-ct-md"
+CTMD_ROWS = {"P001": 0, "cap001": 55}  # rows of the slice / lobe label arrays (Index.csv)
+
+
+def ctmd_series(patient: str) -> list[tuple[np.ndarray, float, int]]:
+    """A COVID-CT-MD series as (HU, pixel area, radiologist slice label) in the labels' order (head first:
+    SliceLocation highest first)."""
+    import pydicom
+
+    files = sorted(glob.glob(str(CTMD / patient / "*.dcm")))
+    loc = [float(pydicom.dcmread(f, stop_before_pixels=True).SliceLocation) for f in files]
+    labels = np.load(CTMD / "Slice-level-labels-updated-1.npy")[CTMD_ROWS[patient]]
+    order = np.argsort(loc)[::-1]
+    return [(*read_hu(files[k]), int(labels[r])) for r, k in enumerate(order)]
+
+
+def doctor_classes() -> np.ndarray:
+    """The radiologist slices' multi-class masks (0 background, 1 ground glass, 2 consolidation), LESION_SIZE²,
+    in doctor_files order."""
+    out = []
+    for p in doctor_files():
+        f = DATA / "covid-semiseg" / "TrainingSet" / "MultiClassInfection-Train" / "GT" / (Path(p).stem + ".png")
+        a = np.asarray(Image.open(f))  # palette image: the indices are the classes
+        out.append(np.asarray(Image.fromarray(a).resize((LESION_SIZE,) * 2, Image.NEAREST)))
+    return np.stack(out)
+
+
+def prepare_lesion2(cache: Path = CACHE, seed: int = 0) -> Path:
+    """Model 2's cache: model 1's sources and split (`prepare_lesion`), plus
+      hu-cap001   the community-acquired-pneumonia series' slices *without* pneumonia (radiologist slice labels):
+                  normal lung in the appliance's own domain (Siemens, JPEG Lossless, 2 mm)
+      hu-lidc     the LIDC-IDRI runs (GE thin slices around nodules): a nodule is not a COVID-19 lesion
+    and `cls`, the radiologist slices' ground-glass / consolidation classes (for per-class Dice).
+    COVID-CT-MD P001 (the one labelled COVID-19 DICOM series) is kept out: it is the real-DICOM validation."""
+    out = cache / f"lesion2_{LESION_SIZE}.npz"
+    if out.exists():
+        return out
+    d = dict(np.load(prepare_lesion(cache, seed)))
+    X, src, split, group = [], [], [], []
+    for k, (hu, pa, lab) in enumerate(ctmd_series("cap001")):
+        crop = hu_crop(hu, pa) if lab == 0 else None
+        if crop is not None:
+            X.append(to_uint8(_fit(crop) / 255.0)), src.append("hu-cap001"), group.append(f"cap001-{k}")
+            split.append("val" if k % 4 == 0 else "train")
+    for k, f in enumerate(sorted(glob.glob(str(DATA / "lidc-idri-samples" / "small" / "**" / "*.dcm"), recursive=True))):
+        crop = hu_crop(*read_hu(f))
+        if crop is not None:
+            X.append(to_uint8(_fit(crop) / 255.0)), src.append("hu-lidc"), group.append(f"lidc-{k}")
+            split.append("train")
+    n = len(X)
+    cls = np.zeros((len(d["x"]),) + d["x"].shape[1:], np.uint8)
+    doc = np.flatnonzero(d["src"] == "doctor")
+    cls[doc] = doctor_classes()
+    np.savez_compressed(out, x=np.concatenate([d["x"], np.stack(X)]),
+                        y=np.concatenate([d["y"], np.zeros((n,) + d["y"].shape[1:], np.uint8)]),
+                        src=np.concatenate([d["src"], np.array(src)]), split=np.concatenate([d["split"], np.array(split)]),
+                        group=np.concatenate([d["group"], np.array(group)]),
+                        cls=np.concatenate([cls, np.zeros((n,) + cls.shape[1:], np.uint8)]))
+    return out

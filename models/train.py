@@ -205,9 +205,10 @@ class EMA:
 def predict(model: torch.nn.Module, x: np.ndarray, batch: int = 16) -> np.ndarray:
     """x: (N, H, W) uint8 → (N, H, W) float32 probabilities."""
     out = []
+    dev = next(model.parameters()).device
     for i in range(0, len(x), batch):
-        t = torch.from_numpy(x[i : i + batch].astype(np.float32) / 255.0)[:, None]
-        out.append(torch.sigmoid(model(t))[:, 0].numpy())
+        t = torch.from_numpy(x[i : i + batch].astype(np.float32) / 255.0)[:, None].to(dev)
+        out.append(torch.sigmoid(model(t))[:, 0].float().cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0,) + x.shape[1:], np.float32)
 
 
@@ -272,6 +273,23 @@ def keeps(score: float, best: float, step: int, steps: int, keep_last: bool = Fa
     return score > best or (keep_last and step == steps)
 
 
+def build_model(cfg: TrainConfig, with_sigmoid: bool = False) -> torch.nn.Module:
+    """The network a run config names: `extra["arch"]` "lite0-unetpp" (lesion model 2: pretrained
+    EfficientNet-Lite0 encoder, ImageNet weights loaded and checked) or the from-scratch UNet++ (default)."""
+    if cfg.extra.get("arch") == "lite0-unetpp":
+        from models.efficientnet_lite import load_imagenet
+        from models.lite_unetpp import LiteUNetPP
+
+        model = LiteUNetPP(with_sigmoid=with_sigmoid)
+        if cfg.extra.get("pretrained", True):
+            report = load_imagenet(model.encoder)
+            if report["stem_filters_max_abs_diff"] != 0.0:
+                raise RuntimeError(f"ImageNet weights did not load: {report}")
+            print(json.dumps({"event": "imagenet weights", **report}), flush=True)
+        return model
+    return UNetPP(cfg.width, cfg.levels, with_sigmoid=with_sigmoid, stem=cfg.stem, upsample=cfg.upsample)
+
+
 def run(
     cfg: TrainConfig,
     data: dict[str, tuple[np.ndarray, np.ndarray, float, float]],
@@ -290,14 +308,20 @@ def run(
     out.mkdir(parents=True, exist_ok=True)
     log = (out / "train.log").open("a")
 
-    model = UNetPP(cfg.width, cfg.levels, stem=cfg.stem, upsample=cfg.upsample)
+    model = build_model(cfg)
     if cfg.extra.get("init_onnx"):
         load_folded_onnx(model, Path(cfg.extra["init_onnx"]))
     if cfg.extra.get("init"):
         init = torch.load(RUNS / cfg.extra["init"] / "best.pt", map_location="cpu", weights_only=False)
         model.load_state_dict(init["state_dict"])
+    dev = torch.device(cfg.extra.get("device", "cpu"))
+    model.to(dev)
     ema = EMA(model, cfg.ema)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    enc_lr = float(cfg.extra.get("encoder_lr", 1.0))  # pretrained encoder: a fraction of the decoder's rate
+    enc = [p for n, p in model.named_parameters() if n.startswith("encoder.")]
+    rest = [p for n, p in model.named_parameters() if not n.startswith("encoder.")]
+    opt = torch.optim.AdamW([{"params": rest, "scale": 1.0}, {"params": enc, "scale": enc_lr}][: 2 if enc else 1],
+                            lr=cfg.lr, weight_decay=cfg.weight_decay)
     groups = list(cfg.mix)
     shares = np.array([cfg.mix[k] for k in groups], dtype=float)
     counts = np.floor(shares / shares.sum() * cfg.batch).astype(int)
@@ -335,7 +359,7 @@ def run(
                 yb[sel] = torch.from_numpy(_teach(teachers, xb[sel].numpy()))
         lr = cfg.lr * min(1.0, step / cfg.warmup) * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
         for pg in opt.param_groups:
-            pg["lr"] = lr
+            pg["lr"] = lr * pg["scale"]
         model.train()
         if cfg.extra.get("freeze_bn"):  # statistics folded in from an exported model stay as they are
             for m in model.modules():
@@ -345,7 +369,9 @@ def run(
         # collapses to predicting nothing)
         b0, b1 = int(cfg.extra.get("blob_start", 300)), int(cfg.extra.get("blob_full", 800))
         ramp = min(1.0, max(0.0, (step - b0) / max(1, b1 - b0)))
-        w_t, dw_t, blob = torch.tensor(ws), torch.tensor(dws), float(cfg.extra.get("blob_weight", 0.0)) * ramp
+        xb, yb = xb.to(dev, non_blocking=True), yb.to(dev, non_blocking=True)
+        w_t, dw_t = torch.tensor(ws, device=dev), torch.tensor(dws, device=dev)
+        blob = float(cfg.extra.get("blob_weight", 0.0)) * ramp
         ds = float(cfg.extra.get("deep_supervision", 0.0))
         if ds > 0:  # UNet++ deep supervision: the shallower top-row nodes learn the mask too (shared head)
             *aux, last = model.forward_all(xb)
@@ -361,7 +387,8 @@ def run(
             el = time.time() - t0
             print(f"step {step}/{cfg.steps} loss {loss.item():.4f} lr {lr:.2e} "
                   f"{el / step:.2f}s/step eta {el / step * (cfg.steps - step) / 60:.1f} min", flush=True)
-        if step % cfg.eval_every == 0 or step == cfg.steps:
+        late = time.time() - t0 > 60 * float(cfg.extra.get("max_minutes", 1e9))
+        if step % cfg.eval_every == 0 or step == cfg.steps or late:
             metrics = validate(ema.model)
             sc = score(metrics)
             rec = {"event": "eval", "step": step, "loss": round(loss.item(), 5), "score": round(sc, 5),
@@ -375,6 +402,9 @@ def run(
                 best = sc
                 torch.save(state, out / "best.pt")
                 (out / "summary.json").write_text(json.dumps({"best_step": step, "score": sc, **metrics}, indent=1))
+            if late:
+                log.write(json.dumps({"event": "time limit", "step": step}) + "\n")
+                break
     log.write(json.dumps({"event": "end", "minutes": round((time.time() - t0) / 60, 2)}) + "\n")
     log.close()
     return out
