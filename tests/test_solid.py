@@ -312,9 +312,17 @@ def test_real_a0001_tumour_focus_is_not_called_viral(analyzer, series_cache):
 
 
 @pytest.mark.xfail(strict=False, reason=(
-    "A0001's tumour is broad-based on the posterior chest wall and the aorta on every slice (no fat plane), so "
-    "by HU alone its solid part is continuous with the chest wall / mediastinum: attached, not reported as an "
-    "intrapulmonary mass. Telling it from the heart, aorta and hila needs anatomy the HU rule does not have."))
+    "A0001's tumour is broad-based on the posterior chest wall and the aorta on every slice (no fat plane), so by"
+    " HU alone its solid part is continuous with the chest wall / mediastinum: attached, not reported as an "
+    "intrapulmonary mass. Telling it from the heart, aorta and hila needs anatomy the HU rule does not have. "
+    "Measured (branch mass, 2026-12-04), three bulge rules that do not separate it: (1) soft tissue inside the "
+    "per-side convex hull of the aerated lung holds the whole mediastinum on every slice (each lung is a crescent"
+    " around it); (2) that soft tissue cut to the lesion boxes grown by 10 mm is 10-37 mm thick on the tumour "
+    "(0-based slices 12-21) but also 12-15 mm thick on 11 consecutive slices of P001's right liver dome (0-based "
+    "slices 116-126, under a basal ground-glass box) and 19-25 mm on cap001's consolidation; (3) 'aerated lung "
+    "below the last section' fails on the tumour itself (10 mm below, 63-83 % of its section's rect is still not "
+    "aerated lung) while cap001's consolidation at 0-based slices 124-125 has 56-65 % aerated lung below. A 3-D "
+    "envelope (the lung on the slices above and below) needs a per-slice lung grid the findings do not carry."))
 def test_real_a0001_solid_mass_found_and_explains_the_tumour_focus(analyzer, series_cache):
     slices, findings = real_series(analyzer, series_cache, "lung-pet-ct-dx-A0001")
     tumour = a0001_tumour(slices)
