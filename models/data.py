@@ -242,14 +242,22 @@ def valid_area_slices() -> list[HUSlice]:
     return out
 
 
-def prepare_valid_area(cache: Path = CACHE) -> Path:
-    """Full slices (lung window, VALID_SIZE²) with classical lung masks as labels."""
-    out = cache / f"valid_area_{VALID_SIZE}.npz"
+def prepare_valid_area(cache: Path = CACHE, version: int = 1) -> Path:
+    """Full slices (lung window, VALID_SIZE²) with classical lung masks as labels.
+
+    version 2 adds the COVID-CT-MD pneumonia series cap001 (Siemens, JPEG Lossless, 2 mm: lung bases beside a
+    large gas-filled stomach and colon, where valid-area 1.3.3 boxed the stomach and missed the basal lung), and
+    drops from every label the mask components whose mean is below GAS_MEAN_HU (gas, as the appliance does).
+    P001 stays out: it is the check."""
+    out = cache / (f"valid_area_{VALID_SIZE}.npz" if version == 1 else f"valid_area{version}_{VALID_SIZE}.npz")
     if out.exists():
         return out
     cache.mkdir(parents=True, exist_ok=True)
     X, Y, src, split = [], [], [], []
-    for k, s in enumerate(valid_area_slices()):
+    slices = valid_area_slices()
+    if version >= 2:
+        slices += [HUSlice("cap001", hu, pa) for hu, pa, _ in ctmd_series("cap001")]
+    for k, s in enumerate(slices):
         hu = s.hu
         r, c = hu.shape
         if r != c:  # pad to square with air so aspect is kept, as the appliance does
@@ -258,12 +266,26 @@ def prepare_valid_area(cache: Path = CACHE) -> Path:
             pad[(n - r) // 2:(n - r) // 2 + r, (n - c) // 2:(n - c) // 2 + c] = hu
             hu = pad
         m = lung_mask(hu, s.pixel_area)
+        if version >= 2:
+            m = _drop_gas(m, hu)
         X.append(to_uint8(resize(window(hu), (VALID_SIZE, VALID_SIZE))))
         Y.append((resize(m.astype(np.float32), (VALID_SIZE, VALID_SIZE)) > 0.5).astype(np.uint8) * 255)
         src.append(s.source)
         split.append("val" if k % 5 == 0 else "train")
     np.savez_compressed(out, x=np.stack(X), y=np.stack(Y), src=np.array(src), split=np.array(split))
     return out
+
+
+def _drop_gas(mask: np.ndarray, hu: np.ndarray) -> np.ndarray:
+    from scipy import ndimage as ndi
+
+    from appliance.pipeline.valid_area import GAS_MEAN_HU
+
+    lab, n = ndi.label(mask)
+    if n == 0:
+        return mask
+    means = ndi.mean(hu, lab, index=np.arange(1, n + 1))
+    return np.isin(lab, [i + 1 for i, v in enumerate(means) if v >= GAS_MEAN_HU])
 
 
 # ---------------------------------------------------------------- lesion model 2 additions
@@ -297,21 +319,17 @@ def doctor_classes() -> np.ndarray:
 
 def prepare_lesion2(cache: Path = CACHE, seed: int = 0) -> Path:
     """Model 2's cache: model 1's sources and split (`prepare_lesion`), plus
-      hu-cap001   the community-acquired-pneumonia series' slices *without* pneumonia (radiologist slice labels):
-                  normal lung in the appliance's own domain (Siemens, JPEG Lossless, 2 mm)
       hu-lidc     the LIDC-IDRI runs (GE thin slices around nodules): a nodule is not a COVID-19 lesion
     and `cls`, the radiologist slices' ground-glass / consolidation classes (for per-class Dice).
-    COVID-CT-MD P001 (the one labelled COVID-19 DICOM series) is kept out: it is the real-DICOM validation."""
+    COVID-CT-MD P001 (the one labelled COVID-19 DICOM series) is kept out: it is the real-DICOM validation.
+    cap001's unlabelled slices are *not* used as negatives: its slice labels are conservative (the shipped model
+    boxes the 21 consecutive unlabelled slices after the labelled pneumonia run, and a run of upper slices), so
+    they would teach the model to miss pneumonia."""
     out = cache / f"lesion2_{LESION_SIZE}.npz"
     if out.exists():
         return out
     d = dict(np.load(prepare_lesion(cache, seed)))
     X, src, split, group = [], [], [], []
-    for k, (hu, pa, lab) in enumerate(ctmd_series("cap001")):
-        crop = hu_crop(hu, pa) if lab == 0 else None
-        if crop is not None:
-            X.append(to_uint8(_fit(crop) / 255.0)), src.append("hu-cap001"), group.append(f"cap001-{k}")
-            split.append("val" if k % 4 == 0 else "train")
     for k, f in enumerate(sorted(glob.glob(str(DATA / "lidc-idri-samples" / "small" / "**" / "*.dcm"), recursive=True))):
         crop = hu_crop(*read_hu(f))
         if crop is not None:

@@ -43,10 +43,12 @@ LICENCE = (
 
 
 def load_model(run: str) -> tuple[UNetPP, dict]:
+    from models.train import TrainConfig, build_model
+
     ck = torch.load(RUNS / run / "best.pt", map_location="cpu", weights_only=False)
     cfg = ck["config"]
-    m = UNetPP(cfg["width"], cfg["levels"], with_sigmoid=True, stem=cfg.get("stem", 1),
-               upsample=cfg.get("upsample", "bilinear"))
+    tc = TrainConfig(**{**cfg, "extra": {**cfg.get("extra", {}), "pretrained": False}})  # weights: the run's
+    m = build_model(tc, with_sigmoid=True)
     m.load_state_dict(ck["state_dict"])
     return m.eval(), ck
 
@@ -212,7 +214,8 @@ def runtime_agreement(outs: dict[str, np.ndarray], threshold: float) -> dict[str
 
 
 def build(run: str, name: str, version: str, output: dict, metrics: dict | None = None,
-          notes: dict | None = None, dest_root: Path = BUNDLES) -> Path:
+          notes: dict | None = None, dest_root: Path = BUNDLES, keep_fp32_first: int = 2,
+          keep_fp32_last: int = 3) -> Path:
     model, ck = load_model(run)
     cfg = ck["config"]
     size = int(cfg["size"])
@@ -225,8 +228,8 @@ def build(run: str, name: str, version: str, output: dict, metrics: dict | None 
              "openvino_int8": out / "openvino" / "model.xml"}
     export_onnx(model, size, paths["onnx"])
     calib = calibration(task, size=size)
-    kept_fp32 = quantize_ort(paths["onnx"], paths["onnx_int8"], calib)
-    rewrite = openvino_ir_filtered(paths["onnx"], paths["openvino_int8"], calib, 2, 3,
+    kept_fp32 = quantize_ort(paths["onnx"], paths["onnx_int8"], calib, keep_fp32_first, keep_fp32_last)
+    rewrite = openvino_ir_filtered(paths["onnx"], paths["openvino_int8"], calib, keep_fp32_first, keep_fp32_last,
                                    selftest_inputs(task, size))
 
     # FP32 vs INT8 agreement on held-back real inputs (computed here, recorded in the manifest)
@@ -268,9 +271,7 @@ def build(run: str, name: str, version: str, output: dict, metrics: dict | None 
         "version": version,
         "created": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "task": task,
-        "arch": {"type": "unet++", "width": cfg["width"], "levels": cfg["levels"], "stem": cfg.get("stem", 1),
-                 "upsample": cfg.get("upsample", "bilinear"),
-                 "params": count_params(model)},
+        "arch": _arch(cfg, model),
         "input": {"size": [size, size], "window": [-1350, 150], "layout": "NCHW", "range": [0, 1],
                   "content": "lung-window lung-box crop" if task == "lesion" else "lung-window full slice, square-padded"},
         "output": output,
@@ -285,6 +286,18 @@ def build(run: str, name: str, version: str, output: dict, metrics: dict | None 
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
     print(json.dumps({"bundle": str(out), "quantization": agree, "validation": ck["metrics"]}, indent=1))
     return out
+
+
+def _arch(cfg: dict, model: torch.nn.Module) -> dict:
+    """The manifest's description of the network."""
+    if cfg.get("extra", {}).get("arch") == "lite0-unetpp":
+        from models.lite_unetpp import DECODER, WINDOWS
+
+        return {"type": "unet++", "encoder": "efficientnet-lite0 (ImageNet weights, Apache-2.0)",
+                "decoder_channels": list(DECODER), "input_windows_hu": [list(w) for w in WINDOWS],
+                "upsample": "bilinear", "params": count_params(model)}
+    return {"type": "unet++", "width": cfg["width"], "levels": cfg["levels"], "stem": cfg.get("stem", 1),
+            "upsample": cfg.get("upsample", "bilinear"), "params": count_params(model)}
 
 
 def _derive(src: Path, version: str, dest_root: Path, skip: tuple[str, ...] = ()) -> tuple:
@@ -434,7 +447,8 @@ def main(argv: list[str] | None = None) -> None:
     else:
         output = {"kind": "probability", "threshold": a.threshold, "min_lung_cm2": 6.0, "min_total_lung_cm2": 15.0,
                   "box_margin": CROP_MARGIN, "region_dilate_px": 3}
-    build(a.run, a.name, a.version, output, dest_root=a.dest)
+    build(a.run, a.name, a.version, output, dest_root=a.dest, keep_fp32_first=a.keep_fp32_first,
+          keep_fp32_last=a.keep_fp32_last)
 
 
 if __name__ == "__main__":

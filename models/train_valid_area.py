@@ -29,8 +29,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=1200)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--data", type=int, default=2, choices=[1, 2], help="training-set version (models.data)")
     a = ap.parse_args(argv)
-    d = np.load(prepare_valid_area())
+    d = np.load(prepare_valid_area(version=a.data))
     x, y, split = d["x"], d["y"], d["split"]
     if a.size != x.shape[1]:
         from models.train_lesion import _resize_all
