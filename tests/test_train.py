@@ -22,7 +22,9 @@ def test_held_out_split_is_fixed_and_sized():
     assert held_out(1) != a
 
 
-def test_fine_tune_starts_from_the_shipped_lesion_model():
+def test_fine_tune_starts_from_a_shipped_unetpp_model():
+    """A from-scratch UNet++ (the valid-area model; lesion model 1 in the git history) can be fine-tuned from its
+    bundle when the training checkpoint is gone."""
     torch = train_extra("torch")
     train_extra("onnx")
     import onnxruntime as ort
@@ -31,7 +33,7 @@ def test_fine_tune_starts_from_the_shipped_lesion_model():
     from models.train import load_folded_onnx
     from models.unetpp import UNetPP
 
-    b = find_bundles(default_bundle_dir())["lesion"]
+    b = find_bundles(default_bundle_dir())["valid-area"]
     arch = b.manifest["arch"]
     model = UNetPP(arch["width"], arch["levels"], stem=arch.get("stem", 1))
     load_folded_onnx(model, b.path / "model.onnx")
