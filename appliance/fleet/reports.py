@@ -3,23 +3,27 @@ config/schemas/update.schema.json) for every step and outcome, also appended to 
 logged, and the results an install returns."""
 from __future__ import annotations
 
+import datetime as dt
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from appliance.fleet.announce import now_iso
 from appliance.fleet.bundle_store import BundleState
 from appliance.inference.bundle import BundleError
 
 log = logging.getLogger("appliance.fleet.updater")
 
 UPDATE_SCHEMA = "ctriage.update/1"
-STEPS = ("announce", "transfer", "verify", "policy", "store", "load", "selftest", "wait_idle", "activate", "confirm",
+STEPS = ("metadata", "transfer", "verify", "policy", "store", "load", "selftest", "wait_idle", "activate", "confirm",
          "rollback", "startup")
-OUTCOMES = ("progress", "refused", "failed", "installed", "confirmed", "rolled_back", "repaired")
+OUTCOMES = ("progress", "refused", "failed", "installed", "confirmed", "rolled_back", "repaired", "rotated", "expired")
 
 Publish = Callable[[str, dict[str, Any], bool], None]
+
+
+def now_iso() -> str:
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def update_payload(*, device: str, step: str, outcome: str, reason: str | None = None,
