@@ -82,3 +82,17 @@ class UpdateReporter:
             except Exception as e:  # the broker being away never stops an update
                 log.warning("cannot publish update progress: %s", e)
         return p
+
+
+TRUST_SCHEMA = "ctriage.trust/1"
+
+
+def trust_payload(device: str, described: dict[str, Any], stale: str | None) -> dict[str, Any]:
+    """`<prefix>/<device>/trust` (retained; schema config/schemas/trust.schema.json): what this appliance trusts —
+    root version, keys and threshold of each role, the versions and expiries of its metadata."""
+    p: dict[str, Any] = {"schema": TRUST_SCHEMA, "device": device, "ready": bool(described.get("ready")),
+                         "stale": stale, "created": now_iso()}
+    for k in ("root", "roles", "timestamp", "snapshot", "targets"):
+        if k in described:
+            p[k] = described[k]
+    return p

@@ -260,6 +260,8 @@ class Repository:
                 new.add_key(k, c.role)
             if c.threshold is not None:
                 new.roles[c.role].threshold = c.threshold
+        if new.roles == old.roles:
+            raise RepositoryError("nothing changes: the root already trusts exactly these keys and thresholds")
         for role, r in new.roles.items():
             if not r.keyids:
                 raise RepositoryError(f"the {role} role would have no key left (add one with --add)")
@@ -294,7 +296,8 @@ class Repository:
         """Roles, keys, thresholds, versions, expiries and releases (for `ctriage models show`)."""
         root = self.root().signed
         out: dict[str, Any] = {"repository": str(self.dir), "root": {"version": root.version,
-                                                                     "expires": root.expires.isoformat()}}
+                                                                     "expires": root.expires.isoformat(),
+                                                                     "expired": root.is_expired()}}
         out["roles"] = {role: {"threshold": r.threshold, "keys": [short_id(k) for k in r.keyids]}
                         for role, r in root.roles.items()}
         for role in ("targets", "snapshot", "timestamp"):

@@ -248,3 +248,41 @@ def _expired(msg: str, when: str = "") -> str:
             "root": "the trusted root expired: the operator must publish a new root"}.get(
         role, f"{role} metadata expired: the operator must sign it again")
     return f"{msg}{f' (since {when})' if when else ''}: {what}"
+
+
+def verify_at_rest(repo: str | Path, anchor: bytes) -> tuple[Root, Targets, list[str]]:
+    """A repository directory checked from a trusted root (the chain of root versions, each signed by the one
+    before and itself; timestamp → snapshot → targets by the newest root's keys, versions and hashes). Expiry does
+    not make it fail — it is returned as notes — since bundles at rest do not go stale; appliances refuse stale
+    metadata on the wire. Returns (newest root, targets, notes); TrustError says what does not hold."""
+    d = Path(repo).expanduser()
+    root = _self_signed_root(anchor, "the trust anchor").signed
+    try:
+        while (d / f"{root.version + 1}.root.json").is_file():
+            md = Metadata[Root].from_file(str(d / f"{root.version + 1}.root.json"))
+            if md.signed.version != root.version + 1:
+                raise TrustError("mismatch", f"{root.version + 1}.root.json holds root version {md.signed.version}")
+            root.verify_delegate("root", md.signed_bytes, md.signatures)
+            md.signed.verify_delegate("root", md.signed_bytes, md.signatures)
+            root = md.signed
+        ts = Metadata.from_file(str(d / "timestamp.json"))
+        root.verify_delegate("timestamp", ts.signed_bytes, ts.signatures)
+        sm = ts.signed.snapshot_meta
+        sdata = (d / f"{sm.version}.snapshot.json").read_bytes()
+        sm.verify_length_and_hashes(sdata)
+        snap = Metadata.from_bytes(sdata)
+        root.verify_delegate("snapshot", snap.signed_bytes, snap.signatures)
+        tm = snap.signed.meta["targets.json"]
+        targets = Metadata[Targets].from_file(str(d / f"{tm.version}.targets.json"))
+        root.verify_delegate("targets", targets.signed_bytes, targets.signatures)
+        if snap.signed.version != sm.version or targets.signed.version != tm.version:
+            raise TrustError("mismatch", "snapshot or targets version differs from what names it")
+    except tufx.UnsignedMetadataError as e:
+        raise TrustError("signature", f"{d}: {e} trusted by root v{root.version}") from None
+    except tufx.LengthOrHashMismatchError as e:
+        raise TrustError("mismatch", f"{d}: {e}") from None
+    except (OSError, KeyError, ValueError, tufx.RepositoryError) as e:
+        raise TrustError("invalid", f"{d}: incomplete or unreadable repository ({e})") from None
+    notes = [f"{md.type} v{md.version} expired on {md.expires.isoformat()}"
+             for md in (root, ts.signed, snap.signed, targets.signed) if md.is_expired()]
+    return root, targets.signed, notes

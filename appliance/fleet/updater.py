@@ -1,18 +1,15 @@
 """Fleet updates: TUF metadata → the release this device should run → transfer → verify → policy → store →
 load + self-test → wait until idle → atomic switch → first analyses → confirmed (or rolled back).
 
-What to install comes only from targets metadata that TUF verified (appliance.fleet.trust): root keys and
-thresholds, expiry, no rollback to older metadata, no mixing of metadata of different moments. A release's archive
-must have the length and sha256 the targets role signed before it is unpacked, and the unpacked manifest.json the
-signed sha256. A version not newer than the active one is refused unless the release names the active version in
-its rollback order; the new bundle must load with the others and reproduce its selftest.npz before the switch; when
-the first analyses with it fail, the previous bundle comes back by itself. Every step and outcome is published
-(retained) on `<prefix>/<device>/update` and appended to <state>/bundles/history.jsonl. Refused metadata never stops
-the analysis: the bundles in use stay.
+What to install comes only from targets metadata that TUF verified (appliance.fleet.trust). A release's archive
+must have the signed length and sha256 before it is unpacked, and manifest.json the signed sha256. A version not
+newer than the active one is refused unless the release's rollback order names the active version; the bundle must
+load and pass its self-test before the switch, and the first analyses after it (else it is rolled back). Steps and
+outcomes go (retained) to `<prefix>/<device>/update` and <state>/bundles/history.jsonl, what the appliance trusts
+to `<prefix>/<device>/trust`. Refused metadata never stops the analysis: the bundles in use stay.
 
-The daemon wires it with three calls (see `Updater.__init__`, `handle_message`, `on_activated`) and reports each
-analysis after a switch through `report_first_analysis(ok)`. Messages are handled without blocking: metadata is
-kept in memory and checked on the worker thread, chunks are written to disk as they arrive.
+The daemon wires it with `handle_message`, `on_activated` and `report_first_analysis(ok)`. Messages never block:
+metadata is checked on the worker thread, chunks are written to disk as they arrive.
 """
 from __future__ import annotations
 
@@ -32,7 +29,7 @@ from appliance.fleet.confirm import Confirmation
 from appliance.fleet.distribution import chunk_base, parse_topic
 from appliance.fleet.install import Installer, check_policy
 from appliance.fleet.release import Release, choose, releases
-from appliance.fleet.reports import InstallResult, Publish, UpdateReporter, UpdateStop
+from appliance.fleet.reports import InstallResult, Publish, UpdateReporter, UpdateStop, trust_payload
 from appliance.fleet.transfer import (MAX_BUNDLE_BYTES, ChunkSpec, TransferError, assemble, check_chunk,
                                       fetch_url, unpack)
 from appliance.fleet.trust import PROJECT_ANCHOR, DirFetcher, RetainedFetcher, TrustError, TrustStore, trust_anchor
@@ -53,9 +50,7 @@ class _Download:
     def specs(self) -> list[ChunkSpec]:
         return [ChunkSpec(s, h) for s, h in zip(self.rel.chunk_sizes(), self.rel.chunks)]
 
-    @property
-    def complete(self) -> bool:
-        return len(self.got) == len(self.rel.chunks)
+    complete = property(lambda self: len(self.got) == len(self.rel.chunks))
 
 
 class Updater:
@@ -90,6 +85,7 @@ class Updater:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._report = UpdateReporter(self.state, device, self.update_topic, publish)
+        self._publish, self._trust_said = publish, ""
         self.confirmation = Confirmation(self.state, self.config, self._report, self._callbacks, confirm_after)
         self.installer = Installer(self.state, self.config, self._report, wait_idle, self._callbacks,
                                    self.confirmation)
@@ -175,6 +171,7 @@ class Updater:
                 return []
             self._say("metadata", "metadata", "expired" if e.kind == "expired" else "refused", e.reason,
                       {"kind": e.kind, "root_version": self.trust.root_version()})
+            self.publish_trust()
             return []
         self._said.pop("metadata", None)
         after = self.trust.root_version()
@@ -183,6 +180,7 @@ class Updater:
             self._say("root", "metadata", "rotated", f"root v{before} → v{after}: keys and thresholds "
                       + "; ".join(f"{r} {x['threshold']} of {', '.join(x['keys'])}" for r, x in roles.items()),
                       {"root_version": after, "roles": roles})
+        self.publish_trust()
         rels, bad = releases(targets.targets)
         for b in bad:
             log.warning("targets metadata v%d: %s", targets.version, b)
@@ -318,7 +316,20 @@ class Updater:
         if why is not None:
             self._say("metadata", "metadata", "expired", why, {"kind": "expired",
                                                                 "root_version": self.trust.root_version()})
+        self.publish_trust(why)
         return why
+
+    def publish_trust(self, stale: str | None = None) -> dict[str, Any]:
+        """Publish (retained, when it changed) what this appliance trusts on `<prefix>/<device>/trust`."""
+        p = trust_payload(self.device, self.trust.describe(), stale or self.trust.stale())
+        key = repr({k: v for k, v in p.items() if k != "created"})
+        if self._publish is not None and key != self._trust_said:
+            try:
+                self._publish(f"{self.prefix}/{self.device}/trust", p, True)
+                self._trust_said = key
+            except Exception as e:  # the broker being away never stops an update
+                log.warning("cannot publish trust state: %s", e)
+        return p
 
     # ---- worker ----------------------------------------------------------------------------------------------
 
