@@ -71,12 +71,12 @@ def chunk_specs(chunks: list[bytes]) -> list[ChunkSpec]:
 
 def check_chunk(index: int, data: bytes, specs: list[ChunkSpec]) -> None:
     if not 0 <= index < len(specs):
-        raise TransferError(f"chunk {index} is not announced (the bundle has {len(specs)} chunks)")
+        raise TransferError(f"chunk {index} is not in the release (it has {len(specs)} chunks)")
     want = specs[index]
     if len(data) != want.size:
-        raise TransferError(f"chunk {index} has {len(data)} bytes, {want.size} announced (truncated or damaged)")
+        raise TransferError(f"chunk {index} has {len(data)} bytes, {want.size} signed (truncated or damaged)")
     if hashlib.sha256(data).hexdigest() != want.sha256:
-        raise TransferError(f"chunk {index} sha256 mismatch (damaged in transfer)")
+        raise TransferError(f"chunk {index} sha256 differs from the signed targets metadata (damaged or altered in transfer)")
 
 
 def assemble(chunk_dir: Path, count: int, out: Path, size: int, sha256: str) -> Path:

@@ -232,9 +232,9 @@ class Updater:
                 if f.name.isdigit():
                     try:
                         check_chunk(int(f.name), f.read_bytes(), dl.specs)
-                    except TransferError:
-                        f.unlink()  # a stale or damaged early chunk: the retained one comes again
-                        continue
+                    except TransferError as e:
+                        self._fail_download(dl, str(e))
+                        return
                     dl.got.add(int(f.name))
         self._maybe_complete(dl)
 
