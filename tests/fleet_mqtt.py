@@ -131,9 +131,11 @@ def env(tmp_path, mosquitto, source_bundles):
                             mutate, **fields)
 
     def release(bundle: Path, *extra: str, fleet: Fleet | None = None, **sign_kw) -> None:
-        """Sign into the repository and publish it with the bundle's chunks, as an operator does."""
+        """Sign into the repository (extra key directories: Paths in `extra`) and publish it with the bundle's
+        chunks, as an operator does (extra strings: `publish` options)."""
         f = fleet or e.fleet
-        f.sign(bundle, **sign_kw)
+        f.sign(bundle, *[x for x in extra if isinstance(x, Path)], **sign_kw)
+        extra = tuple(x for x in extra if not isinstance(x, Path))
         assert cli(["models", "publish", str(bundle), "--repo", str(f.repo.dir), "--mqtt-url", mosquitto.url,
                     *extra]) == 0
 
