@@ -294,7 +294,7 @@ stats_interval_seconds = 1.0
 reconnect_min_seconds = 0.2
 reconnect_max_seconds = 1.0
 """)
-    from appliance.fleet.signing import generate_keypair
+    from appliance.fleet.keys import generate_keypair
 
     _, key = generate_keypair(tmp / "fleet-keys") if not (tmp / "fleet-keys" / "signing.pub").exists() else \
         (None, tmp / "fleet-keys" / "signing.pub")
