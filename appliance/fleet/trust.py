@@ -242,7 +242,8 @@ class TrustStore:
 
 
 def _expired(msg: str, when: str = "") -> str:
-    role = msg.split(".json")[0].split()[-1]
+    found = re.search(r"(root|timestamp|snapshot|targets)", msg)
+    role = found.group(1) if found else "metadata"
     what = {"timestamp": "the timestamp expired: the repository stopped vouching for freshness (a freeze attack, "
                          "or the operator did not refresh it); updates wait, analysis goes on with the bundles here",
             "root": "the trusted root expired: the operator must publish a new root"}.get(

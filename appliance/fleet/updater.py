@@ -399,9 +399,10 @@ class Updater:
         self.installer.install(staged, rel, automatic=True)
 
     def refresh_from(self, repo: str | Path) -> list[Release]:
-        """TUF refresh from a repository directory instead of the broker (`ctriage models install --repo`);
-        raises TrustError. Returns the releases the verified targets metadata names."""
-        return releases(self.trust.refresh(DirFetcher(repo)).targets)[0]
+        """TUF refresh from a repository directory (`models install --repo`): the releases named; TrustError."""
+        fetcher = DirFetcher(repo)
+        self.trust.migrate(fetcher)  # a device with legacy keys only: its first root, once
+        return releases(self.trust.refresh(fetcher).targets)[0]
 
     def install_path(self, path: str | Path, automatic: bool = False) -> InstallResult:
         """Install a bundle directory or a tar archive that the trusted targets metadata names."""
