@@ -19,7 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("appliance.commands.run", "the appliance daemon: watch folder / DICOM node → MQTT verdicts"),
     "status": ("appliance.commands.status", "what the daemon is doing: queue, recent verdicts, bundles, broker"),
     "display": ("appliance.commands.display", "the fever-clinic triage screen (web page fed by MQTT)"),
-    "models": ("appliance.commands.models", "model bundles: list, verify, keygen, sign, publish, install, rollback"),
+    "models": ("appliance.commands.models", "model bundles and fleet trust (TUF): keygen, init, sign, timestamp, rotate, revoke, show, publish, verify, trust, install, rollback, list"),
     "echo": ("appliance.commands.echo", "DICOM C-ECHO to AE@host:port"),
     "config": ("appliance.commands.config", "print the effective configuration or check a config file"),
 }

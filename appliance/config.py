@@ -192,7 +192,8 @@ class PacsConfig:
 
 @dataclass
 class FleetConfig:
-    trust_keys: list[str] = field(default_factory=list)  # Ed25519 public keys (PEM files) trusted for bundles
+    trust_root: str = ""  # TUF root.json this device starts from; empty: the project root shipped in config/trust
+    trust_keys: list[str] = field(default_factory=list)  # legacy flat Ed25519 keys: may vouch for a first root once
     auto_install: bool = True
     groups: list[str] = field(default_factory=list)  # rollout groups this device belongs to
 

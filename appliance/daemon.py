@@ -290,10 +290,6 @@ class Daemon:
             if self.transport is not None:
                 self.transport.subscribe(topic, handler)
 
-    def on_fleet_bundle(self, handler: Callable[[str, bytes], None]) -> None:
-        """Messages on `<prefix>/fleet/bundle/+` (signed bundle announcements) to handler(topic, payload)."""
-        self.add_subscription(self.topics.fleet_bundle("+"), handler)
-
     def publish(self, topic: str, payload: dict[str, Any] | bytes, retain: bool = False,
                 expiry: int | None = None) -> None:
         """Queue a message in the durable outbox (sent in order, at least once)."""

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -67,17 +68,27 @@ def test_not_a_bundle(tmp_path):
         load_bundle(tmp_path)
 
 
-def test_shipped_bundles_are_signed_with_the_current_project_key():
-    from appliance.fleet.signing import load_trust, verify_bundle
-    from appliance.fleet.updater import default_trust_keys, project_keys
+def test_shipped_bundles_verify_with_the_tuf_chain_from_the_shipped_root():
+    """Every shipped bundle is a release in the committed repository (models/repository), whose chain verifies
+    from the root shipped as the appliances' trust anchor (config/trust/root.json); no flat key is trusted, no
+    private key is in the tree. Expiry does not matter at rest (the committed timestamp may have expired)."""
+    from appliance.fleet.bundle_files import whole_bundle
+    from appliance.fleet.release import releases
+    from appliance.fleet.trust import PROJECT_ANCHOR, verify_at_rest
 
-    keys = project_keys()
-    assert [k.name for k in keys][:5] == ["ctriage-project-k1.pub", "ctriage-project-k2.pub",
-                                          "ctriage-project-k3.pub", "ctriage-project-k4.pub",
-                                          "ctriage-project-k5.pub"]
-    assert default_trust_keys() == [str(k) for k in keys]  # every project key trusted when no site key is set
-    trust = load_trust([keys[-1]])  # the newest key signs what ships; older ones stay trusted for installed bundles
-    for b in find_bundles(default_bundle_dir()).values():
-        assert (b.path / "manifest.sig").is_file()
-        bundle, key = verify_bundle(b.path, trust)  # raises with the reason when anything does not hold
-        assert bundle.sha256 == b.sha256
+    root_dir = Path(__file__).resolve().parents[1]
+    assert PROJECT_ANCHOR.is_file() and not list((root_dir / "config" / "trust").glob("*.pub"))
+    root, targets, _ = verify_at_rest(root_dir / "models" / "repository", PROJECT_ANCHOR.read_bytes())
+    named = {r.manifest_sha256: r for r in releases(targets.targets)[0]}
+    shipped = find_bundles(default_bundle_dir())
+    assert shipped
+    for b in shipped.values():
+        assert not (b.path / "manifest.sig").exists()
+        whole = whole_bundle(b.path)  # raises with the reason when a file does not match
+        rel = named[whole.sha256]
+        assert (rel.name, rel.version) == (b.name, b.version) and not rel.devices and not rel.groups
+    public = (root_dir / "config" / "trust" / "root.json").read_text()
+    assert "PRIVATE" not in public
+    for p in list((root_dir / "models").rglob("*")) + list((root_dir / "config").rglob("*")):
+        if p.is_file() and p.stat().st_size < 1_000_000:
+            assert b"PRIVATE KEY-----" not in p.read_bytes(), p

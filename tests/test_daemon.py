@@ -141,7 +141,7 @@ def check_messages(messages: list, phi: set[str]) -> dict[str, int]:
     for topic, payload, _retain, _props in messages:
         parts = topic.split("/")
         kind = parts[2]
-        assert kind in ("status", "stats", "verdict", "overlay"), topic
+        assert kind in ("status", "stats", "verdict", "overlay", "trust"), topic  # trust: what the updater trusts
         for secret in phi:
             assert secret.encode() not in payload and secret not in topic, f"{secret!r} leaked in {topic}"
         doc = json.loads(payload)
@@ -294,7 +294,7 @@ stats_interval_seconds = 1.0
 reconnect_min_seconds = 0.2
 reconnect_max_seconds = 1.0
 """)
-    from appliance.fleet.signing import generate_keypair
+    from appliance.fleet.keys import generate_keypair
 
     _, key = generate_keypair(tmp / "fleet-keys") if not (tmp / "fleet-keys" / "signing.pub").exists() else \
         (None, tmp / "fleet-keys" / "signing.pub")

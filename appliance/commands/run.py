@@ -29,8 +29,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device-id", metavar="ID", help="this appliance's name in MQTT topics (config device_id)")
     p.add_argument("--quiet-seconds", type=float, metavar="S",
                    help="a series is complete after S seconds without a new slice (config series.quiet_seconds)")
+    p.add_argument("--trust-root", metavar="FILE",
+                   help="TUF root.json to start trusting model updates from when the state holds none yet "
+                        "(config fleet.trust_root; default: the project root shipped in config/trust)")
     p.add_argument("--trust-key", action="append", default=[], metavar="FILE",
-                   help="Ed25519 public key (PEM) trusted for model bundle updates; repeatable "
+                   help="legacy Ed25519 public key (PEM) that may vouch once for a first TUF root; repeatable "
                         "(config fleet.trust_keys)")
     p.add_argument("--dicom-port", type=int, metavar="PORT",
                    help="run the DICOM node (C-STORE SCP) on PORT, feeding the spool (config [dicom] enabled, port)")
@@ -77,6 +80,10 @@ def configure(args: argparse.Namespace):
     for k in args.trust_key:
         if not Path(k).expanduser().is_file():
             raise UsageError(f"--trust-key {k}: no such file")
+    if args.trust_root:
+        if not Path(args.trust_root).expanduser().is_file():
+            raise UsageError(f"--trust-root {args.trust_root}: no such file")
+        overrides["fleet.trust_root"] = str(Path(args.trust_root).expanduser())
     cfg = cfg.with_overrides(overrides)
     from appliance.publish.mqtt_url import parse_url
 
@@ -91,8 +98,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = configure(args)
     setup_logging(cfg, getattr(args, "verbose", False))
     daemon = Daemon(cfg)
-    # before the analyzer loads: repairs <state>/bundles after a power cut. --trust-key adds to the trusted keys
-    # (the configured ones, or the shipped project key when none are configured).
+    # before the analyzer loads: repairs <state>/bundles after a power cut; trust starts from fleet.trust_root, or
+    # the shipped project root, or (legacy keys configured) a first root that one of those keys signed.
     updater = Updater.from_config(cfg, daemon.publish, lambda: daemon.idle_gate(600), extra_trust=args.trust_key)
     daemon.attach_updater(updater)
     try:

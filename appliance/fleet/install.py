@@ -1,6 +1,7 @@
-"""Installing a bundle that arrived (or was given by hand): verify → policy → store → load with the others +
-self-test → wait until idle → atomic switch → the activation callbacks. A bundle that fails any step never becomes
-active; after the switch `appliance.fleet.confirm` confirms it or rolls it back.
+"""Installing a release that arrived (or a bundle given by hand that the trusted targets metadata names): verify
+against the signed release → policy → store → load with the others + self-test → wait until idle → atomic switch →
+the activation callbacks. A bundle that fails any step never becomes active; after the switch
+`appliance.fleet.confirm` confirms it or rolls it back.
 """
 from __future__ import annotations
 
@@ -12,12 +13,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from tuf.api.metadata import Targets
+
 from appliance.config import AnalysisConfig
-from appliance.fleet.announce import Announcement, rollback_from
-from appliance.fleet.confirm import Confirmation
-from appliance.fleet.reports import InstallResult, UpdateReporter, UpdateStop
-from appliance.fleet.signing import TrustedKey, verify_bundle
+from appliance.fleet.bundle_files import whole_bundle
 from appliance.fleet.bundle_store import REQUIRED, BundleState, crashpoint
+from appliance.fleet.confirm import Confirmation
+from appliance.fleet.release import Release, releases
+from appliance.fleet.reports import InstallResult, UpdateReporter, UpdateStop
+from appliance.fleet.transfer import copy_durable, unpack
 from appliance.inference.bundle import Bundle, BundleError, parse_version
 
 log = logging.getLogger("appliance.fleet.updater")
@@ -39,10 +43,10 @@ def _smoke_slices() -> list:
     return _SMOKE
 
 
-def check_policy(state: BundleState, name: str, version: str, sha256: str, manifest: dict[str, Any],
-                 cur: Bundle | None, automatic: bool) -> None:
-    """Raise UpdateStop (policy, refused) unless the bundle may replace `cur`: a known name, not blocked (automatic
-    installs), newer than the active version or named by a signed rollback order."""
+def check_policy(state: BundleState, rel: Release, cur: Bundle | None, automatic: bool) -> None:
+    """Raise UpdateStop (policy, refused) unless the release may replace `cur`: a known name, not blocked (automatic
+    installs), newer than the active version or a rollback order (signed with the release) naming the active one."""
+    name, version, sha256 = rel.name, rel.version, rel.manifest_sha256
     if name not in REQUIRED:
         raise UpdateStop("policy", "refused", f"unknown bundle name {name!r} (this appliance uses "
                                               f"{', '.join(REQUIRED)})")
@@ -53,7 +57,7 @@ def check_policy(state: BundleState, name: str, version: str, sha256: str, manif
     new, have = parse_version(version), parse_version(cur.version)
     if new > have:
         return
-    rb = rollback_from(manifest)
+    rb = list(rel.rollback_from)
     if rb:
         if cur.version in rb:
             return
@@ -114,38 +118,61 @@ def load_and_selftest(state: BundleState, config: AnalysisConfig, b: Bundle,
 class Installer:
     """Runs one install at a time (the updater's worker thread calls it); reports every step."""
 
-    def __init__(self, state: BundleState, trust: list[TrustedKey], config: AnalysisConfig, report: UpdateReporter,
+    def __init__(self, state: BundleState, config: AnalysisConfig, report: UpdateReporter,
                  wait_idle: Callable[[], Any] | None, callbacks: list[Callable[[Any], None]],
                  confirmation: Confirmation) -> None:
-        self.state, self.trust, self.config, self.report = state, trust, config, report
+        self.state, self.config, self.report = state, config, report
         self.wait_idle, self.callbacks, self.confirmation = wait_idle, callbacks, confirmation
 
-    def install(self, staged: Path, ann: Announcement | None, automatic: bool) -> InstallResult:
-        ref = {"name": ann.name, "version": ann.version, "sha256": ann.sha256} if ann else None
-        previous: dict[str, str] | None = None
-        if ann is not None:
-            cur, _ = self.state.effective(ann.name)
-            previous = cur.ref() if cur is not None else None
+    def install_path(self, path: str | Path, targets: Targets | None, automatic: bool = False) -> InstallResult:
+        """Install a bundle directory or tar archive that `targets` (verified) names by its manifest sha256."""
+        src = Path(path)
+        if src.is_dir():
+            staged = copy_durable(src, self.state.new_staging(src.name))
+        elif src.is_file():
+            staged = unpack(src, self.state.new_staging(src.stem))
+        else:
+            raise BundleError(f"{src}: no such bundle directory or archive")
+        try:
+            b = whole_bundle(staged)
+        except BundleError as e:
+            shutil.rmtree(staged, ignore_errors=True)
+            self.report("verify", "refused", str(e))
+            return InstallResult("refused", "verify", str(e))
+        match = [r for r in (releases(targets.targets)[0] if targets else []) if r.manifest_sha256 == b.sha256]
+        if not match:
+            shutil.rmtree(staged, ignore_errors=True)
+            reason = (f"{b.name} {b.version} (manifest sha256 {b.sha256[:12]}…) is not in the trusted targets "
+                      "metadata: not signed by the targets role")
+            self.report("verify", "refused", reason, b.ref())
+            return InstallResult("refused", "verify", reason, b.ref())
+        return self.install(staged, match[0], automatic)
+
+    def install(self, staged: Path, rel: Release, automatic: bool) -> InstallResult:
+        ref = rel.ref
+        cur, _ = self.state.effective(rel.name)
+        previous = cur.ref() if cur is not None else None
         dest: Path | None = None
         try:
             crashpoint("staged")
             try:
-                b, signer = verify_bundle(staged, self.trust)
+                b = whole_bundle(staged)
             except BundleError as e:
                 raise UpdateStop("verify", "refused", str(e)) from None
-            if ann is not None and (b.sha256 != ann.sha256 or b.name != ann.name):
-                raise UpdateStop("verify", "refused", "the transferred bundle is not the announced one")
+            if b.sha256 != rel.manifest_sha256 or b.name != rel.name or b.version != rel.version:
+                raise UpdateStop("verify", "refused", f"the bundle is not the signed release {rel.name} {rel.version} "
+                                                      "(manifest.json differs from the sha256 in the targets metadata)")
             ref = b.ref()
             cur, _ = self.state.effective(b.name)
             previous = cur.ref() if cur is not None else None
             if cur is not None and cur.sha256 == b.sha256:
                 shutil.rmtree(staged, ignore_errors=True)
                 return InstallResult("unchanged", "policy", f"{b.name} {b.version} is already active", ref, previous)
-            check_policy(self.state, b.name, b.version, b.sha256, b.manifest, cur, automatic)
+            check_policy(self.state, rel, cur, automatic)
             with self.state.lock():
                 dest = self.state.store_dir_for(b)
                 self.state.commit(staged, dest)
-                self.report("selftest", "progress", None, ref, previous, {"signer": signer.key_id})
+                self.report("selftest", "progress", None, ref, previous, {"release": rel.path})
                 analyzer, stats = load_and_selftest(self.state, self.config, b, dest)
                 crashpoint("selftested")
                 self.report("wait_idle", "progress", None, ref, previous)

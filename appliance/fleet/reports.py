@@ -3,23 +3,27 @@ config/schemas/update.schema.json) for every step and outcome, also appended to 
 logged, and the results an install returns."""
 from __future__ import annotations
 
+import datetime as dt
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from appliance.fleet.announce import now_iso
 from appliance.fleet.bundle_store import BundleState
 from appliance.inference.bundle import BundleError
 
 log = logging.getLogger("appliance.fleet.updater")
 
 UPDATE_SCHEMA = "ctriage.update/1"
-STEPS = ("announce", "transfer", "verify", "policy", "store", "load", "selftest", "wait_idle", "activate", "confirm",
+STEPS = ("metadata", "transfer", "verify", "policy", "store", "load", "selftest", "wait_idle", "activate", "confirm",
          "rollback", "startup")
-OUTCOMES = ("progress", "refused", "failed", "installed", "confirmed", "rolled_back", "repaired")
+OUTCOMES = ("progress", "refused", "failed", "installed", "confirmed", "rolled_back", "repaired", "rotated", "expired")
 
 Publish = Callable[[str, dict[str, Any], bool], None]
+
+
+def now_iso() -> str:
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def update_payload(*, device: str, step: str, outcome: str, reason: str | None = None,
@@ -78,3 +82,17 @@ class UpdateReporter:
             except Exception as e:  # the broker being away never stops an update
                 log.warning("cannot publish update progress: %s", e)
         return p
+
+
+TRUST_SCHEMA = "ctriage.trust/1"
+
+
+def trust_payload(device: str, described: dict[str, Any], stale: str | None) -> dict[str, Any]:
+    """`<prefix>/<device>/trust` (retained; schema config/schemas/trust.schema.json): what this appliance trusts —
+    root version, keys and threshold of each role, the versions and expiries of its metadata."""
+    p: dict[str, Any] = {"schema": TRUST_SCHEMA, "device": device, "ready": bool(described.get("ready")),
+                         "stale": stale, "created": now_iso()}
+    for k in ("root", "roles", "timestamp", "snapshot", "targets"):
+        if k in described:
+            p[k] = described[k]
+    return p

@@ -1,8 +1,9 @@
 """Moving a bundle: one deterministic tar archive, sent inline as MQTT chunks or fetched over HTTP(S).
 
-The archive holds manifest.json, manifest.sig and the listed files, nothing else. Chunk and archive hashes only
-catch transfer damage early; authenticity comes from manifest.sig and the file hashes it pins, checked after
-unpacking. Unpacking accepts regular files and directories with safe relative names, within a size limit.
+The archive holds manifest.json and the listed files, nothing else. The TUF targets metadata signs the archive's
+length and sha256 (and each inline chunk's sha256), so an archive is checked before it is unpacked; the file hashes
+manifest.json pins are checked after. Unpacking accepts regular files and directories with safe relative names,
+within a size limit.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from appliance.durable import fsync_dir
-from appliance.fleet.signing import MANIFEST, SIGNATURE, safe_relpath
+from appliance.fleet.bundle_files import MANIFEST, safe_relpath
 from appliance.inference.bundle import BundleError, load_bundle
 
 MAX_BUNDLE_BYTES = 512 * 1024 * 1024
@@ -36,10 +37,10 @@ class ChunkSpec:
 
 
 def pack(bundle_dir: str | Path) -> bytes:
-    """Deterministic tar (sorted names, zero times and owners) of manifest.json, manifest.sig and listed files."""
+    """Deterministic tar (sorted names, zero times and owners) of manifest.json and the listed files."""
     root = Path(bundle_dir)
     b = load_bundle(root, verify=False)
-    names = [MANIFEST] + ([SIGNATURE] if (root / SIGNATURE).is_file() else [])
+    names = [MANIFEST]
     names += sorted(str(safe_relpath(r)) for r in b.manifest["files"])
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
@@ -70,12 +71,12 @@ def chunk_specs(chunks: list[bytes]) -> list[ChunkSpec]:
 
 def check_chunk(index: int, data: bytes, specs: list[ChunkSpec]) -> None:
     if not 0 <= index < len(specs):
-        raise TransferError(f"chunk {index} is not announced (the bundle has {len(specs)} chunks)")
+        raise TransferError(f"chunk {index} is not in the release (it has {len(specs)} chunks)")
     want = specs[index]
     if len(data) != want.size:
-        raise TransferError(f"chunk {index} has {len(data)} bytes, {want.size} announced (truncated or damaged)")
+        raise TransferError(f"chunk {index} has {len(data)} bytes, {want.size} signed (truncated or damaged)")
     if hashlib.sha256(data).hexdigest() != want.sha256:
-        raise TransferError(f"chunk {index} sha256 mismatch (damaged in transfer)")
+        raise TransferError(f"chunk {index} sha256 differs from the signed targets metadata (damaged or altered in transfer)")
 
 
 def assemble(chunk_dir: Path, count: int, out: Path, size: int, sha256: str) -> Path:
@@ -139,7 +140,7 @@ def unpack(archive: Path, dest: Path, max_bytes: int = MAX_BUNDLE_BYTES) -> Path
                 if rel in ("", "."):
                     continue
                 try:
-                    p = PurePosixPath(rel) if rel in (MANIFEST, SIGNATURE) else safe_relpath(rel)
+                    p = PurePosixPath(rel) if rel == MANIFEST else safe_relpath(rel)
                 except BundleError:
                     raise TransferError(f"archive member {m.name!r} has an unsafe path") from None
                 target = dest.joinpath(*p.parts)

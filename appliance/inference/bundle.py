@@ -3,9 +3,9 @@
     <name>-<version>/
       manifest.json   name, version, arch, input, output (thresholds), files {path: sha256}, metrics, licence
       model.onnx · model.int8.onnx · openvino/model.xml + model.bin · selftest.npz
-      manifest.sig    Ed25519 signature of manifest.json (checked by the fleet updater)
 
-The bundle's identity hash is the sha256 of manifest.json, which itself pins every file's hash. `Bundle.spec` is the
+The bundle's identity hash is the sha256 of manifest.json, which itself pins every file's hash; the fleet's TUF
+targets metadata names a bundle by it (appliance/fleet/release.py, docs/FLEET.md). `Bundle.spec` is the
 manifest typed and validated at load (`Manifest`): the values the pipeline uses come from there, never from a
 second default in code; a manifest that lacks a required one is a BundleError naming the file and the key.
 """

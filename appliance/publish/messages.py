@@ -65,9 +65,6 @@ class Topics:
     def ack(self, study_key: str) -> str:
         return f"{self.base}/ack/{study_key}"
 
-    def fleet_bundle(self, name: str) -> str:
-        return f"{self.prefix}/fleet/bundle/{name}"
-
 
 def verdict_payload(*, device: str, study_key: str, series_key: str, verdict: SeriesVerdict,
                     bundles: list[dict[str, str]], backend: str, device_type: str,

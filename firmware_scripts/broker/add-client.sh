@@ -129,6 +129,7 @@ topic deny ctriage/$NAME/#
 topic readwrite ctriage/fleet/#
 topic read ctriage/+/status
 topic read ctriage/+/update
+topic read ctriage/+/trust
 topic read ctriage/+/stats"
     fi
     if [[ "$DRY_RUN" == 1 ]]; then
