@@ -37,6 +37,8 @@ SOLID_HU = -100.0  # soft tissue: the solid part of a nodule or mass (fat and gr
 WORK_MM = 1.7  # working pixel size (mm): the slice is reduced by the largest integer factor that stays below
 CLOSE_MM = 6.0  # lung closed by this radius before filling holes: a small nodule on the pleura lies inside
 OPEN_MM = 1.5  # soft tissue opened by this radius: vessels thinner than about twice it go
+MASK_GROW_MM = 8.0  # the lung region (a coarse model output) grown by this: its edge may
+# cut the aerated lung beside a nodule on the pleura (it is there to keep gas below the diaphragm out)
 MIN_LUNG_MM2 = 200.0  # aerated components smaller than this are not lung (airways, gas bubbles)
 GAS_MEAN_HU = -950.0  # ... nor are those this dark on average (gas)
 MIN_DIAMETER_MM = 5.0  # smallest solid lesion reported (the size a radiologist starts to call a nodule) ...
@@ -172,8 +174,8 @@ def solid_components(hu: np.ndarray, lung_box: Rect, spacing_mm: tuple[float, fl
         return []
     aerated = h < AIR_HU
     if lung_mask is not None:
-        m = lung_mask[b.y0:b.y1, b.x0:b.x1][::f, ::f]
-        aerated &= m[:aerated.shape[0], :aerated.shape[1]]
+        m = lung_mask[b.y0:b.y1, b.x0:b.x1][::f, ::f][:aerated.shape[0], :aerated.shape[1]]
+        aerated &= morph(m, int(round(MASK_GROW_MM / mm)), True)
     aerated = _lung_parts(aerated, h, MIN_LUNG_MM2 / mm ** 2)
     if not aerated.any():
         return []
