@@ -10,6 +10,8 @@ masks as PNG, for a machine without ../shared/data); `--packed FILE` trains from
 Validation (the held-back split): Dice on the 10 radiologist slices at 0.5, the share of their ground-glass and of
 their consolidation pixels found (per-class recall: consolidation is lesion too), Dice on the 2 held-back
 pseudo-labelled patients, and image-level specificity on the held-back negatives.
+
+Every run so far, its numbers and why none is shipped yet: models/LESION2.md.
 """
 from __future__ import annotations
 
