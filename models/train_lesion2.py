@@ -82,9 +82,10 @@ def load(cfg: TrainConfig, packed: str = ""):
     tr = split == "train"
     hu = np.char.startswith(src.astype(str), "hu-")
     ncw = float(cfg.extra.get("noncovid_weight", 1.0))
+    pw = float(cfg.extra.get("pseudo_weight", 0.5))
     data = {
         "doctor": (x[tr & (src == "doctor")], y[tr & (src == "doctor")], 1.0, 1.0),
-        "pseudo": (x[tr & (src == "pseudo")], y[tr & (src == "pseudo")], 0.5, 0.5),
+        "pseudo": (x[tr & (src == "pseudo")], y[tr & (src == "pseudo")], pw, pw),
         "noncovid": (x[tr & (src == "noncovid")], y[tr & (src == "noncovid")], ncw, 0.0),
         "hu-neg": (x[tr & hu], y[tr & hu], 1.0, 0.0),
     }
@@ -135,6 +136,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--mix", default="doctor=3,pseudo=3,noncovid=2,hu-neg=2")
     ap.add_argument("--noncovid-weight", type=float, default=1.0,
                     help="BCE weight of the non-COVID crops (image label only; some show other disease)")
+    ap.add_argument("--pseudo-weight", type=float, default=0.5, help="BCE and Dice weight of the pseudo labels")
+    ap.add_argument("--init", default="", help="start from this run's best checkpoint (fine-tuning)")
     ap.add_argument("--blob-weight", type=float, default=0.3)
     ap.add_argument("--blob-start", type=int, default=300)
     ap.add_argument("--no-pretrained", action="store_true", help="random encoder (for the ablation)")
@@ -151,6 +154,7 @@ def main(argv: list[str] | None = None) -> None:
                       extra={"arch": "lite0-unetpp", "pretrained": not a.no_pretrained, "encoder_lr": a.encoder_lr,
                              "device": a.device, "blob_weight": a.blob_weight, "blob_start": a.blob_start,
                              "blob_full": a.blob_start + 500, "noncovid_weight": a.noncovid_weight,
+                             "pseudo_weight": a.pseudo_weight, "init": a.init,
                              "max_minutes": a.max_minutes})
     data, val = load(cfg, a.packed)
     run(cfg, data, make_validate(val), score)
