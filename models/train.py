@@ -398,6 +398,8 @@ def run(
             print(json.dumps(rec), flush=True)
             state = {"config": asdict(cfg), "state_dict": ema.model.state_dict(), "step": step, "metrics": metrics}
             torch.save(state, out / "last.pt")
+            if cfg.extra.get("keep_every"):  # every evaluation's weights, for averaging neighbours later
+                torch.save(state, out / f"step{step}.pt")
             if keeps(sc, best, step, cfg.steps, bool(cfg.extra.get("keep_last"))):
                 best = sc
                 torch.save(state, out / "best.pt")

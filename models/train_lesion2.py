@@ -137,6 +137,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--noncovid-weight", type=float, default=1.0,
                     help="BCE weight of the non-COVID crops (image label only; some show other disease)")
     ap.add_argument("--pseudo-weight", type=float, default=0.5, help="BCE and Dice weight of the pseudo labels")
+    ap.add_argument("--keep-every", action="store_true", help="also keep each evaluation's weights (stepN.pt)")
     ap.add_argument("--init", default="", help="start from this run's best checkpoint (fine-tuning)")
     ap.add_argument("--blob-weight", type=float, default=0.3)
     ap.add_argument("--blob-start", type=int, default=300)
@@ -155,6 +156,7 @@ def main(argv: list[str] | None = None) -> None:
                              "device": a.device, "blob_weight": a.blob_weight, "blob_start": a.blob_start,
                              "blob_full": a.blob_start + 500, "noncovid_weight": a.noncovid_weight,
                              "pseudo_weight": a.pseudo_weight, "init": a.init,
+                             "keep_every": a.keep_every,
                              "max_minutes": a.max_minutes})
     data, val = load(cfg, a.packed)
     run(cfg, data, make_validate(val), score)
