@@ -19,7 +19,7 @@ import numpy as np
 
 from appliance.domain import Rect
 from appliance.ingest.dicom_reader import Rejected, read_slice
-from appliance.inference.bundle import load_bundle
+from appliance.inference.bundle import BundleError, load_bundle
 from appliance.pipeline.classic_lung import lung_mask, mask_box
 from appliance.pipeline.valid_area import ValidArea
 from models.probe_findings import DATA
@@ -89,7 +89,10 @@ def main(argv: list[str] | None = None) -> None:
     a = ap.parse_args(argv)
     stages = []
     for d in (a.old, a.new):
-        b = load_bundle(d)
+        try:
+            b = load_bundle(d)
+        except BundleError as e:
+            sys.exit(f"compare_valid_area: {e}")
         stages.append(ValidArea(b, b.adapter("openvino", "int8", 1, 1)))
     for name, rel in SERIES.items():
         folder = DATA / rel
