@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> None:
         grid = []
         for thr in (0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7):
             for area in (25, 50, 100, 200):
-                for sc in (thr, 0.8, 0.9):
+                for sc in sorted({thr, 0.5, 0.6, 0.7, 0.8, 0.9}):
                     if sc < thr:
                         continue
                     m = metrics(thr, area, sc)

@@ -113,7 +113,9 @@ class Fleet:
         return d
 
     def sign(self, bundle: Path, *extra_keys: Path, **kw):
-        kw.setdefault("chunk_size", 16 * 1024)
+        # many chunks, but fewer than mosquitto's default per-client queue (max_queued_messages 1000): a 22 MB
+        # bundle in 16 KiB chunks is 1,400 retained messages at once, and the broker drops the rest
+        kw.setdefault("chunk_size", 128 * 1024)
         return self.repo.add_bundle(bundle, self.signers(*extra_keys), **kw)
 
 

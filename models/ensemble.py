@@ -1,0 +1,226 @@
+"""Lesion bundle as one graph of several networks: the mean of their probability maps, a member optionally also on
+the mirrored slice (horizontal flip, mirrored back).
+
+    python -m models.ensemble --member models/bundles/lesion-1.2.2 --member run:l2-b \\
+        --name lesion --version 2.0.0 --threshold 0.3 --min-score 0.5 --dest /tmp/cand
+
+Why: the from-scratch UNet++ (1.2.2) and the UNet++ on the pretrained EfficientNet-Lite0 encoder (model 2) make
+different errors (model 2 finds more consolidation, 1.2.2 more faint ground glass), and a chest slice is nearly
+mirror-symmetric, so averaging the two and their mirrored views is a better mask than either (models/LESION2.md).
+The stage's contract does not change: one lung-window input at 224², one probability map; the appliance runs the
+bundle as any other.
+
+A member is a bundle folder (its FP32 model.onnx) or `run:NAME` (a training run's best.pt, exported here). The
+INT8 model is quantized from the composed FP32 graph as `models.export` does, with each member's own first and
+last convolutions kept in FP32 (`--keep MEMBER_INDEX:FIRST:LAST`) and the mirror/mean nodes left in FP32.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+PREFIX = "m{}/"  # member i's names in the composed graph
+TTA = "tta/"  # names of the mirror / mean nodes
+
+
+def member_onnx(spec: str, tmp: Path) -> tuple[Path, dict]:
+    """(FP32 ONNX file, description) of a member: a bundle folder or `run:NAME`."""
+    if spec.startswith("run:"):
+        from models.export import _arch, export_onnx, load_model
+
+        run = spec[4:]
+        model, ck = load_model(run)
+        path = tmp / f"{run}.onnx"
+        export_onnx(model, int(ck["config"]["size"]), path)
+        return path, {"run": run, "best_step": ck["step"], "arch": _arch(ck["config"], model),
+                      "validation": ck["metrics"], "config": ck["config"]}
+    from appliance.inference.bundle import BundleError, load_bundle
+
+    try:
+        b = load_bundle(Path(spec), verify=True)
+    except BundleError as e:
+        raise SystemExit(f"--member {spec}: {e}") from None
+    m = json.loads((Path(spec) / "manifest.json").read_text())
+    return Path(spec) / m["runtime_files"]["onnx"], {
+        "bundle": f"{b.name} {b.version}", "manifest_sha256": b.sha256, "arch": m.get("arch"),
+        "training_run": m.get("training", {}).get("run")}
+
+
+def compose(members: list, flip: list[bool] | bool = True):
+    """One ONNX model: input `image` [N,1,H,W] → output `prob` [N,1,H,W], the mean over members, each member
+    weighing the same. A member with `flip` sees the slice and its mirror image (batch doubled) and contributes the
+    mean of the two maps (the mirrored one mirrored back). Members must share that contract."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    if not members:
+        raise ValueError("an ensemble needs at least one member")
+    flips = [flip] * len(members) if isinstance(flip, bool) else list(flip)
+    if len(flips) != len(members):
+        raise ValueError(f"{len(flips)} flip flags for {len(members)} members")
+    width = None
+    nodes, inits, infos, opset, ir, parts = [], [], [], 0, 0, []
+    for i, m in enumerate(members):
+        if [x.name for x in m.graph.input] != ["image"] or [x.name for x in m.graph.output] != ["prob"]:
+            raise ValueError(f"member {i}: expected one input 'image' and one output 'prob'")
+        w = m.graph.input[0].type.tensor_type.shape.dim[3].dim_value
+        if width is not None and w != width:
+            raise ValueError(f"member {i}: input width {w} differs from member 0's {width}")
+        width = w
+        pre = PREFIX.format(i)
+        p = onnx.compose.add_prefix(m, pre)
+        nodes.append(helper.make_node("Identity", [TTA + ("both" if flips[i] else "image")], [pre + "image"],
+                                      name=f"{TTA}in{i}"))
+        nodes += list(p.graph.node)
+        if flips[i]:  # mean of the plain and the mirrored-back map
+            nodes += [helper.make_node("Split", [pre + "prob"], [f"{TTA}{i}/plain", f"{TTA}{i}/mirrored"],
+                                       name=f"{TTA}{i}/split", axis=0),
+                      helper.make_node("Gather", [f"{TTA}{i}/mirrored", TTA + "reverse"], [f"{TTA}{i}/back"],
+                                       name=f"{TTA}{i}/back", axis=3),
+                      helper.make_node("Sum", [f"{TTA}{i}/plain", f"{TTA}{i}/back"], [f"{TTA}{i}/pair"],
+                                       name=f"{TTA}{i}/pair"),
+                      helper.make_node("Mul", [f"{TTA}{i}/pair", TTA + "half"], [f"{TTA}{i}/prob"],
+                                       name=f"{TTA}{i}/prob")]
+            parts.append(f"{TTA}{i}/prob")
+        else:
+            parts.append(pre + "prob")
+        inits += list(p.graph.initializer)
+        infos += list(p.graph.value_info)
+        opset = max(opset, next(o.version for o in m.opset_import if o.domain in ("", "ai.onnx")))
+        ir = max(ir, m.ir_version)
+    if not width:
+        raise ValueError("members must have a fixed input width")
+    head = [helper.make_node("Identity", ["image"], [TTA + "image"], name=TTA + "image")]
+    if any(flips):
+        inits += [numpy_helper.from_array(np.arange(width - 1, -1, -1, dtype=np.int64), TTA + "reverse"),
+                  numpy_helper.from_array(np.array(0.5, np.float32), TTA + "half")]
+        head += [helper.make_node("Gather", ["image", TTA + "reverse"], [TTA + "mirror"], name=TTA + "mirror",
+                                  axis=3),
+                 helper.make_node("Concat", ["image", TTA + "mirror"], [TTA + "both"], name=TTA + "both", axis=0)]
+    inits.append(numpy_helper.from_array(np.array(1.0 / len(members), np.float32), TTA + "weight"))
+    tail = [helper.make_node("Sum", parts, [TTA + "sum"], name=TTA + "sum"),
+            helper.make_node("Mul", [TTA + "sum", TTA + "weight"], ["prob"], name=TTA + "mean")]
+    src = members[0].graph
+    g = helper.make_graph(head + nodes + tail, "lesion-ensemble", [src.input[0]], [src.output[0]], inits,
+                          value_info=infos)
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = ir
+    onnx.checker.check_model(model)
+    return model
+
+
+def keep_groups(n_members: int, keep: list[str]) -> list[tuple[str, int, int]]:
+    """(name prefix, first, last) per member from `--keep I:FIRST:LAST` (default 2 first, 3 last)."""
+    out = {i: (2, 3) for i in range(n_members)}
+    for k in keep:
+        try:
+            i, first, last = (int(v) for v in k.split(":"))
+        except ValueError:
+            raise SystemExit(f"--keep {k!r}: expected MEMBER:FIRST:LAST, e.g. 0:2:1") from None
+        if i not in out:
+            raise SystemExit(f"--keep {k!r}: there is no member {i} (members 0..{n_members - 1})")
+        out[i] = (first, last)
+    return [(PREFIX.format(i), f, la) for i, (f, la) in sorted(out.items())]
+
+
+def build(specs: list[str], name: str, version: str, output: dict, dest_root: Path, keep: list[str],
+          flip: list[bool]) -> Path:
+    import onnx
+
+    from appliance.inference.bundle import sha256_file
+    from models.export import (LICENCE, calibration, filter_upsampling_file, openvino_ir_from_qdq, quantize_ort,
+                               run_all, runtime_agreement, selftest_inputs)
+
+    out = dest_root / f"{name}-{version}"
+    if out.exists():
+        shutil.rmtree(out)
+    (out / "openvino").mkdir(parents=True)
+    paths = {"onnx": out / "model.onnx", "onnx_int8": out / "model.int8.onnx",
+             "openvino_int8": out / "openvino" / "model.xml"}
+    groups = keep_groups(len(specs), keep)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        found = [member_onnx(s, tmp) for s in specs]
+        onnx.save(compose([onnx.load(str(p)) for p, _ in found], flip), str(paths["onnx"]))
+        size = onnx.load(str(paths["onnx"])).graph.input[0].type.tensor_type.shape.dim[3].dim_value
+        calib = calibration("lesion", size=size)
+        kept = quantize_ort(paths["onnx"], paths["onnx_int8"], calib, groups=groups, exclude_prefix=TTA)
+        # OpenVINO: the same quantization of the graph with its bilinear upsamplings rewritten (models.graph)
+        f32, q = tmp / "filtered.onnx", tmp / "filtered.int8.onnx"
+        rewrite = filter_upsampling_file(paths["onnx"], f32, selftest_inputs("lesion", size))
+        quantize_ort(f32, q, calib, groups=groups, exclude_prefix=TTA)
+        openvino_ir_from_qdq(q, paths["openvino_int8"])
+    held = calibration("lesion", n=48, seed=1, size=size)
+    thr = float(output["threshold"])
+    agree = {"scheme": "one INT8 QDQ quantization of the composed graph for both runtimes (ONNX Runtime quantizer: "
+                       "per-channel, 7-bit weights, min-max activations; each member's first and last convolutions "
+                       "and the mirror / mean nodes in FP32); OpenVINO IR converted from it with bilinear upsampling "
+                       "as nearest + exact filter (models.graph)",
+             "kept_fp32": kept, "openvino_upsampling_rewrite": rewrite,
+             **runtime_agreement(run_all(paths, held), thr), "n_inputs": int(len(held))}
+    st_in = selftest_inputs("lesion", size)
+    st = run_all(paths, st_in)
+    np.savez_compressed(out / "selftest.npz", inputs=st_in, expected_fp32=st["fp32"],
+                        expected_int8_onnxruntime=st["int8_onnxruntime"], expected_int8_openvino=st["int8_openvino"])
+    manifest = {
+        "schema": "ctriage.bundle/1", "name": name, "version": version,
+        "created": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "task": "lesion",
+        "arch": {"type": "ensemble", "combine": "mean of probabilities",
+                 "members": [{**d["arch"], "test_time_augmentation": "horizontal mirror" if f else "none"}
+                             for (_, d), f in zip(found, flip)]},
+        "input": {"size": [size, size], "window": [-1350, 150], "layout": "NCHW", "range": [0, 1],
+                  "content": "lung-window lung-box crop"},
+        "output": output,
+        "runtime_files": {"onnx": "model.onnx", "onnx_int8": "model.int8.onnx", "openvino_int8": "openvino/model.xml"},
+        "files": {},
+        "selftest": {"atol": 0.08, "inputs": "synthetic phantom (appliance.phantom)"},
+        "training": {"ensemble_of": [{k: v for k, v in d.items() if k != "arch"} for _, d in found],
+                     "recipe": "python -m models.ensemble " + " ".join(f"--member {s}" for s in specs)},
+        "quantization": agree, "metrics": {}, "licence": LICENCE,
+    }
+    manifest["files"] = {str(p.relative_to(out)): sha256_file(p) for p in sorted(out.rglob("*")) if p.is_file()}
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    print(json.dumps({"bundle": str(out), "quantization": agree}, indent=1))
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--member", action="append", required=True, help="a bundle folder or run:NAME (repeatable)")
+    ap.add_argument("--name", default="lesion")
+    ap.add_argument("--version", required=True)
+    ap.add_argument("--threshold", type=float, default=0.3)
+    ap.add_argument("--min-area", type=float, default=25.0)
+    ap.add_argument("--min-score", type=float, default=None)
+    ap.add_argument("--keep", action="append", default=[], metavar="I:FIRST:LAST",
+                    help="member I's first / last convolutions kept in FP32 (default 2:3 for each)")
+    ap.add_argument("--flip", default="all", metavar="I,J|all|none",
+                    help="members that also see the mirrored slice (default: all)")
+    from models.export import BUNDLES
+
+    ap.add_argument("--dest", type=Path, default=BUNDLES)
+    a = ap.parse_args(argv)
+    output = {"kind": "probability", "threshold": a.threshold, "min_area_px": a.min_area, "area_scale": 512,
+              "min_score": a.min_score if a.min_score is not None else a.threshold}
+    n = len(a.member)
+    if a.flip in ("all", "none"):
+        flip = [a.flip == "all"] * n
+    else:
+        try:
+            chosen = {int(v) for v in a.flip.split(",")}
+        except ValueError:
+            ap.error(f"--flip {a.flip!r}: expected member indices like 0,1 or all / none")
+        if not chosen <= set(range(n)):
+            ap.error(f"--flip {a.flip!r}: members are 0..{n - 1}")
+        flip = [i in chosen for i in range(n)]
+    build(a.member, a.name, a.version, output, a.dest, a.keep, flip)
+
+
+if __name__ == "__main__":
+    main()
