@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -134,15 +133,10 @@ def build(specs: list[str], name: str, version: str, output: dict, dest_root: Pa
     import onnx
 
     from appliance.inference.bundle import sha256_file
-    from models.export import (LICENCE, calibration, filter_upsampling_file, openvino_ir_from_qdq, quantize_ort,
-                               run_all, runtime_agreement, selftest_inputs)
+    from models.export import (LICENCE, calibration, new_bundle_dir, openvino_ir_filtered, quantize_ort, run_all,
+                               runtime_agreement, selftest_inputs)
 
-    out = dest_root / f"{name}-{version}"
-    if out.exists():
-        shutil.rmtree(out)
-    (out / "openvino").mkdir(parents=True)
-    paths = {"onnx": out / "model.onnx", "onnx_int8": out / "model.int8.onnx",
-             "openvino_int8": out / "openvino" / "model.xml"}
+    out, paths = new_bundle_dir(dest_root, name, version)
     groups = keep_groups(len(specs), keep)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -152,10 +146,8 @@ def build(specs: list[str], name: str, version: str, output: dict, dest_root: Pa
         calib = calibration("lesion", size=size)
         kept = quantize_ort(paths["onnx"], paths["onnx_int8"], calib, groups=groups, exclude_prefix=TTA)
         # OpenVINO: the same quantization of the graph with its bilinear upsamplings rewritten (models.graph)
-        f32, q = tmp / "filtered.onnx", tmp / "filtered.int8.onnx"
-        rewrite = filter_upsampling_file(paths["onnx"], f32, selftest_inputs("lesion", size))
-        quantize_ort(f32, q, calib, groups=groups, exclude_prefix=TTA)
-        openvino_ir_from_qdq(q, paths["openvino_int8"])
+        rewrite = openvino_ir_filtered(paths["onnx"], paths["openvino_int8"], calib, 0, 0,
+                                       selftest_inputs("lesion", size), groups=groups, exclude_prefix=TTA)
     held = calibration("lesion", n=48, seed=1, size=size)
     thr = float(output["threshold"])
     agree = {"scheme": "one INT8 QDQ quantization of the composed graph for both runtimes (ONNX Runtime quantizer: "

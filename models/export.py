@@ -225,6 +225,16 @@ def runtime_agreement(outs: dict[str, np.ndarray], threshold: float) -> dict[str
     }
 
 
+def new_bundle_dir(dest_root: Path, name: str, version: str) -> tuple[Path, dict[str, Path]]:
+    """An empty dest_root/<name>-<version>/ (replacing one there) and the paths of its three runtime files."""
+    out = dest_root / f"{name}-{version}"
+    if out.exists():
+        shutil.rmtree(out)
+    (out / "openvino").mkdir(parents=True)
+    return out, {"onnx": out / "model.onnx", "onnx_int8": out / "model.int8.onnx",
+                 "openvino_int8": out / "openvino" / "model.xml"}
+
+
 def build(run: str, name: str, version: str, output: dict, metrics: dict | None = None,
           notes: dict | None = None, dest_root: Path = BUNDLES, keep_fp32_first: int = 2,
           keep_fp32_last: int = 3) -> Path:
@@ -232,12 +242,7 @@ def build(run: str, name: str, version: str, output: dict, metrics: dict | None 
     cfg = ck["config"]
     size = int(cfg["size"])
     task = cfg["task"]
-    out = dest_root / f"{name}-{version}"
-    if out.exists():
-        shutil.rmtree(out)
-    (out / "openvino").mkdir(parents=True)
-    paths = {"onnx": out / "model.onnx", "onnx_int8": out / "model.int8.onnx",
-             "openvino_int8": out / "openvino" / "model.xml"}
+    out, paths = new_bundle_dir(dest_root, name, version)
     export_onnx(model, size, paths["onnx"])
     calib = calibration(task, size=size)
     kept_fp32 = quantize_ort(paths["onnx"], paths["onnx_int8"], calib, keep_fp32_first, keep_fp32_last)
