@@ -88,7 +88,7 @@ def test_keep_groups_default_and_per_member():
 
 
 def test_int8_keeps_each_members_ends_and_the_mirror_nodes_in_fp32(x, tmp_path):
-    from models.export import quantize_ort
+    from models.quantize import quantize_ort
 
     fp32 = tmp_path / "ens.onnx"
     onnx.save(compose([_member(1, convs=4), _member(2, convs=4)], flip=[True, False]), str(fp32))
