@@ -305,11 +305,11 @@ def test_grade_and_solid_lesions_on_the_tiles_at_1280x720(browser, display, bus)
     page.wait_for_timeout(300)
     assert_no_grade_text_clipped(page)
     page.screenshot(path=str(ART / "grade-1920.png"))
-    for w, h in ((1680, 1050), (1280, 800)):  # 16:10 screens: taller tiles must not widen the key image over the facts
+    for w, h in ((1680, 1050), (1280, 800), (1280, 1024)):  # 16:10, 5:4: taller tiles must not widen the key image
         page.set_viewport_size({"width": w, "height": h})
         page.wait_for_timeout(300)
         assert_no_grade_text_clipped(page)
-    page.screenshot(path=str(ART / "grade-1280x800.png"))
+        page.screenshot(path=str(ART / f"grade-{w}x{h}.png"))
     page.close()
 
 
