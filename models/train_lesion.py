@@ -93,6 +93,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--init-onnx", default="", metavar="MODEL_ONNX",
                     help="start from an exported FP32 model (a bundle's model.onnx); BatchNorm statistics frozen")
     ap.add_argument("--blob-start", type=int, default=300, help="step where the blob penalty starts ramping in")
+    ap.add_argument("--corr-noise", type=float, default=0.0, metavar="P",
+                    help="share of slices given CT-like (correlated) noise, SD 0.01 to --corr-noise-max")
+    ap.add_argument("--corr-noise-max", type=float, default=0.06)
     ap.add_argument("--warmup", type=int, default=50)
     ap.add_argument("--deep-supervision", type=float, default=0.0, metavar="W",
                     help="UNet++ deep supervision: weight of the shallower top-row outputs' loss (0: off)")
@@ -112,7 +115,8 @@ def main(argv: list[str] | None = None) -> None:
                              "init_onnx": a.init_onnx, "freeze_bn": bool(a.init_onnx),
                              "deep_supervision": a.deep_supervision, "teachers": a.teacher,
                              "teach_groups": a.teach.split(","),
-                             "all_doctor": a.all_doctor, "keep_last": a.all_doctor})
+                             "all_doctor": a.all_doctor, "keep_last": a.all_doctor,
+                             "corr_noise": a.corr_noise, "corr_noise_max": a.corr_noise_max})
     data, val = load(cfg)
     run(cfg, data, make_validate(val), score)
 

@@ -143,6 +143,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--blob-start", type=int, default=300)
     ap.add_argument("--no-pretrained", action="store_true", help="random encoder (for the ablation)")
     ap.add_argument("--max-minutes", type=float, default=1e9, help="stop (and keep the best so far) after this")
+    ap.add_argument("--corr-noise", type=float, default=0.0, metavar="P",
+                    help="share of slices given CT-like (correlated) noise, SD 0.01 to --corr-noise-max")
+    ap.add_argument("--corr-noise-max", type=float, default=0.06)
     ap.add_argument("--pack", type=Path, help="write the data cache as one compact file and exit")
     ap.add_argument("--packed", default="", help="train from a file written by --pack")
     a = ap.parse_args(argv)
@@ -156,6 +159,7 @@ def main(argv: list[str] | None = None) -> None:
                              "device": a.device, "blob_weight": a.blob_weight, "blob_start": a.blob_start,
                              "blob_full": a.blob_start + 500, "noncovid_weight": a.noncovid_weight,
                              "pseudo_weight": a.pseudo_weight, "init": a.init,
+                             "corr_noise": a.corr_noise, "corr_noise_max": a.corr_noise_max,
                              "keep_every": a.keep_every,
                              "max_minutes": a.max_minutes})
     data, val = load(cfg, a.packed)
