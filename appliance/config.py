@@ -41,6 +41,9 @@ class AnalysisConfig:
     other_findings: bool = True  # lesion foci that are the halo of a solid nodule or mass do not count (named)
     gap_factor: float = 1.5  # a gap > factor × median spacing breaks a run
     max_tilt_deg: float = 10.0  # slices tilted more than this from axial are rejected
+    denoise: bool = True  # DICOM crops noisier than noise_target are smoothed down to it (appliance.pipeline.noise)
+    noise_target: float = 0.010  # ... on the noise scale of appliance.pipeline.noise
+    noise_limit: float = 0.016  # a series noisier than this gets the "noisy acquisition" note
     bundle_dir: str = ""  # empty: <state_dir>/bundles when it has bundles, else the shipped ones
 
     def validate(self, where: str) -> None:
@@ -55,6 +58,8 @@ class AnalysisConfig:
         _range(where, "min_run_mm", self.min_run_mm, 0.0, 100.0)
         _range(where, "min_foci", self.min_foci, 1, 20)
         _range(where, "max_tilt_deg", self.max_tilt_deg, 0.0, 45.0)
+        _range(where, "noise_target", self.noise_target, 0.001, 0.2)
+        _range(where, "noise_limit", self.noise_limit, 0.001, 0.2)
 
 
 @dataclass

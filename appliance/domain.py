@@ -165,6 +165,8 @@ class SliceFinding:
     crop: Rect | None = None  # the region the lesion model saw: the lung box, grown to a minimum size (None: = lung)
     solids: list[Solid] = field(default_factory=list)  # soft-tissue components in the lung envelope (HU slices)
     measures: SliceMeasures | None = None  # lung and lesion pixel counts for the grade (HU slices)
+    noise: float | None = None  # noise at the lesion model's input (appliance.pipeline.noise; HU slices)
+    smoothed: float = 0.0  # Gaussian sigma applied to the crop before the lesion model (0: none)
 
     @property
     def prob_rect(self) -> Rect | None:
@@ -208,3 +210,4 @@ class SeriesVerdict:
     foci: int = 0  # lesion foci that each span a qualifying run (those a solid lesion explains left out)
     others: list[dict] = field(default_factory=list)  # solid nodules/masses that explained lesion foci (to_dict)
     grade: dict | None = None  # the viral-pneumonia-pattern grade of a positive (appliance.pipeline.grading)
+    acquisition: dict | None = None  # the series' image noise, and whether it is outside the validated range

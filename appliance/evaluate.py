@@ -117,13 +117,14 @@ class PatientResult:
     grade: dict | None = None  # the pattern grade of the study verdict (category, reasons, severity, extent)
     others: list[dict] = field(default_factory=list)  # solid nodules/masses that explained lesion foci
     without_others: str | None = None  # the call with the other-findings stage off (every focus counts)
+    acquisition: dict | None = None  # the lead series' image noise (appliance.pipeline.noise)
 
     def as_dict(self) -> dict:
         return {"patient": self.source.name, "group": self.source.group, "result": self.result,
                 "evidence": self.evidence, "focal": self.focal, "slices": self.slices,
                 "lesion_slices": self.lesion_slices, "series": self.series, "reason": self.reason,
                 "rejected": len(self.rejected), "grade": self.grade, "others": self.others,
-                "result_without_other_findings": self.without_others}
+                "result_without_other_findings": self.without_others, "acquisition": self.acquisition}
 
 
 @dataclass
@@ -292,4 +293,4 @@ def _patient_verdict(src: PatientSource, runs: list, rejected: list[dict], secon
     return PatientResult(src, v.result, None if v.result == "positive" else v.reason,
                          v.evidence.as_dict() if v.evidence else None, len(runs), slices, lesion, rejected, seconds,
                          focal=v.focal.as_dict() if v.focal else None, grade=v.grade, others=v.others,
-                         without_others=off.result)
+                         without_others=off.result, acquisition=v.acquisition)

@@ -57,6 +57,7 @@ class SeriesReport:
             "reason": v.reason,
             "grade": v.grade,
             "others": v.others,
+            "acquisition": v.acquisition,
             "slices": v.slices,
             "lung_slices": v.lung_slices,
             "lesion_slices": v.lesion_slices,

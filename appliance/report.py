@@ -229,12 +229,16 @@ def build_html(ev: Evaluation, data: dict, max_tilt_deg: float = 10.0, gallery: 
         pattern = (html.escape(f"{g['category']} ({', '.join(g.get('reasons', []))}); severity {g['severity']}/25")
                    if g and p["result"] == "positive" else "–")
         named = "<br>".join(html.escape(o["text"]) for o in p.get("others") or []) or "–"
+        acq = p.get("acquisition") or {}
+        noise = (f"{acq['noise']:.3f}" + (f" <b>noisy</b> (&gt; {acq.get('limit', 0):.3f})" if acq.get("noisy") else "")
+                 if isinstance(acq.get("noise"), (int, float)) else "–")
         prow.append((right, [html.escape(p["patient"]), p["group"], p["result"],
                              p.get("result_without_other_findings") or p["result"], run, pattern, named, p["slices"],
-                             p["lesion_slices"], p["series"], p["rejected"]]))
+                             p["lesion_slices"], p["series"], p["rejected"], noise]))
     head = ["patient", "group", "result", "without other findings",
             "run that fired (quadrant, slices, length) or reason", "pattern (positives)",
-            "solid nodules and masses named", "slices", "lesion slices", "series", "rejected"]
+            "solid nodules and masses named", "slices", "lesion slices", "series", "rejected",
+            "image noise"]
     ptab = (f"<table><thead><tr>{''.join(f'<th>{h}</th>' for h in head)}</tr></thead><tbody>"
             + "".join(f'<tr class="{"ok" if ok else "bad"}">' + "".join(f"<td>{c}</td>" for c in r) + "</tr>"
                       for ok, r in prow) + "</tbody></table>")

@@ -100,7 +100,8 @@ def finding_to_dict(f: SliceFinding) -> dict[str, Any]:
             "boxes": [{"rect": b.rect.as_list(), "area_512": b.area_512, "score": b.score, "quadrant": b.quadrant}
                       for b in f.boxes],
             "max_prob": f.max_prob, "lesion_fraction": f.lesion_fraction, "timings_ms": f.timings_ms,
-            "solids": [x.to_dict() for x in f.solids], "measures": f.measures.to_dict() if f.measures else None}
+            "solids": [x.to_dict() for x in f.solids], "measures": f.measures.to_dict() if f.measures else None,
+            "noise": f.noise, "smoothed": f.smoothed}
 
 
 def finding_from_dict(d: dict[str, Any]) -> SliceFinding:
@@ -111,14 +112,16 @@ def finding_from_dict(d: dict[str, Any]) -> SliceFinding:
                         max_prob=float(d.get("max_prob", 0.0)), lesion_fraction=float(d.get("lesion_fraction", 0.0)),
                         timings_ms=dict(d.get("timings_ms", {})),
                         solids=[Solid.from_dict(x) for x in d.get("solids") or []],
-                        measures=SliceMeasures.from_dict(d["measures"]) if d.get("measures") else None)
+                        measures=SliceMeasures.from_dict(d["measures"]) if d.get("measures") else None,
+                        noise=float(d["noise"]) if d.get("noise") is not None else None,
+                        smoothed=float(d.get("smoothed") or 0.0))
 
 
 def verdict_to_dict(v: SeriesVerdict) -> dict[str, Any]:
     return {"result": v.result, "state": v.state, "evidence": v.evidence.as_dict() if v.evidence else None,
             "slices": v.slices, "lung_slices": v.lung_slices, "lesion_slices": v.lesion_slices, "reason": v.reason,
             "gaps": v.gaps, "focal": v.focal.as_dict() if v.focal else None, "foci": v.foci, "others": v.others,
-            "grade": v.grade}
+            "grade": v.grade, "acquisition": v.acquisition}
 
 
 def verdict_from_dict(d: dict[str, Any]) -> SeriesVerdict:
@@ -127,7 +130,7 @@ def verdict_from_dict(d: dict[str, Any]) -> SeriesVerdict:
                          slices=int(d["slices"]), lung_slices=int(d["lung_slices"]),
                          lesion_slices=int(d["lesion_slices"]), reason=d.get("reason"), gaps=int(d.get("gaps", 0)),
                          focal=Evidence(**fo) if fo else None, foci=int(d.get("foci", 0)),
-                         others=list(d.get("others") or []), grade=d.get("grade"))
+                         others=list(d.get("others") or []), grade=d.get("grade"), acquisition=d.get("acquisition"))
 
 
 def _tuple(x: Any) -> Any:

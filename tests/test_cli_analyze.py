@@ -36,10 +36,26 @@ def test_phantom_series_json_fields(phantom_dir, capsys):
     assert {b["name"] for b in o["bundles"]} == {"valid-area", "lesion"}
     assert all(len(b["sha256"]) == 64 for b in o["bundles"])
     assert set(o["timings"]["ms_per_slice"]) >= {"decode", "valid_area", "lesion_infer", "boxes"}
+    acq = o["acquisition"]  # the phantom is a clean scan: measured on its lung slices, not noisy, nothing smoothed
+    assert acq["noisy"] is False and 0 < acq["noise"] < acq["limit"] and acq["smoothed_slices"] == 0
+    assert 0 < acq["slices_measured"] <= o["lung_slices"]
     # no identifiers: the phantom's name, ID and UIDs never appear
     text = json.dumps(o)
     assert "PHANTOM^SYNTHETIC" not in text and "SYNTH-0001" not in text and "SYNTH-ACC" not in text
     assert "19700101" not in text and "1.2.826.0.1.3680043" not in text  # birth date, DICOM UIDs
+
+
+def test_a_noisy_scan_gets_a_line_and_a_clean_one_none():
+    from appliance.commands.analyze import finding_lines
+    from appliance.domain import SeriesVerdict
+
+    acq = {"noise": 0.0213, "noisy": True, "limit": 0.016, "smoothed_slices": 50, "slices_measured": 50}
+    v = SeriesVerdict("negative", "final", None, 60, 50, 0, acquisition=acq)
+    assert finding_lines("abc", v) == [
+        "abc: noisy scan (noise 0.021, validated up to 0.016: sharp kernel or low dose) — lesion boxes are less "
+        "reliable, read with care; 50 slices smoothed before analysis"]
+    assert finding_lines("abc", SeriesVerdict("negative", "final", None, 60, 50, 0,
+                                              acquisition={**acq, "noisy": False})) == []
 
 
 def test_one_lesion_focus_is_negative_with_the_focus_named_and_two_are_positive(tmp_path, capsys):

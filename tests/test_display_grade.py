@@ -337,3 +337,60 @@ def test_solid_lesions_beside_a_where_line_still_fit(browser, display, bus):  # 
     assert_no_grade_text_clipped(page)
     page.screenshot(path=str(ART / "others-where-1280.png"))
     page.close()
+
+
+# ---- a noisy scan (ctriage.verdict/2 `acquisition`) ------------------------------------------------------------------
+
+NOISY_SCAN = {"noise": 0.0205, "noisy": True, "limit": 0.016, "smoothed_slices": 49, "slices_measured": 49}
+
+
+def test_a_noisy_scan_is_worded_and_a_clean_one_says_nothing(validators, old_validators):
+    from appliance.display.views import acquisition_view
+
+    noisy = v2(DEV, KEY, grade_=grade())
+    noisy["acquisition"] = NOISY_SCAN
+    for val in (validators, old_validators):  # a screen whose schema file predates the field takes it too
+        assert val.problem("verdict", noisy) is None
+        assert val.problem("verdict", {**noisy, "acquisition": {"noisy": "yes"}}) is not None
+    a = acquisition_view(noisy)
+    assert a["text"] == ("Noisy scan (noise 0.021, validated up to 0.016): lesion boxes are less reliable — "
+                         "read with care; 49 slices smoothed before analysis")
+    assert acquisition_view({**noisy, "acquisition": {**NOISY_SCAN, "noisy": False}}) is None
+    assert acquisition_view({**noisy, "acquisition": None}) is None and acquisition_view(verdict(DEV, KEY)) is None
+    assert acquisition_view({"acquisition": {"noisy": True}})["text"].startswith("Noisy scan: lesion boxes")
+
+
+def test_a_noisy_scan_is_marked_on_the_tile_and_explained_on_tap(browser, display, bus):  # noqa: F811
+    from playwright.sync_api import expect
+
+    page = open_at(browser, display.url, HD)
+    pos, neg, clean = key("noisy-pos"), key("noisy-neg"), key("clean-neg")
+    p = v2("ct-room-1", pos, minutes=3, grade_=grade())
+    p["acquisition"] = NOISY_SCAN
+    n = v2("ct-room-2", neg, "final", "negative", minutes=5)
+    n["acquisition"] = {**NOISY_SCAN, "smoothed_slices": 0}
+    c = v2("ct-room-3", clean, "final", "negative", minutes=6)
+    c["acquisition"] = {**NOISY_SCAN, "noise": 0.008, "noisy": False, "smoothed_slices": 0}
+    prov = key("noisy-prov")
+    pv = v2("ct-room-3", prov, "provisional", "positive", minutes=1, grade_=grade(severity=3))
+    pv["acquisition"] = NOISY_SCAN  # the longest strip text beside the mark
+    for room, k_, payload in (("ct-room-1", pos, p), ("ct-room-2", neg, n), ("ct-room-3", clean, c),
+                              ("ct-room-3", prov, pv)):
+        bus.publish(f"ctriage/{room}/verdict/{k_}", payload)
+    bus.publish(f"ctriage/ct-room-1/overlay/{pos}", overlay("ct-room-1", pos))
+    tp, tn, tc = tile(page, pos), tile(page, neg), tile(page, clean)
+    for t_ in (tp, tn, tile(page, prov)):
+        expect(t_.locator(".strip-noisy")).to_have_text("⚠ NOISY")
+        assert t_.locator(".strip-noisy").evaluate("e => getComputedStyle(e).color") == "rgb(255, 194, 10)"
+    expect(tc.locator(".strip-noisy")).to_be_hidden()
+    expect(tp.locator(".detail")).to_have_text("16.9 % of lung")  # the rest of the tile as before
+    page.screenshot(path=str(ART / "noisy-1280.png"))
+    assert_no_grade_text_clipped(page)
+    tp.locator(".strip-noisy").click()
+    expect(tp.locator(".info .info-acquisition")).to_have_text(
+        "Noisy scan (noise 0.021, validated up to 0.016): lesion boxes are less reliable — read with care; "
+        "49 slices smoothed before analysis")
+    assert tp.locator(".info .info-acquisition").evaluate("e => getComputedStyle(e).color") == "rgb(255, 194, 10)"
+    assert_fully_shown(tp.locator(".info"))
+    page.screenshot(path=str(ART / "noisy-open-1280.png"))
+    page.close()

@@ -200,6 +200,24 @@ def test_the_sr_carries_the_pattern_grade_and_names_solid_lesions(source, series
     assert "PATTERN" not in {it.ConceptNameCodeSequence[0].value for it in content_items(build_sr(neg, source))}
 
 
+def test_the_sr_gives_the_series_noise_and_says_when_the_scan_is_noisy(source):
+    def read(acq):
+        flat = content_items(build_sr(_verdict("negative") | {"acquisition": acq}, source))
+        coded = {it.ConceptNameCodeSequence[0].value: it.ConceptCodeSequence[0].value for it in flat
+                 if it.ValueType == "CODE"}
+        nums = {it.ConceptNameCodeSequence[0].CodeValue: float(it.MeasuredValueSequence[0].NumericValue)
+                for it in flat if it.ValueType == "NUM"}
+        return coded, nums
+
+    acq = {"noise": 0.0205, "noisy": True, "limit": 0.016, "smoothed_slices": 49, "slices_measured": 49}
+    coded, nums = read(acq)
+    assert nums["IMAGE-NOISE"] == pytest.approx(0.0205) and coded["ACQUISITION"] == "NOISY-SCAN"
+    coded, nums = read(acq | {"noise": 0.008, "noisy": False})
+    assert nums["IMAGE-NOISE"] == pytest.approx(0.008) and "ACQUISITION" not in coded
+    coded, nums = read(None)  # crop images, older appliances: nothing said
+    assert "IMAGE-NOISE" not in nums and "ACQUISITION" not in coded
+
+
 def test_provisional_negative_sr(source):
     sr = build_sr(_verdict("negative", "provisional"), source)
     assert sr.CompletionFlag == "PARTIAL" and sr.PreliminaryFlag == "PRELIMINARY"

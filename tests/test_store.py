@@ -33,6 +33,15 @@ def test_finding_and_verdict_round_trip():
     old = verdict_to_dict(v)
     del old["focal"], old["foci"]  # a verdict stored before foci were counted
     assert verdict_from_dict(old) == v
+    # the image noise survives a restart: a series finished after one reports the whole series' figure
+    noisy = SliceFinding("n", 2.5, (512, 512), Rect(60, 40, 420, 470), noise=0.0213, smoothed=0.9)
+    assert finding_from_dict(finding_to_dict(noisy)) == noisy
+    old_f = finding_to_dict(f)
+    del old_f["noise"], old_f["smoothed"]  # a slice stored before noise was measured
+    assert finding_from_dict(old_f).noise is None and finding_from_dict(old_f).smoothed == 0.0
+    acq = SeriesVerdict("negative", "final", None, 60, 50, 0, acquisition={"noise": 0.0213, "noisy": True,
+                        "limit": 0.016, "smoothed_slices": 50, "slices_measured": 50})
+    assert verdict_from_dict(verdict_to_dict(acq)) == acq
 
 
 def test_wal_mode_and_slices_survive_reopen(tmp_path):

@@ -29,7 +29,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def finding_lines(name: str, v) -> list[str]:
-    """What a series shows besides its result: the grade of a positive, solid nodules and masses named."""
+    """What a series shows besides its result: the grade of a positive, solid nodules and masses named, a noisy
+    scan."""
     out = []
     g = v.grade
     if g and v.result == "positive":
@@ -38,6 +39,11 @@ def finding_lines(name: str, v) -> list[str]:
                    f"({', '.join(g.get('reasons', []))}); severity {g['severity']}/25; involved: right "
                    f"{ext.get('right', 0):g} %, left {ext.get('left', 0):g} %")
     out += [f"{name}: {o['text']} (slices {o['first_slice'] + 1}-{o['last_slice'] + 1})" for o in v.others]
+    a = v.acquisition
+    if a and a.get("noisy"):
+        smoothed = f"; {a['smoothed_slices']} slices smoothed before analysis" if a.get("smoothed_slices") else ""
+        out.append(f"{name}: noisy scan (noise {a['noise']:.3f}, validated up to {a['limit']:.3f}: sharp kernel or "
+                   f"low dose) — lesion boxes are less reliable, read with care{smoothed}")
     return out
 
 

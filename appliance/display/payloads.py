@@ -112,9 +112,16 @@ OTHERS_SCHEMA: dict[str, Any] = {
                              "z_mm": {"type": "number"}, "text": {"type": "string", "maxLength": 300}}}}
 
 
+#: the series' image noise (ctriage.verdict/2, optional), as far as this screen reads it
+ACQUISITION_SCHEMA: dict[str, Any] = {
+    "type": ["object", "null"], "required": ["noisy"],
+    "properties": {"noise": {"type": "number", "minimum": 0}, "noisy": {"type": "boolean"},
+                   "limit": {"type": "number", "minimum": 0}, "smoothed_slices": {"type": "integer", "minimum": 0},
+                   "slices_measured": {"type": "integer", "minimum": 0}}}
+
 def allow_corrections(schema: dict[str, Any], correction: bool = True) -> dict[str, Any]:
     """The payload schema, widened (in memory) to state "corrected" and, for verdicts, the `correction` object, the
-    `grade` and `others` of ctriage.verdict/2 and its tag — whether or not the shipped schema file says so yet. A
+    `grade`, `others` and `acquisition` of ctriage.verdict/2 and its tag — whether or not the shipped schema file says so yet. A
     file that already allows them is returned unchanged in meaning."""
     out = json.loads(json.dumps(schema))
     props = out.setdefault("properties", {})
@@ -125,6 +132,7 @@ def allow_corrections(schema: dict[str, Any], correction: bool = True) -> dict[s
         props.setdefault("correction", CORRECTION_SCHEMA)
         props.setdefault("grade", GRADE_SCHEMA)
         props.setdefault("others", OTHERS_SCHEMA)
+        props.setdefault("acquisition", ACQUISITION_SCHEMA)
         tag = props.get("schema")
         if isinstance(tag, dict) and tag.get("const") == "ctriage.verdict/1":
             props["schema"] = {"enum": ["ctriage.verdict/1", "ctriage.verdict/2"]}

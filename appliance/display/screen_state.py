@@ -36,7 +36,7 @@ from appliance.display.payloads import (
     DEVICE_RE, FINAL_STATES, KEY_RE, MAX_PAYLOAD, Ignored, Validators, checked_png, iso, parse_time, schema_dir,
     utcnow)
 from appliance.display.views import (
-    correction_view, finding_of, flag_of, grade_view, others_view, where_text)
+    acquisition_view, correction_view, finding_of, flag_of, grade_view, others_view, where_text)
 from appliance.pipeline.anatomy import patient_side
 
 __all__ = ["DEVICE_RE", "KEY_RE", "Device", "DisplayState", "Ignored", "Study", "Validators", "flag_of", "iso",
@@ -326,6 +326,7 @@ class DisplayState:
             "finding": finding, "where": where_text(finding) if finding else None,
             "quadrants": quadrants, "anatomy": [patient_side(q) for q in quadrants],
             "correction": correction_view(v), "grade": grade_view(v), "others": others_view(v),
+            "acquisition": acquisition_view(v),
             "key_slice": key_index, "key_of": (s.overlay or {}).get("slices"),
             "key_state": (s.overlay or {}).get("state"), "boxes": boxes,
             "image": f"/img/{s.device}/{s.study_key}/{s.image_tag}.png" if s.image else None,

@@ -121,3 +121,20 @@ def others_view(v: dict[str, Any]) -> list[dict[str, Any]]:
         out.append({"kind": o.get("kind"), "diameter_mm": _num(o.get("diameter_mm")), "zone": o.get("zone"),
                     "text": other_text(o), "where": where or None})
     return out
+
+
+def acquisition_view(v: dict[str, Any]) -> dict[str, Any] | None:
+    """The series' noise note when it is outside the validated range (sharp kernel, low dose), else None: the
+    technician should know that lesion boxes on such a scan are less reliable."""
+    a = v.get("acquisition")
+    if not isinstance(a, dict) or a.get("noisy") is not True:
+        return None
+    def fig(x: Any) -> float | None:
+        return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else None
+
+    noise, limit = fig(a.get("noise")), fig(a.get("limit"))
+    said = f" (noise {noise:.3f}" + (f", validated up to {limit:.3f})" if limit else ")") if noise is not None else ""
+    smoothed = a.get("smoothed_slices")
+    done = f"; {smoothed} slices smoothed before analysis" if isinstance(smoothed, int) and smoothed > 0 else ""
+    return {"noise": noise, "limit": limit,
+            "text": f"Noisy scan{said}: lesion boxes are less reliable — read with care{done}"}

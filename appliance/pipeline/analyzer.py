@@ -18,6 +18,7 @@ from appliance.ingest.series import sort_key
 from appliance.pipeline.case_logic import CaseRule, decide
 from appliance.pipeline.grading import lesion_at_slice, lung_at_slice, measure_slice
 from appliance.pipeline.lesions import LesionDetector
+from appliance.pipeline.noise import crop_noise, smooth_to
 from appliance.pipeline.solid import solid_components
 from appliance.pipeline.valid_area import ValidArea
 
@@ -124,13 +125,20 @@ class Analyzer:
             t["valid_area"] = time.perf_counter() - t0  # stays 0 for crop images: the stage does not run
         t1 = time.perf_counter()
         crops, which, rects, crop_rects = [], [], [], []
+        noise: dict[int, tuple[float | None, float]] = {}  # slice -> (noise at input, smoothing sigma)
         for i, s in enumerate(slices):
             if s.hu is not None:
                 if areas[i] is None:
                     continue
                 rect = areas[i].box  # type: ignore[union-attr]
                 crop = min_crop(rect, s.shape, s.pixel_spacing, self.lesion.min_crop_mm)
-                crops.append(self.lesion.crop_hu(s.hu, crop))
+                c = self.lesion.crop_hu(s.hu, crop)
+                n = crop_noise(c)
+                sigma = 0.0
+                if self.config.denoise:
+                    c, sigma = smooth_to(c, self.config.noise_target, n)
+                noise[i] = (n, sigma)
+                crops.append(c)
             else:
                 h, w = s.shape
                 rect = crop = Rect(0, 0, h, w)
@@ -155,6 +163,8 @@ class Analyzer:
             found[i] = SliceFinding(s.key, s.position, s.shape, rect, boxes, float(prob.max()), frac,
                                     prob=prob.astype(np.float16) if keep_prob else None,
                                     crop=crop if crop != rect else None)
+            if i in noise:
+                found[i].noise, found[i].smoothed = noise[i]
             if s.hu is not None and area is not None:
                 tm = time.perf_counter()
                 lung = lung_at_slice(area.lung, area.offset, area.scale, s.shape)

@@ -29,6 +29,7 @@ from appliance.geometry import GAP_FACTOR, links, median_spacing
 from appliance.pipeline.anatomy import quadrant_of  # noqa: F401 - the quadrants the rule speaks of
 from appliance.pipeline.foci import FOCUS_GROW, FOCUS_SKIP, foci  # noqa: F401
 from appliance.pipeline.grading import grade
+from appliance.pipeline.noise import NOISY, acquisition
 from appliance.pipeline.solid_lesions import explain_foci
 
 MIN_RUN = 3
@@ -51,13 +52,15 @@ class CaseRule:
     min_slices: int
     gap_factor: float
     other_findings: bool = False  # foci a solid nodule or mass explains do not count (see appliance.pipeline.solid)
+    noise_limit: float = NOISY  # a series noisier than this is reported as a noisy acquisition (not a result change)
 
     @classmethod
     def from_config(cls, analysis: Any) -> "CaseRule":
         """From `appliance.config.AnalysisConfig` (the one place the defaults live)."""
         return cls(min_run=int(analysis.min_run), min_run_mm=float(analysis.min_run_mm),
                    min_foci=int(analysis.min_foci), min_slices=int(analysis.min_slices),
-                   gap_factor=float(analysis.gap_factor), other_findings=bool(analysis.other_findings))
+                   gap_factor=float(analysis.gap_factor), other_findings=bool(analysis.other_findings),
+                   noise_limit=float(getattr(analysis, "noise_limit", NOISY)))
 
     @classmethod
     def chen2020(cls, min_slices: int = 0) -> "CaseRule":
@@ -172,9 +175,10 @@ def decide(findings: Sequence[SliceFinding], rule: CaseRule, *, final: bool = Tr
         # one beside many foci is named (others) but does not make the pattern atypical
         shaping = solids if n_foci == 0 or any(s.kind == "mass" for s in solids) else []
         graded = grade([f.measures for f in findings], n_foci, [f.position for f in findings], shaping).to_dict()
+    acq = acquisition([f.noise for f in findings], sum(1 for f in findings if f.smoothed > 0), rule.noise_limit)
     return SeriesVerdict(result=result, state="final" if final else "provisional", evidence=ev, slices=n,
                          lung_slices=lung, lesion_slices=lesion, reason=reason, gaps=gaps, focal=focal,
-                         foci=n_foci, others=[s.to_dict() for s in solids], grade=graded)
+                         foci=n_foci, others=[s.to_dict() for s in solids], grade=graded, acquisition=acq)
 
 
 # -- the study verdict over its series -----------------------------------------------------------------------------
@@ -214,5 +218,5 @@ def study_verdict(series: Sequence[SeriesSummary]) -> tuple[SeriesVerdict, Serie
     lv = lead.verdict
     v = SeriesVerdict(result=result, state=state, evidence=lv.evidence, slices=lv.slices,  # type: ignore[arg-type]
                       lung_slices=lv.lung_slices, lesion_slices=lv.lesion_slices, reason=lv.reason, gaps=lv.gaps,
-                      focal=lv.focal, foci=lv.foci, others=lv.others, grade=lv.grade)
+                      focal=lv.focal, foci=lv.foci, others=lv.others, grade=lv.grade, acquisition=lv.acquisition)
     return v, lead

@@ -86,6 +86,7 @@ def verdict_payload(*, device: str, study_key: str, series_key: str, verdict: Se
         "focal": verdict.focal.as_dict() if verdict.focal else None,
         "grade": verdict.grade,  # the viral-pneumonia-pattern grade (RSNA category, extent, severity) or None
         "others": verdict.others,  # solid nodules/masses whose halo explained lesion foci (not the COVID pattern)
+        "acquisition": verdict.acquisition,  # image noise of the series; noisy: outside the validated range
         "counts": {"slices": verdict.slices, "lung_slices": verdict.lung_slices,
                    "lesion_slices": verdict.lesion_slices, "rejected": rejected, "gaps": verdict.gaps,
                    "foci": verdict.foci},

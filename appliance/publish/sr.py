@@ -78,6 +78,9 @@ PATTERNS = {"typical": _code("TYPICAL", "Typical appearance"),
 SEVERITY = _code("SEVERITY", "Severity score, 25-point style from lung zones")
 EXTENT = _code("EXTENT", "Lung volume involved")
 OTHER_DIAMETER = _code("SOLID-DIAMETER", "Solid nodule or mass diameter (its halo did not count)")
+IMAGE_NOISE = _code("IMAGE-NOISE", "Image noise at the lesion model's input (lung-window scale)")
+NOISY_SCAN = _code("NOISY-SCAN", "Noisy acquisition: lesion boxes less reliable")
+ACQUISITION = _code("ACQUISITION", "Acquisition quality")
 SCORE_UNIT = hd.sr.CodedConcept("{score}", "UCUM", "score")
 PERCENT = hd.sr.CodedConcept("%", "UCUM", "percent")
 MM = hd.sr.CodedConcept("mm", "UCUM", "millimetre")
@@ -286,6 +289,11 @@ def build_sr(verdict: dict[str, Any], source: SourceSeries, key_slices: Sequence
         evaluations.append(hd.sr.QualitativeEvaluation(PATTERN, PATTERNS[g["category"]]))
         measurements.append(hd.sr.Measurement(SEVERITY, float(g.get("severity", 0)), SCORE_UNIT))
         measurements.append(hd.sr.Measurement(EXTENT, float((g.get("extent") or {}).get("total", 0.0)), PERCENT))
+    acq = verdict.get("acquisition") or None
+    if acq and isinstance(acq.get("noise"), (int, float)):  # the series' noise; a noisy scan is said so
+        measurements.append(hd.sr.Measurement(IMAGE_NOISE, float(acq["noise"]), UNITY))
+        if acq.get("noisy"):
+            evaluations.append(hd.sr.QualitativeEvaluation(ACQUISITION, NOISY_SCAN))
     for concept, key in ((SLICES, "slices"), (LUNG_SLICES, "lung_slices"), (LESION_SLICES, "lesion_slices"),
                          (FOCI, "foci")):
         if counts.get(key) is not None:

@@ -182,7 +182,7 @@
         el.dataset.id = s.id;
         $(".ack", el).addEventListener("click", () => ack(s.id));
         $(".key", el).addEventListener("click", () => openLightbox(s.id));
-        for (const sel of [".where", ".corr-note", ".info", ".grade", ".others", ".extent"]) {
+        for (const sel of [".where", ".corr-note", ".info", ".grade", ".others", ".extent", ".strip-noisy"]) {
           const part = $(sel, el);
           part.addEventListener("click", () => toggleOpen(el));
           part.addEventListener("keydown", (e) => { if (e.key === "Enter" || e.key === " ") toggleOpen(el); });
@@ -230,6 +230,11 @@
     $(".flag-action", el).classList.toggle("long", action.length > 24);
 
     $(".strip-text", el).textContent = stripText(s);
+    // a noisy scan (sharp kernel, low dose): lesion boxes are less reliable; the full note is in the tap detail
+    const noisy = $(".strip-noisy", el);  // empty when not shown: the strip's text stays the state alone
+    noisy.textContent = s.acquisition ? "⚠ NOISY" : "";
+    noisy.classList.toggle("hidden", !s.acquisition);
+    el.classList.toggle("noisy", !!s.acquisition);
 
     const note = $(".offline-note", el);
     note.classList.toggle("hidden", !offline);
@@ -256,9 +261,10 @@
     G.renderOthers(el, s);
     const focal = !!(s.finding && s.finding.kind === "focal");
     const special = G.detail(s);
-    $(".detail", el).textContent = special || detailText(s);
-    $(".detail", el).classList.toggle("focal", focal || (!!special && !G.graded(s)));
-    $(".detail", el).classList.toggle("extent-total", !!special && G.graded(s));
+    const detail = $(".detail", el);
+    detail.textContent = special || detailText(s);
+    detail.classList.toggle("focal", focal || (!!special && !G.graded(s)));
+    detail.classList.toggle("extent-total", !!special && G.graded(s));
     renderCorrection(el, s);
     $(".model", el).textContent = (s.bundles || []).length
       ? "model " + s.bundles.map((b) => b.name + " " + b.version).join(" · ") : "";

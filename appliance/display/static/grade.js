@@ -121,6 +121,7 @@ window.CTriageGrade = (() => {
       const slices = x.where ? x.where.replace(/^.*, (slices? )/, "$1") : "";
       lines.push(["others", "Not counted: " + x.text + (slices ? " (" + slices + ")" : "")]);
     }
+    if (s.acquisition) lines.push(["acquisition", s.acquisition.text]);
     if (g) lines.push(["note", "Other viral and some bacterial pneumonias look alike."]);
     return lines;
   }
