@@ -46,7 +46,8 @@ def evaluate(patient: str, analyzer) -> dict:
     return {"series": patient, "slices": len(findings), "labelled": len(pos),
             "labelled_boxed": int(sum(pos)), "unlabelled": len(neg), "unlabelled_boxed": int(sum(neg)),
             "sensitivity": round(sum(pos) / max(1, len(pos)), 4),
-            "false_box_rate": round(sum(neg) / max(1, len(neg)), 4), "result": d.result}
+            "false_box_rate": round(sum(neg) / max(1, len(neg)), 4), "result": d.result,
+            "noise": (d.acquisition or {}).get("noise"), "smoothed": (d.acquisition or {}).get("smoothed_slices")}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -57,8 +58,11 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bundles", type=Path, default=None)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--no-denoise", action="store_true", help="analyse without smoothing noisy crops")
     a = ap.parse_args(argv)
-    analyzer = Analyzer.load(bundle_dir=a.bundles)
+    from appliance.config import AnalysisConfig
+
+    analyzer = Analyzer.load(AnalysisConfig(denoise=not a.no_denoise), bundle_dir=a.bundles)
     print("bundles:", ", ".join(f"{b['name']} {b['version']}" for b in analyzer.bundles), file=sys.stderr)
     for patient in LABELLED:
         if not (DATA / "covid-ct-md" / patient).exists():
@@ -68,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(r) if a.json else
               f"{patient}: {r['labelled_boxed']}/{r['labelled']} labelled slices boxed ({r['sensitivity']:.1%}), "
               f"{r['unlabelled_boxed']}/{r['unlabelled']} unlabelled boxed ({r['false_box_rate']:.1%}); "
-              f"series {r['result']}")
+              f"series {r['result']}; noise {r['noise']}, {r['smoothed']} slices smoothed")
 
 
 if __name__ == "__main__":
