@@ -174,3 +174,35 @@ def test_lung_region_is_the_dilated_hole_filled_lung():
     assert a.contains(42 * a.scale, 22 * a.scale) and a.contains(18 * a.scale, 25 * a.scale)  # hole, margin
     assert not a.contains(42 * a.scale, 60 * a.scale) and not a.contains(-5, 10)
     assert np.array_equal(a.region, want)
+
+
+def test_stage_timings_are_ms_per_slice_and_add_up_to_no_more_than_the_batch(analyzer, phantom_dir):
+    import time
+
+    from appliance.ingest.dicom_reader import read_slice
+
+    files = sorted(phantom_dir.glob("*.dcm"))
+    mid = len(files) // 2
+    slices = [read_slice(f, 10.0) for f in files[mid - 2: mid + 2]]
+    t0 = time.perf_counter()
+    found = analyzer.batch(slices)
+    wall_ms = (time.perf_counter() - t0) * 1000.0 / len(slices)
+    assert any(f.noise is not None for f in found)  # the noise stage ran on these lung slices
+    for f in found:
+        assert set(f.timings_ms) >= {"valid_area", "lesion_pre", "lesion_infer", "boxes"}
+        assert all(v >= 0.0 for v in f.timings_ms.values())
+        assert sum(f.timings_ms.values()) <= wall_ms * 1.05 + 0.5, (f.timings_ms, wall_ms)
+
+
+def test_a_lung_slice_without_enough_parenchyma_for_a_noise_figure_still_analyses(analyzer, phantom_dir):
+    from appliance.ingest.dicom_reader import read_slice
+    from appliance.pipeline.noise import crop_noise
+
+    files = sorted(phantom_dir.glob("*.dcm"))
+    s = read_slice(files[len(files) // 2], 10.0)
+    flat = SliceImage(key="flat", series_uid=s.series_uid, study_uid=s.study_uid, position=s.position + 1,
+                      hu=np.where(s.hu < -400, -650.0, s.hu).astype(np.float32), pixel_spacing=s.pixel_spacing)
+    found = analyzer.batch([s, flat])  # the slice with no noise figure last: it sets no divisor
+    assert crop_noise(np.full((224, 224), 0.9, np.float32)) is None
+    assert found[0].noise is not None and found[1].lung is not None and found[1].noise is None  # uniform: no figure
+    assert all(0.0 <= v < 60_000.0 for f in found for v in f.timings_ms.values())

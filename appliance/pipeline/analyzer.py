@@ -133,11 +133,11 @@ class Analyzer:
                 rect = areas[i].box  # type: ignore[union-attr]
                 crop = min_crop(rect, s.shape, s.pixel_spacing, self.lesion.min_crop_mm)
                 c = self.lesion.crop_hu(s.hu, crop)
-                n = crop_noise(c)
+                level = crop_noise(c)
                 sigma = 0.0
                 if self.config.denoise:
-                    c, sigma = smooth_to(c, self.config.noise_target, n)
-                noise[i] = (n, sigma)
+                    c, sigma = smooth_to(c, self.config.noise_target, level)
+                noise[i] = (level, sigma)
                 crops.append(c)
             else:
                 h, w = s.shape

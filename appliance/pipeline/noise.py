@@ -5,7 +5,7 @@ Why: the lesion model reads fine, blotchy texture as ground glass. CT-like noise
 most: a sharp-kernel or low-dose series could be called positive on noise alone. Noise is measured on the crop
 the model sees (lung window, 224²): the robust SD of the residual to the 4-neighbour mean, over parenchyma
 (grey 0.15-0.45, about −1125 to −675 HU). Clean real series measure 0.006-0.009 there, the noisiest one at hand
-(5 mm, Philips) 0.024.
+(5 mm, Philips) 0.021.
 
 - `crop_noise`: that figure for one crop (None when the crop shows too little parenchyma).
 - `smooth_to`: the least Gaussian smoothing that brings a crop down to a target (or the strongest tried).
