@@ -6,7 +6,7 @@ import json
 from appliance.cli import main
 from appliance.inference.factory import available_backends
 
-STAGES = {"headers", "decode", "valid_area", "lesion_pre", "lesion_infer", "boxes", "case_logic"}
+STAGES = {"headers", "decode", "valid_area", "lesion_pre", "lesion_infer", "boxes", "measures", "case_logic"}
 
 
 def test_bench_json_reports_every_field(capsys):
@@ -20,6 +20,11 @@ def test_bench_json_reports_every_field(capsys):
         assert r["slices_per_s"] > 0 and r["study_515_s"] > 0
         assert set(r["stage_ms"]) == STAGES
         assert all({"median", "p95"} <= set(v) for v in r["stage_ms"].values())
+        # per slice within one worker: the analysis stages fit in the time the workers had per slice (a unit
+        # slip, ms vs s or a wrong divisor, is off by orders of magnitude)
+        analysis = sum(r["stage_ms_mean"][k] for k in ("valid_area", "lesion_pre", "lesion_infer", "boxes",
+                                                        "measures"))
+        assert 0 < analysis <= 3 * r["workers"] * 1000.0 / r["slices_per_s"], (r["stage_ms_mean"], r)
         assert r["streaming_latency_s"] > 0
         assert 50 < r["peak_rss_mb"] < 4096
         assert r["result"] in ("positive", "negative", "indeterminate")

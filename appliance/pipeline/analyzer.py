@@ -22,7 +22,7 @@ from appliance.pipeline.noise import crop_noise, smooth_to
 from appliance.pipeline.solid import solid_components
 from appliance.pipeline.valid_area import ValidArea
 
-STAGES = ("valid_area", "lesion_pre", "lesion_infer", "boxes")
+STAGES = ("valid_area", "lesion_pre", "lesion_infer", "boxes", "measures")  # measures: solid components, grading
 T = TypeVar("T")
 R = TypeVar("R")
 
