@@ -1,4 +1,5 @@
-"""Benchmark of the per-slice pipeline: header pass → decode → valid area → lesion → boxes → case rule, per backend.
+"""Benchmark of the per-slice pipeline, per backend: header pass → decode → valid area → lesion → boxes →
+measures (solid components, grading) → case rule.
 
 Each backend runs in its own child process (`python -m appliance.bench --child …`) so that its peak RSS is its
 own. Reported per backend: end-to-end slices/s over the whole series (as in `analyze`: the header pass reads and

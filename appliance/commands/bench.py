@@ -65,7 +65,9 @@ def run(args: argparse.Namespace) -> int:
     m = res["machine"]
     print(f"{res['source']} on {m['cpu']} ({m['cores']} cores)\n")
     rows = []
-    stages = ["headers", "decode", "valid_area", "lesion_pre", "lesion_infer", "boxes", "case_logic"]
+    from appliance.pipeline.analyzer import STAGES
+
+    stages = ["headers", "decode", *STAGES, "case_logic"]
     for be, r in res["backends"].items():
         if "error" in r:
             rows.append([be, "error: " + r["error"]] + [""] * (5 + len(stages)))
