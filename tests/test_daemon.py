@@ -498,6 +498,9 @@ def test_shipped_bundles_drive_the_daemon(tmp_path, mosquitto, study, phantom_di
         d.stop()
         sub.close()
     assert v["bundles"] == shipped.bundles and v["backend"] == shipped.backend and v["counts"]["slices"] == len(files)
+    acq = v["acquisition"]  # image noise measured on the lung slices by the daemon too: a clean generated scan
+    assert 0 < acq["slices_measured"] <= len(files) and acq["noisy"] is False and acq["smoothed_slices"] == 0
+    assert 0 < acq["noise"] < acq["limit"] == cfg.analysis.noise_limit
     print(f"shipped bundles on the lesion phantom: {v['result']} {v['evidence']} "
           f"({len(verdicts(sub, 'provisional'))} provisional)")
     assert one["result"] == "negative" and one["evidence"] is None and one["counts"]["foci"] == 1
