@@ -344,7 +344,11 @@ def test_real_a0001_tumour_focus_is_not_called_viral(analyzer, series_cache):
     "slices 116-126, under a basal ground-glass box) and 19-25 mm on cap001's consolidation; (3) 'aerated lung "
     "below the last section' fails on the tumour itself (10 mm below, 63-83 % of its section's rect is still not "
     "aerated lung) while cap001's consolidation at 0-based slices 124-125 has 56-65 % aerated lung below. A 3-D "
-    "envelope (the lung on the slices above and below) needs a per-slice lung grid the findings do not carry."))
+    "envelope (the lung on the slices above and below) needs a per-slice lung grid the findings do not carry, "
+    "and a closing wide enough to bridge a 50-65 mm mass would swallow the 25-30 mm aorta too. Also checked "
+    "(2026-12-05): the valid-area model's lung region leaves the tumour out as it does the aorta and heart, and "
+    "the soft tissue inside the lesion map is at most 7 mm thick on the tumour (the map covers its halo), as on "
+    "the LIDC nodules."))
 def test_real_a0001_solid_mass_found_and_explains_the_tumour_focus(analyzer, series_cache):
     slices, findings = real_series(analyzer, series_cache, "lung-pet-ct-dx-A0001")
     tumour = a0001_tumour(slices)
