@@ -17,6 +17,9 @@ def test_defaults_are_valid():
     ({"device_id": "room 2/a"}, "device_id: letters, digits"),
     ({"watch": {"stable_seconds": True}}, "expected a number"),
     ({"dicom": {"ae_title": "A" * 17}}, "[dicom] ae_title"),
+    ({"analysis": {"noise_target": -1}}, "[analysis] noise_target: must be between 0.001 and 0.2"),
+    ({"analysis": {"noise_limit": "high"}}, "[analysis] noise_limit: expected a number, got 'high'"),
+    ({"analysis": {"denoise": "yes"}}, "[analysis] denoise: expected true or false, got 'yes'"),
 ])
 def test_errors_name_the_key(data, msg):
     with pytest.raises(ConfigError) as e:

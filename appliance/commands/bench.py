@@ -36,6 +36,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from appliance.bench import run_bench
     from appliance.inference.factory import available_backends
+    from appliance.pipeline.analyzer import STAGES
 
     backends = args.backend or available_backends()
     if not backends:
@@ -65,8 +66,6 @@ def run(args: argparse.Namespace) -> int:
     m = res["machine"]
     print(f"{res['source']} on {m['cpu']} ({m['cores']} cores)\n")
     rows = []
-    from appliance.pipeline.analyzer import STAGES
-
     stages = ["headers", "decode", *STAGES, "case_logic"]
     for be, r in res["backends"].items():
         if "error" in r:
