@@ -123,6 +123,20 @@ def test_measure_slice_counts_sides_density_and_distribution():
     assert measure_slice(hu, np.zeros_like(LUNGS), les, PX).lung == 0
 
 
+def test_consolidation_the_lung_mask_left_out_counts_as_lung_and_lesion():
+    """The valid-area region is aerated lung: a dependent consolidation lies outside it, yet is lung and lesion."""
+    hu = chest(0)
+    dense = ellipse(*RIGHT_LUNG) & (YY > 330)  # the posterior third of the right lung, consolidated
+    hu[dense] = 20.0
+    aerated = LUNGS & ~dense  # what the valid-area model holds
+    m = measure_slice(hu, aerated, dense, PX)
+    whole = measure_slice(hu, LUNGS, dense, PX)
+    assert m.lesion_right > 0 and m.consolidation >= 0.95 * m.lesion, m
+    assert (m.lung_right, m.lesion_right, m.consolidation) == (whole.lung_right, whole.lesion_right,
+                                                               whole.consolidation)
+    assert m.lesion_right > 0.2 * m.lung_right  # a third of the right lung, not the sliver at the mask's edge
+
+
 def test_measure_slice_is_fast():
     hu = chest(0)
     les = ggo_patch(hu, 385, 150, 30, 0)

@@ -157,7 +157,7 @@ class Analyzer:
             s, rect, crop, prob = slices[i], rects[j], crop_rects[j], probs[j]
             area = areas[i]
             boxes = self.lesion.boxes(prob, crop, s.shape, rect.center,
-                                      inside=area.contains if area is not None else None,
+                                      inside=area.holds if area is not None else None,
                                       crop_is_slice=s.hu is None)
             frac = float((prob >= self.lesion.threshold).mean())
             found[i] = SliceFinding(s.key, s.position, s.shape, rect, boxes, float(prob.max()), frac,

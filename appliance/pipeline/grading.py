@@ -121,8 +121,10 @@ def measure_slice(hu: np.ndarray, lung_mask: np.ndarray, lesion_mask: np.ndarray
                   spacing_mm: tuple[float, float] | float) -> SliceMeasures:
     """Measures of one slice: hu, lung_mask and lesion_mask at slice scale (display orientation).
 
-    Lesion pixels count only inside the lung mask; sides split at the mediastinum (the column with least lung
-    between the lungs). Peripheral: distance from the thoracic envelope (`thoracic_envelope`) ≤
+    The lung is the lung mask and the lesion mask together: the lung mask (the valid-area region) is aerated
+    lung, and consolidation or the dense opacity of a severely diseased lung lies outside it, yet is lung (the
+    lesion boxes are kept only in the lung: `appliance.pipeline.lesions`). Sides split at the mediastinum (the
+    column with least lung between the lungs). Peripheral: distance from the thoracic envelope (`thoracic_envelope`) ≤
     `PERIPHERAL_THIRD` × the deepest lung pixel of that side. Work is done on the lung's bounding box, reduced
     like solid.py (≤ `WORK_MM` per pixel).
     """
@@ -130,6 +132,8 @@ def measure_slice(hu: np.ndarray, lung_mask: np.ndarray, lesion_mask: np.ndarray
     px = float(math.sqrt(sy * sx))
     f = _factor(px)
     out = SliceMeasures(pixel_mm2=round((px * f) ** 2, 4))
+    if lung_mask.any() and lesion_mask is not None:
+        lung_mask = lung_mask | lesion_mask
     rows = np.flatnonzero(lung_mask.any(axis=1))
     if rows.size == 0:
         return out

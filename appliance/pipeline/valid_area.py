@@ -31,10 +31,17 @@ class LungArea:
 
     def contains(self, y: float, x: float) -> bool:
         """Is the slice point (y, x) inside the (dilated) lung region?"""
-        r = int((y + self.offset[0]) / self.scale)
-        c = int((x + self.offset[1]) / self.scale)
+        return bool(self.holds(np.array([y]), np.array([x]))[0])
+
+    def holds(self, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
+        """Which slice points (ys, xs) lie inside the (dilated) lung region: `contains` for many points."""
+        r = np.floor((np.asarray(ys, np.float64) + self.offset[0]) / self.scale).astype(np.int64)
+        c = np.floor((np.asarray(xs, np.float64) + self.offset[1]) / self.scale).astype(np.int64)
         h, w = self.region.shape
-        return 0 <= r < h and 0 <= c < w and bool(self.region[r, c])
+        ok = (r >= 0) & (r < h) & (c >= 0) & (c < w)
+        out = np.zeros(r.shape, bool)
+        out[ok] = self.region[r[ok], c[ok]]
+        return out
 
 
 def square_pad(hu: np.ndarray, fill: float = -1024.0) -> tuple[np.ndarray, tuple[int, int]]:
