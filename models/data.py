@@ -248,6 +248,10 @@ def prepare_valid_area(cache: Path = CACHE, version: int = 1) -> Path:
     version 2 adds the COVID-CT-MD pneumonia series cap001 (Siemens, JPEG Lossless, 2 mm: lung bases beside a
     large gas-filled stomach and colon, where valid-area 1.3.3 boxed the stomach and missed the basal lung), and
     drops from every label the mask components whose mean is below GAS_MEAN_HU (gas, as the appliance does).
+    version 3 adds diseased lung to the labels: the HU labeler stops at −320 HU, so consolidation and the dense,
+    dependent opacity of a severely diseased lung were taught as "not lung" (NY-SBU's severe COVID-19 slices,
+    cap001's consolidation). Where the labeler finds lung, the lesion boxes the appliance keeps on that slice
+    (`lesion_teacher`: the shipped bundles) join the label, inside the body and below bone density.
     P001 stays out: it is the check."""
     out = cache / (f"valid_area_{VALID_SIZE}.npz" if version == 1 else f"valid_area{version}_{VALID_SIZE}.npz")
     if out.exists():
@@ -255,6 +259,7 @@ def prepare_valid_area(cache: Path = CACHE, version: int = 1) -> Path:
     cache.mkdir(parents=True, exist_ok=True)
     X, Y, src, split = [], [], [], []
     slices = valid_area_slices()
+    teacher = lesion_teacher() if version >= 3 else None
     if version >= 2:
         slices += [HUSlice("cap001", hu, pa) for hu, pa, _ in ctmd_series("cap001")]
     for k, s in enumerate(slices):
@@ -268,12 +273,42 @@ def prepare_valid_area(cache: Path = CACHE, version: int = 1) -> Path:
         m = lung_mask(hu, s.pixel_area)
         if version >= 2:
             m = _drop_gas(m, hu)
+        if version >= 3 and m.any():
+            m = _with_lesion(m, hu, s.pixel_area, teacher)
         X.append(to_uint8(resize(window(hu), (VALID_SIZE, VALID_SIZE))))
         Y.append((resize(m.astype(np.float32), (VALID_SIZE, VALID_SIZE)) > 0.5).astype(np.uint8) * 255)
         src.append(s.source)
         split.append("val" if k % 5 == 0 else "train")
     np.savez_compressed(out, x=np.stack(X), y=np.stack(Y), src=np.array(src), split=np.array(split))
     return out
+
+
+def lesion_teacher():
+    """The shipped appliance analyzer (valid area + lesion), to find diseased lung for the valid-area labels."""
+    from appliance.config import AnalysisConfig
+    from appliance.pipeline.analyzer import Analyzer
+
+    return Analyzer.load(AnalysisConfig(backend="auto", workers=1))
+
+
+def _with_lesion(mask: np.ndarray, hu: np.ndarray, pixel_area: float, teacher) -> np.ndarray:
+    """The lung label with the lesions the appliance keeps on this (square) slice added: inside the body, below
+    bone density, holes filled."""
+    from scipy import ndimage as ndi
+
+    from appliance.domain import SliceImage
+    from appliance.pipeline.classic_lung import body_mask
+    from appliance.pipeline.grading import lesion_at_slice
+
+    sp = float(np.sqrt(pixel_area))
+    img = SliceImage("teacher", "", "", 0.0, hu=hu.astype(np.float32), pixel_spacing=(sp, sp))
+    (f,) = teacher.findings([img], keep_prob=True)
+    if not f.boxes or f.prob is None:
+        return mask
+    les = lesion_at_slice(f.prob.astype(np.float32), teacher.lesion.threshold, f.prob_rect,
+                          [b.rect for b in f.boxes], hu.shape)
+    les &= body_mask(hu) & (hu < 300.0)
+    return ndi.binary_fill_holes(mask | les)
 
 
 def _drop_gas(mask: np.ndarray, hu: np.ndarray) -> np.ndarray:

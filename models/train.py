@@ -93,6 +93,50 @@ def paste_masses(x: torch.Tensor, y: torch.Tensor, g: torch.Generator, p: float)
     return out.clamp(0, 1)
 
 
+def paste_consolidation(x: torch.Tensor, y: torch.Tensor, g: torch.Generator, p: float) -> torch.Tensor:
+    """Synthetic diseased lung for the valid-area model: on a share `p` of samples with lung, part of one lung —
+    its dependent (posterior) part below a random level, a patch, or the whole lung — turns to consolidation or
+    dense ground glass (soft-tissue to −450 HU in the lung window, textured, a few aerated islands left); the
+    target stays lung. The HU labeler cannot show the model such lung (it stops at −320 HU)."""
+    from scipy import ndimage as ndi
+
+    B, _, H, W = x.shape
+    u = lambda *s: torch.rand(*s, generator=g)  # noqa: E731
+    out = x.clone()
+    for i in range(B):
+        if float(u(1)) >= p:
+            continue
+        lab, n = ndi.label(y[i, 0].numpy() > 0.5)
+        if n == 0:
+            continue
+        k = 1 + int(float(u(1)) * n)
+        lung = torch.from_numpy(lab == min(k, n))
+        rows = lung.any(1).nonzero()
+        if len(rows) < 4:
+            continue
+        r0, r1 = int(rows[0]), int(rows[-1])
+        yy, xx = torch.meshgrid(torch.arange(H, dtype=torch.float32), torch.arange(W, dtype=torch.float32), indexing="ij")
+        mode = float(u(1))
+        if mode < 0.35:  # dependent: below a level (display orientation: posterior is down)
+            region = lung & (yy >= r0 + (r1 - r0) * (0.2 + 0.6 * float(u(1))))
+        elif mode < 0.65:  # a patch
+            pts = lung.nonzero()
+            cy, cx = (float(v) for v in pts[int(float(u(1)) * len(pts))])
+            rad = (0.08 + 0.2 * float(u(1))) * H
+            region = lung & (((yy - cy) ** 2 + (xx - cx) ** 2) <= rad * rad)
+        else:  # the whole lung
+            region = lung
+        if int(region.sum()) < 10:
+            continue
+        islands = blur(torch.randn(1, 1, H, W, generator=g), 1.5)[0, 0]
+        keep_air = islands / islands.std() > (1.0 + float(u(1)))  # aerated islands (2–16 % of the region)
+        level = 0.6 + 0.33 * float(u(1))  # −450 … +50 HU in the [−1350, 150] window
+        tex = level + 0.03 * blur(torch.randn(1, 1, H, W, generator=g), 1.0)[0, 0] / 0.25
+        soft = blur((region & ~keep_air).float()[None, None], 0.7)[0, 0]
+        out[i, 0] = out[i, 0] * (1 - soft) + torch.maximum(tex, out[i, 0]) * soft
+    return out.clamp(0, 1)
+
+
 def correlated_noise(x: torch.Tensor, g: torch.Generator, p: float, max_sd: float = 0.06) -> torch.Tensor:
     """CT-like noise on a share `p` of the batch: white noise blurred (sigma 0.5-1.1 px at the model's size, as a
     sharp lung kernel's noise after the lung box is resized to 224) and scaled to an SD drawn from 0.01-`max_sd`.
@@ -116,6 +160,8 @@ def augment(x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, g: torch.Generat
     u = lambda *s: torch.rand(*s, generator=g)  # noqa: E731
     if cfg.extra.get("masses", 0.0):
         x = paste_masses(x, y, g, float(cfg.extra["masses"]))
+    if cfg.extra.get("consolidate", 0.0):
+        x = paste_consolidation(x, y, g, float(cfg.extra["consolidate"]))
     if cfg.dihedral:
         xs, ys = [], []
         for i in range(B):

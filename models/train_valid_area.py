@@ -29,7 +29,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=1200)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--data", type=int, default=2, choices=[1, 2], help="training-set version (models.data)")
+    ap.add_argument("--data", type=int, default=2, choices=[1, 2, 3], help="training-set version (models.data)")
+    ap.add_argument("--consolidate", type=float, default=0.0,
+                    help="share of lung samples given synthetic consolidation (models.train.paste_consolidation)")
     a = ap.parse_args(argv)
     d = np.load(prepare_valid_area(version=a.data))
     x, y, split = d["x"], d["y"], d["split"]
@@ -53,7 +55,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = TrainConfig(name=a.name, task="valid-area", width=a.width, levels=a.levels, size=a.size,
                       steps=a.steps, batch=8, lr=3e-3, seed=a.seed, threads=a.threads, eval_every=100,
                       dihedral=False, rotate_deg=8.0, scale=(0.85, 1.15), intensity=0.5,
-                      mix={"lung": 6, "none": 2})
+                      mix={"lung": 6, "none": 2}, extra={"consolidate": a.consolidate})
     run(cfg, data, validate, lambda m: m["dice"] + m["lung_decision_acc"])
 
 

@@ -278,3 +278,22 @@ def test_checkpoint_choice_by_score_or_the_last_step():
     assert not keeps(0.5, 0.6, 1000, 1000)  # a worse last step stays out ...
     assert keeps(0.5, 0.6, 1000, 1000, keep_last=True)  # ... unless validation was trained on
     assert not keeps(0.5, 0.6, 800, 1000, keep_last=True)
+
+
+def test_synthetic_consolidation_darkens_nothing_and_stays_in_the_lung():
+    torch = train_extra("torch")
+    from scipy import ndimage as ndi
+
+    from models.train import paste_consolidation
+
+    x = torch.full((6, 1, 96, 96), 0.95)  # soft tissue in the lung window
+    y = torch.zeros((6, 1, 96, 96))
+    y[:, 0, 20:70, 12:42] = 1.0  # two lungs
+    y[:, 0, 20:70, 54:84] = 1.0
+    x[y > 0] = 0.35  # aerated lung
+    out = paste_consolidation(x, y, torch.Generator().manual_seed(0), 1.0)
+    changed = (out - x).abs()[:, 0] > 1e-4
+    near_lung = torch.from_numpy(ndi.binary_dilation(y[0, 0].numpy() > 0, iterations=3))
+    assert changed.any(), "p = 1: every sample with lung gets some consolidation"
+    assert not (changed & ~near_lung).any(), "only the lung (and its blurred edge) changes"
+    assert (out >= x - 1e-6).all(), "consolidation only makes lung denser"
