@@ -103,6 +103,7 @@ def paste_consolidation(x: torch.Tensor, y: torch.Tensor, g: torch.Generator, p:
     B, _, H, W = x.shape
     u = lambda *s: torch.rand(*s, generator=g)  # noqa: E731
     out = x.clone()
+    yy, xx = torch.meshgrid(torch.arange(H, dtype=torch.float32), torch.arange(W, dtype=torch.float32), indexing="ij")
     for i in range(B):
         if float(u(1)) >= p:
             continue
@@ -115,7 +116,6 @@ def paste_consolidation(x: torch.Tensor, y: torch.Tensor, g: torch.Generator, p:
         if len(rows) < 4:
             continue
         r0, r1 = int(rows[0]), int(rows[-1])
-        yy, xx = torch.meshgrid(torch.arange(H, dtype=torch.float32), torch.arange(W, dtype=torch.float32), indexing="ij")
         mode = float(u(1))
         if mode < 0.35:  # dependent: below a level (display orientation: posterior is down)
             region = lung & (yy >= r0 + (r1 - r0) * (0.2 + 0.6 * float(u(1))))
