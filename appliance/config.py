@@ -90,10 +90,14 @@ class WatchConfig:
 @dataclass
 class SeriesConfig:
     quiet_seconds: float = 5.0  # a series is complete after this long without a new slice
+    # ... or after this long, when its slices look like part of a series (the lung goes on past an end slice,
+    # slices missing in between: a paused export); not longer than quiet_seconds: off
+    partial_quiet_seconds: float = 60.0
     max_open_series: int = 16  # beyond this many series in flight, the one quiet the longest is completed
 
     def validate(self, where: str) -> None:
         _range(where, "quiet_seconds", self.quiet_seconds, 0.1, 3600)
+        _range(where, "partial_quiet_seconds", self.partial_quiet_seconds, 0.0, 3600)
         _range(where, "max_open_series", self.max_open_series, 1, 1000)
 
 

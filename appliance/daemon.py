@@ -108,7 +108,8 @@ class Daemon:
         self.spool = Spool(self.state_dir, cfg.watch.min_free_mb, notify=self._wake.set)
         # the daemon reads DICOM only: spacing is physical, the whole rule applies
         self.tracker = SeriesTracker(CaseRule.from_config(cfg.analysis), quiet_seconds=cfg.series.quiet_seconds,
-                                     max_open=cfg.series.max_open_series)
+                                     max_open=cfg.series.max_open_series,
+                                     partial_quiet_seconds=cfg.series.partial_quiet_seconds)
         self.topics = msg.Topics(cfg.mqtt.prefix, cfg.device_id)
         self.analyzer = analyzer
         self.transport = transport

@@ -68,6 +68,8 @@ def test_with_overrides_returns_a_checked_copy():
     assert (new.watch.dir, new.series.quiet_seconds, new.device_id) == ("/srv/ct", 2.0, "ct-2")
     assert cfg.watch.dir == "" and cfg.device_id == "ct-room-1"  # the original is untouched
     for overrides, msg in [({"series.quiet_seconds": 0}, "[series] quiet_seconds: must be between 0.1 and 3600"),
+                           ({"series.partial_quiet_seconds": -1},
+                            "[series] partial_quiet_seconds: must be between 0 and 3600"),
                            ({"mqtt.url": "http://x"}, "[mqtt] url: must start with mqtt://"),
                            ({"device_id": "a/b"}, "device_id: letters, digits"),
                            ({"watch.dirr": "/x"}, "unknown key 'watch.dirr'"),

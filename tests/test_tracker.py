@@ -179,3 +179,44 @@ def test_min_foci_holds_a_single_focus_back_until_a_second_one_arrives():
     final = one.complete("1.2.3", "test").verdict
     assert final.result == "negative" and final.state == "final" and final.evidence is None
     assert final.focal.quadrant == "upper-left" and "single focal lesion" in final.reason
+
+
+def chest_arrival(k: int, n: int = 40, quadrant: str | None = None) -> Arrival:
+    """Slice k of an n-slice chest series: no lung on the 4 slices at either end."""
+    f = finding(k, quadrant, lung=4 <= k < n - 4)
+    return Arrival("S", "T", (float(k), 0, f"s{k}"), f, f"sop-{k}")
+
+
+def test_a_paused_export_is_not_made_final_on_its_first_part():
+    t = SeriesTracker(CaseRule.chen2020(min_slices=1), quiet_seconds=5.0, max_open=16, partial_quiet_seconds=60.0)
+    lesion = {k: "lower-left" for k in range(26, 32)}  # the run lies in the part still to come
+    t.add([chest_arrival(k, quadrant=lesion.get(k)) for k in range(20)], now=0.0)
+    assert t.tick(now=30.0, idle_since=1.0) == [], "the lung goes on below slice 19: wait, do not go final"
+    assert t.waiting(30.0) == {"S": "the lung goes on below the last slice received"}
+    ups = t.add([chest_arrival(k, quadrant=lesion.get(k)) for k in range(20, 40)], now=31.0)
+    assert [(u.kind, u.verdict.result) for u in ups] == [("provisional", "positive")]
+    assert t.tick(now=35.0, idle_since=32.0) == [] and t.waiting(35.0) == {}
+    ups = t.tick(now=36.5, idle_since=32.0)
+    assert [(u.kind, u.verdict.result, u.complete_reason) for u in ups] == [
+        ("final", "positive", "quiet: no new slice for 5 s")]
+
+
+def test_a_series_that_stays_incomplete_goes_final_after_the_longer_quiet_with_the_reason():
+    t = SeriesTracker(CaseRule.chen2020(min_slices=1), quiet_seconds=5.0, max_open=16, partial_quiet_seconds=60.0)
+    t.add([chest_arrival(k) for k in range(20) if k not in (10, 11)], now=0.0)
+    assert t.tick(now=59.0, idle_since=1.0) == []
+    ups = t.tick(now=60.0, idle_since=1.0)
+    assert len(ups) == 1 and ups[0].kind == "final" and ups[0].verdict.result == "negative"
+    assert ups[0].complete_reason == ("quiet: no new slice for 60 s, though the series looks incomplete "
+                                      "(2 slices missing between z -12 and -9 mm)")
+    assert t.waiting(61.0) == {}
+
+
+def test_a_whole_series_goes_final_after_the_plain_quiet_time():
+    t = SeriesTracker(CaseRule.chen2020(min_slices=1), quiet_seconds=5.0, max_open=16, partial_quiet_seconds=60.0)
+    t.add([chest_arrival(k) for k in range(40)], now=0.0)
+    ups = t.tick(now=5.0, idle_since=1.0)
+    assert [(u.kind, u.complete_reason) for u in ups] == [("final", "quiet: no new slice for 5 s")]
+    off = SeriesTracker(CaseRule.chen2020(min_slices=1), quiet_seconds=5.0, max_open=16, partial_quiet_seconds=2.0)
+    off.add([chest_arrival(k) for k in range(20)], now=0.0)
+    assert [u.kind for u in off.tick(now=5.0, idle_since=1.0)] == ["final"], "not longer than quiet: off"

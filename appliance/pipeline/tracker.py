@@ -7,7 +7,10 @@ quiet timer survives a restart). A series emits at most:
     from positive again (a late slice broke the run: slices arrive out of order, so the rule is re-checked on the
     sorted set);
   * one `final` update when it is complete: expected slice count reached, a completion hint (end marker,
-    association released), more series in flight than allowed, or a quiet time without new slices.
+    association released), more series in flight than allowed, or a quiet time without new slices — the longer
+    `partial_quiet_seconds` when the slices so far look like part of a series (`appliance.pipeline.coverage`:
+    the lung goes on past an end slice, or slices are missing in between), so that a paused export does not
+    make the verdict final on half the lung.
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ from typing import Literal
 
 from appliance.domain import SeriesVerdict, SliceFinding
 from appliance.pipeline.case_logic import CaseRule, decide
+from appliance.pipeline.coverage import partial_reason
 
 UpdateKind = Literal["provisional", "final"]
 
@@ -74,11 +78,17 @@ class TrackedSeries:
 
 
 class SeriesTracker:
-    """Open series and when they complete; `rule` is the case rule every caller shares (`CaseRule.from_config`)."""
+    """Open series and when they complete; `rule` is the case rule every caller shares (`CaseRule.from_config`).
 
-    def __init__(self, rule: CaseRule, *, quiet_seconds: float, max_open: int) -> None:
+    partial_quiet_seconds: the quiet time for a series whose slices look like part of one (None or not longer
+    than quiet_seconds: the same quiet time for every series).
+    """
+
+    def __init__(self, rule: CaseRule, *, quiet_seconds: float, max_open: int,
+                 partial_quiet_seconds: float | None = None) -> None:
         self.rule = rule
         self.quiet_seconds, self.max_open = quiet_seconds, max_open
+        self.partial_quiet_seconds = max(quiet_seconds, partial_quiet_seconds or 0.0)
         self.open: dict[str, TrackedSeries] = {}
 
     # -- state -------------------------------------------------------------------------------------------------
@@ -145,7 +155,8 @@ class SeriesTracker:
         return True
 
     def tick(self, now: float, idle_since: float | None = None) -> list[Update]:
-        """Finals for series that are complete now: a pending hint, or quiet for `quiet_seconds`.
+        """Finals for series that are complete now: a pending hint, or quiet for `quiet_seconds` (for
+        `partial_quiet_seconds` while the slices look like part of a series; the reason says why).
 
         idle_since: when the input queue last became empty (None: it is not empty). Slices still waiting in the
         queue may belong to any series, so a series completes only while nothing waits. The quiet time counts
@@ -158,7 +169,22 @@ class SeriesTracker:
             if s.hint:
                 out.append(self.complete(uid, s.hint))
             elif idle_since is not None and now - s.last_seen >= self.quiet_seconds:
-                out.append(self.complete(uid, f"quiet: no new slice for {self.quiet_seconds:g} s"))
+                partial = partial_reason(s.findings) if self.partial_quiet_seconds > self.quiet_seconds else None
+                if partial is None:
+                    out.append(self.complete(uid, f"quiet: no new slice for {self.quiet_seconds:g} s"))
+                elif now - s.last_seen >= self.partial_quiet_seconds:
+                    out.append(self.complete(uid, f"quiet: no new slice for {self.partial_quiet_seconds:g} s, "
+                                                  f"though the series looks incomplete ({partial})"))
+        return out
+
+    def waiting(self, now: float) -> dict[str, str]:
+        """Series quiet for `quiet_seconds` but held open because they look incomplete: uid -> why."""
+        out = {}
+        for uid, s in self.open.items():
+            if not s.hint and now - s.last_seen >= self.quiet_seconds:
+                partial = partial_reason(s.findings) if self.partial_quiet_seconds > self.quiet_seconds else None
+                if partial is not None:
+                    out[uid] = partial
         return out
 
     def complete(self, uid: str, reason: str) -> Update:

@@ -79,6 +79,7 @@ class Intake:
         self._hints: list[_Hint] = []
         self._hold = 0
         self._idle_since: float | None = None
+        self._held: set[str] = set()  # series held open because they look incomplete (logged once)
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode")
         self._prefetch: tuple[list[Path], Future] | None = None
 
@@ -173,7 +174,18 @@ class Intake:
         self._apply_hints(pending)
         for u in self.tracker.tick(time.time(), self._idle_since):
             self.on_update(u, time.time())
+        if self._idle_since is not None:
+            self._log_held(time.time())
         return busy
+
+    def _log_held(self, now: float) -> None:
+        """Say once per series why its final verdict waits longer than the quiet time."""
+        waiting = self.tracker.waiting(now)
+        for uid, why in waiting.items():
+            if uid not in self._held:
+                log.info("series %s looks incomplete (%s): its final verdict waits for more slices, up to %g s "
+                         "without one", pseudonym(self.secret, uid), why, self.tracker.partial_quiet_seconds)
+        self._held = set(waiting)
 
     def _read(self, paths: list[Path]) -> list[_Read]:
         out = []
