@@ -146,6 +146,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--corr-noise", type=float, default=0.0, metavar="P",
                     help="share of slices given CT-like (correlated) noise, SD 0.01 to --corr-noise-max")
     ap.add_argument("--corr-noise-max", type=float, default=0.06)
+    ap.add_argument("--teacher", action="append", default=[], metavar="MODEL_ONNX",
+                    help="distil: the taught groups learn the mean map of these exported models (repeat), e.g. "
+                         "the shipped ensemble's models/bundles/lesion-2.0.0/model.onnx")
+    ap.add_argument("--teach", default="pseudo", help="groups whose targets the teachers give (comma-separated)")
     ap.add_argument("--pack", type=Path, help="write the data cache as one compact file and exit")
     ap.add_argument("--packed", default="", help="train from a file written by --pack")
     a = ap.parse_args(argv)
@@ -160,7 +164,8 @@ def main(argv: list[str] | None = None) -> None:
                              "blob_full": a.blob_start + 500, "noncovid_weight": a.noncovid_weight,
                              "pseudo_weight": a.pseudo_weight, "init": a.init,
                              "corr_noise": a.corr_noise, "corr_noise_max": a.corr_noise_max,
-                             "keep_every": a.keep_every,
+                             "keep_every": a.keep_every, "teachers": a.teacher,
+                             "teach_groups": a.teach.split(","),
                              "max_minutes": a.max_minutes})
     data, val = load(cfg, a.packed)
     run(cfg, data, make_validate(val), score)
