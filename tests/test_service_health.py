@@ -137,3 +137,25 @@ def test_reannounce_repeats_the_last_status(setup):
     h.published_status = ("degraded", "disk full")
     h.reannounce()
     assert b'"degraded"' in t.statuses[-1] and b"disk full" in t.statuses[-1]
+
+
+def test_status_says_which_series_wait_because_they_look_incomplete(setup):
+    from appliance.commands.status import _render
+    from appliance.domain import Rect
+    from appliance.pipeline.tracker import Arrival
+
+    h = setup.health
+    h.tracker = SeriesTracker(CaseRule.from_config(setup.cfg.analysis), quiet_seconds=5, max_open=4,
+                              partial_quiet_seconds=60)
+    t0 = time.time() - 10  # quiet for 10 s: past the quiet time, within the longer one
+    lung = Rect(10, 10, 90, 90)
+    cut = [SliceFinding(f"c{k}", -2.0 * k, (100, 100), lung if k >= 3 else None) for k in range(12)]  # lung to the end
+    whole = [SliceFinding(f"w{k}", -2.0 * k, (100, 100), lung if 3 <= k < 9 else None) for k in range(12)]
+    h.tracker.add([Arrival("cut", "S1", (float(k), 0, f.key), f, f.key, arrived=t0) for k, f in enumerate(cut)]
+                  + [Arrival("whole", "S2", (float(k), 0, f.key), f, "w" + f.key, arrived=t0)
+                     for k, f in enumerate(whole)], now=t0)
+    assert [s["looks_incomplete"] for s in h.status()["open_series"]] == [
+        "the lung goes on below the last slice received", None]
+    text = _render({"running": False, "heartbeat_age_s": None, "daemon_state": "stopped", "state_dir": "/s",
+                    "queue": 0, "open_series": h.status()["open_series"]})
+    assert text.count("looks incomplete (the lung goes on below the last slice received): waiting") == 1

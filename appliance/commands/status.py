@@ -176,7 +176,9 @@ def _render(i: dict[str, Any]) -> str:
     for s in i.get("open_series", []):
         lines.append(f"in flight: series {s['series_key']} (study {s['study_key']}): {s['slices']} slice(s)"
                      + (f" of {s['expected']}" if s.get("expected") else "")
-                     + (f", provisional {s['provisional']}" if s.get("provisional") else ""))
+                     + (f", provisional {s['provisional']}" if s.get("provisional") else "")
+                     + (f"; looks incomplete ({s['looks_incomplete']}): waiting for more slices"
+                        if s.get("looks_incomplete") else ""))
     if i.get("recent_verdicts"):
         lines.append("recent verdicts:")
         for v in i["recent_verdicts"]:

@@ -180,9 +180,9 @@ class SeriesTracker:
     def waiting(self, now: float) -> dict[str, str]:
         """Series quiet for `quiet_seconds` but held open because they look incomplete: uid -> why."""
         out = {}
-        for uid, s in self.open.items():
+        for uid, s in list(self.open.items()):  # also read by the status thread
             if not s.hint and now - s.last_seen >= self.quiet_seconds:
-                partial = partial_reason(s.findings) if self.partial_quiet_seconds > self.quiet_seconds else None
+                partial = partial_reason(list(s.findings)) if self.partial_quiet_seconds > self.quiet_seconds else None
                 if partial is not None:
                     out[uid] = partial
         return out
