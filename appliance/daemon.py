@@ -186,7 +186,7 @@ class Daemon:
             from appliance.ingest.watch_folder import WatchFolder
 
             self.watch = WatchFolder(Path(self.cfg.watch.dir).expanduser(), self.spool, self.cfg.watch,
-                                     on_hint=self.series_complete_hint)
+                                     on_hint=lambda uid, why: self.series_complete_hint(uid, why, weak=False))
             self.watch.start()
         if self.cfg.dicom.enabled:
             self._start_dicom_node()
@@ -278,10 +278,13 @@ class Daemon:
                 self._wake.clear()
 
     # == plug-in points ============================================================================================
-    def series_complete_hint(self, series_uid: str, reason: str = "sender: association released") -> None:
-        """A sender says this series is complete (DICOM association released, end marker). Applied once every
-        file spooled before this call has been analysed; ignored for a series that is not in flight then."""
-        self.intake.hint(series_uid, reason)
+    def series_complete_hint(self, series_uid: str, reason: str = "sender: association released",
+                             weak: bool = True) -> None:
+        """A sender says this series is complete (DICOM association released; an end marker, not `weak`). Applied
+        once every file spooled before this call has been analysed; ignored for a series that is not in flight
+        then. A weak signal completes a series only when its slices do not look like part of one
+        (`SeriesTracker.hint`): some senders release an association after every image."""
+        self.intake.hint(series_uid, reason, weak)
 
     def add_subscription(self, topic: str, handler: Callable[[str, bytes], None]) -> None:
         """Route MQTT messages matching `topic` (a filter, + and # allowed) to handler(topic, payload). Handlers run

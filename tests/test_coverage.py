@@ -58,3 +58,11 @@ def test_lung_area_from_measures_where_every_slice_has_them():
         f.measures = SliceMeasures(pixel_mm2=0.5, lung_right=100, lung_left=50)
     assert list(lung_areas(s)) == [75.0] * 10
     assert partial_reason(s) == "the lung goes on above the first and below the last slice received"
+
+
+def test_a_cut_near_the_lungs_end_looks_whole_but_not_ended():
+    s = chest()[:32]  # the last slice holds about a tenth of the largest lung area: a tight scan looks like this
+    share = lung_areas(s)[-1] / lung_areas(s).max()
+    assert 0.05 < share < 0.25
+    assert partial_reason(s) is None
+    assert partial_reason(s, end_share=0.05) == "the lung goes on below the last slice received"

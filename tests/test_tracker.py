@@ -220,3 +220,31 @@ def test_a_whole_series_goes_final_after_the_plain_quiet_time():
     off = SeriesTracker(CaseRule.chen2020(min_slices=1), quiet_seconds=5.0, max_open=16, partial_quiet_seconds=2.0)
     off.add([chest_arrival(k) for k in range(20)], now=0.0)
     assert [u.kind for u in off.tick(now=5.0, idle_since=1.0)] == ["final"], "not longer than quiet: off"
+
+
+def test_an_association_released_after_part_of_a_series_does_not_complete_it():
+    """A sender that releases its association after every image (or splits a series): the release is a weak
+    signal, so the series completes when its slices look whole, not at the first release."""
+    t = SeriesTracker(CaseRule.chen2020(min_slices=1), quiet_seconds=5.0, max_open=16, partial_quiet_seconds=60.0)
+    done = None
+    for k in range(40):
+        t.add([chest_arrival(k)], now=float(k))
+        assert t.hint("S", "sender: association released", weak=True)
+        ups = t.tick(now=k + 0.1, idle_since=k + 0.05)
+        if ups:
+            done = k, ups
+            break
+    # not above the apices (no lung yet), not while the lung goes on: on the first slice below the lung (36)
+    assert done is not None and done[0] == 36
+    assert [(u.kind, u.complete_reason) for u in done[1]] == [("final", "sender: association released")]
+
+
+def test_an_end_marker_completes_even_a_partial_looking_series():
+    t = SeriesTracker(CaseRule.chen2020(min_slices=1), quiet_seconds=5.0, max_open=16, partial_quiet_seconds=60.0)
+    t.add([chest_arrival(k) for k in range(20)], now=0.0)
+    t.hint("S", "end marker: end.txt received")
+    assert [u.complete_reason for u in t.tick(now=0.1)] == ["end marker: end.txt received"]
+    t.add([chest_arrival(k) for k in range(20)], now=0.0)
+    t.hint("S", "sender: association released", weak=True)
+    assert t.tick(now=0.1) == [] and "S" in t.open, "weak, and the lung goes on: the quiet time decides"
+    assert [u.kind for u in t.tick(now=61.0, idle_since=1.0)] == ["final"]

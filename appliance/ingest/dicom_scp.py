@@ -115,16 +115,16 @@ class SpoolSink:
     """The daemon's InstanceSink: each received instance into the spool (durably, before the sender gets its success
     status; SpoolFull is an ENOSPC OSError → 0xA700), each released association as a completion hint."""
 
-    def __init__(self, spool: Spool, hint: Callable[[str, str], None]) -> None:
+    def __init__(self, spool: Spool, hint: Callable[[str, str, bool], None]) -> None:
         self.spool = spool
-        self.hint = hint  # hint(series_uid, reason): the daemon's series_complete_hint
+        self.hint = hint  # hint(series_uid, reason, weak): the daemon's series_complete_hint
 
     def accept(self, data: bytes, sop_instance_uid: str, series_uid: str) -> None:
         self.spool.accept(data)
 
     def association_released(self, series_uids: set[str]) -> None:
         for uid in sorted(series_uids):
-            self.hint(uid, "sender: association released")
+            self.hint(uid, "sender: association released", True)  # weak: some senders release after every image
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from typing import Literal
 
 from appliance.domain import SeriesVerdict, SliceFinding
 from appliance.pipeline.case_logic import CaseRule, decide
-from appliance.pipeline.coverage import partial_reason
+from appliance.pipeline.coverage import ENDED_LUNG_SHARE, lung_areas, partial_reason
 
 UpdateKind = Literal["provisional", "final"]
 
@@ -61,6 +61,7 @@ class TrackedSeries:
     ids: set[str] = field(default_factory=set)
     announced: str | None = None  # provisional result last announced (None: nothing announced yet)
     hint: str | None = None  # pending completion signal
+    hint_weak: bool = False  # the signal may come before the series is whole (a sender's association released)
 
     def add(self, order: tuple, finding: SliceFinding, ident: str) -> bool:
         """Insert in series order; False for a duplicate."""
@@ -146,13 +147,31 @@ class SeriesTracker:
             return Update(uid, "provisional", v)
         return None
 
-    def hint(self, uid: str, reason: str) -> bool:
-        """A completion signal for an open series (applied at the next tick); False when it is not open."""
+    def hint(self, uid: str, reason: str, *, weak: bool = False) -> bool:
+        """A completion signal for an open series (applied at the next tick); False when it is not open.
+
+        weak: a signal that can come before the series is whole — a DICOM association released (some senders
+        open one association per image, or split a series): it completes the series only when lung was seen and
+        the slices so far do not look like part of a series; otherwise the quiet time decides. An end marker is
+        not weak."""
         s = self.open.get(uid)
         if s is None:
             return False
-        s.hint = reason
+        s.hint, s.hint_weak = reason, weak
         return True
+
+    def _partial(self, s: TrackedSeries) -> str | None:
+        return partial_reason(list(s.findings)) if self.partial_quiet_seconds > self.quiet_seconds else None
+
+    def _looks_whole(self, s: TrackedSeries) -> bool:
+        """Lung seen, and it has ended at both end slices, with no slice missing (always, where the check is off):
+        the slices above the apices alone, sent one association each, are no whole series, nor are those down to
+        the lung's last few slices."""
+        if self.partial_quiet_seconds <= self.quiet_seconds:
+            return True
+        findings = list(s.findings)
+        return (bool(lung_areas(findings).max(initial=0.0) > 0)
+                and partial_reason(findings, end_share=ENDED_LUNG_SHARE) is None)
 
     def tick(self, now: float, idle_since: float | None = None) -> list[Update]:
         """Finals for series that are complete now: a pending hint, or quiet for `quiet_seconds` (for
@@ -166,10 +185,12 @@ class SeriesTracker:
         out = []
         for uid in list(self.open):
             s = self.open[uid]
+            if s.hint and s.hint_weak and not self._looks_whole(s):
+                s.hint = None  # the sender let go of part of the series: wait for the rest (or the quiet time)
             if s.hint:
                 out.append(self.complete(uid, s.hint))
             elif idle_since is not None and now - s.last_seen >= self.quiet_seconds:
-                partial = partial_reason(s.findings) if self.partial_quiet_seconds > self.quiet_seconds else None
+                partial = self._partial(s)
                 if partial is None:
                     out.append(self.complete(uid, f"quiet: no new slice for {self.quiet_seconds:g} s"))
                 elif now - s.last_seen >= self.partial_quiet_seconds:
@@ -182,7 +203,7 @@ class SeriesTracker:
         out = {}
         for uid, s in list(self.open.items()):  # also read by the status thread
             if not s.hint and now - s.last_seen >= self.quiet_seconds:
-                partial = partial_reason(list(s.findings)) if self.partial_quiet_seconds > self.quiet_seconds else None
+                partial = self._partial(s)
                 if partial is not None:
                     out[uid] = partial
         return out

@@ -57,6 +57,7 @@ class _Hint:
     reason: str
     watermark: str
     created: float
+    weak: bool = False
 
 
 class Intake:
@@ -84,11 +85,12 @@ class Intake:
         self._prefetch: tuple[list[Path], Future] | None = None
 
     # == control (any thread) ======================================================================================
-    def hint(self, series_uid: str, reason: str) -> None:
-        """A completion signal for a series, applied once every file spooled before this call has been analysed."""
+    def hint(self, series_uid: str, reason: str, weak: bool = False) -> None:
+        """A completion signal for a series, applied once every file spooled before this call has been analysed.
+        weak: it may come before the series is whole (`SeriesTracker.hint`)."""
         pend = self.spool.pending()
         with self._lock:
-            self._hints.append(_Hint(series_uid, reason, pend[-1].name if pend else "", time.time()))
+            self._hints.append(_Hint(series_uid, reason, pend[-1].name if pend else "", time.time(), weak))
         self.wake.set()
 
     def hold(self) -> None:
@@ -348,7 +350,7 @@ class Intake:
                 if time.time() - h.created < HINT_MAX_AGE_S:
                     keep.append(h)  # files spooled before the hint are still waiting
                 continue
-            if self.tracker.hint(h.series_uid, h.reason):
+            if self.tracker.hint(h.series_uid, h.reason, weak=h.weak):
                 log.info("completion signal for series %s: %s", pseudonym(self.secret, h.series_uid), h.reason)
         with self._lock:
             self._hints = keep + [h for h in self._hints if h not in hints]
