@@ -241,15 +241,18 @@ class Store:
 
     # -- series and studies ------------------------------------------------------------------------------------
     def series_seen(self, series_uid: str, study_uid: str, series_key: str, study_key: str, *, description: str = "",
-                    expected: int | None = None, now: float | None = None, labels: dict | None = None) -> None:
-        """Create the series row or move its last_seen; a late slice reopens a complete series."""
+                    expected: int | None = None, now: float | None = None, labels: dict | None = None,
+                    arrived: float | None = None) -> None:
+        """Create the series row or move its last_seen (to `arrived`, when the slice reached the appliance, else
+        `now`: the quiet time and the verdict latency count from arrival); a late slice reopens a complete series."""
         now = now or time.time()
+        seen = arrived or now
         self._x("""INSERT INTO series(series_uid, study_uid, series_key, study_key, description, expected, first_seen,
                    last_seen, labels, updated) VALUES (?,?,?,?,?,?,?,?,?,?)
                    ON CONFLICT(series_uid) DO UPDATE SET last_seen = max(last_seen, excluded.last_seen),
                    expected = coalesce(excluded.expected, expected), state = 'open', updated = excluded.updated,
                    labels = coalesce(labels, excluded.labels)""",
-                (series_uid, study_uid, series_key, study_key, description, expected, now, now,
+                (series_uid, study_uid, series_key, study_key, description, expected, seen, seen,
                  json.dumps(labels) if labels else None, now))
 
     def rejected_count(self, series_uid: str) -> int:

@@ -92,6 +92,10 @@ def test_series_lifecycle_reopen_and_rejected_count(tmp_path):
     assert (row["state"], row["first_seen"], row["last_seen"]) == ("open", 1.0, 3.0)
     assert s.rejected_count("1.2.3") == 1 and s.rejected_count("4.5") == 0
     assert verdict_from_dict(__import__("json").loads(row["verdict"])) == v
+    # analysed at 9 (a backlog), arrived at 4: the series was last seen when the slice arrived
+    s.series_seen("1.2.3", "9.9", "a" * 16, "b" * 16, now=9.0, arrived=4.0)
+    row = s.series("1.2.3")
+    assert (row["first_seen"], row["last_seen"], row["updated"]) == (1.0, 4.0, 9.0)
 
 
 def test_outbox_in_order_until_acknowledged(tmp_path):

@@ -267,16 +267,18 @@ class Intake:
                     continue
                 order = sort_key(dataclasses.replace(s, key=ident, hu=None))
                 f.key = ident
+                arrived = self.spool.intake_time(r.path)
                 self.store.series_seen(s.series_uid, s.study_uid, pseudonym(self.secret, s.series_uid),
                                        pseudonym(self.secret, s.study_uid), description=s.series_description,
-                                       expected=s.expected_count, now=now, labels=self._labels(r.path, s))
+                                       expected=s.expected_count, now=now, labels=self._labels(r.path, s),
+                                       arrived=arrived)
                 self.store.add_slice(ident, s.series_uid, order, f, now)
                 dest = self.spool.processed_path(r.path.name, now)
                 self.store.add_file(r.path.name, "analysed", ident=ident, series_uid=s.series_uid, path=str(dest),
                                     now=now)
                 moves.append((r.path, dest))
                 arrivals.append(Arrival(s.series_uid, s.study_uid, order, f, ident, s.expected_count,
-                                        s.series_description, arrived=self.spool.intake_time(r.path)))
+                                        s.series_description, arrived=arrived))
                 s.hu = None
         for src, dest in moves:
             self.spool.move(src, dest)
