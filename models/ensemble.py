@@ -129,7 +129,7 @@ def keep_groups(n_members: int, keep: list[str]) -> list[tuple[str, int, int]]:
 
 
 def build(specs: list[str], name: str, version: str, output: dict, dest_root: Path, keep: list[str],
-          flip: list[bool]) -> Path:
+          flip: list[bool], recipe: str = "") -> Path:
     import onnx
 
     from appliance.inference.bundle import sha256_file
@@ -173,7 +173,7 @@ def build(specs: list[str], name: str, version: str, output: dict, dest_root: Pa
         "files": {},
         "selftest": {"atol": 0.08, "inputs": "synthetic phantom (appliance.phantom)"},
         "training": {"ensemble_of": [{k: v for k, v in d.items() if k != "arch"} for _, d in found],
-                     "recipe": "python -m models.ensemble " + " ".join(f"--member {s}" for s in specs)},
+                     "recipe": recipe or "python -m models.ensemble " + " ".join(f"--member {s}" for s in specs)},
         "quantization": agree, "metrics": {}, "licence": LICENCE,
     }
     manifest["files"] = {str(p.relative_to(out)): sha256_file(p) for p in sorted(out.rglob("*")) if p.is_file()}
@@ -211,7 +211,12 @@ def main(argv: list[str] | None = None) -> None:
         if not chosen <= set(range(n)):
             ap.error(f"--flip {a.flip!r}: members are 0..{n - 1}")
         flip = [i in chosen for i in range(n)]
-    build(a.member, a.name, a.version, output, a.dest, a.keep, flip)
+    import shlex
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    build(a.member, a.name, a.version, output, a.dest, a.keep, flip,
+          recipe="python -m models.ensemble " + " ".join(shlex.quote(v) for v in args))
 
 
 if __name__ == "__main__":

@@ -285,6 +285,9 @@ def _overlaps(a: Rect, b: Rect) -> bool:
 
 @pytest.mark.parametrize("n", [1, 3])
 def test_real_lidc_nodule_found_and_its_focus_explained(analyzer, series_cache, n):
+    """The nodule is found; the lesion focus on its halo is explained by it; the verdict names it, not positive."""
+    from appliance.pipeline.case_logic import decide
+
     slices, findings = real_series(analyzer, series_cache, "lidc-idri-samples", "small", f"LIDC-IDRI-000{n}")
     per, lesions, foci = solid_view(analyzer, findings)
     contours = lidc_contours(n)
@@ -297,6 +300,8 @@ def test_real_lidc_nodule_found_and_its_focus_explained(analyzer, series_cache, 
     assert nodule.kind == "nodule" and 12 <= nodule.diameter_mm < 30
     assert foci and all(explain(m, lesions, per) == nodule for m in foci)
     assert len(lesions) <= 2  # no crowd of vessels reported beside it
+    v = decide(findings, analyzer.rule)
+    assert v.result != "positive" and any("solid nodule" in str(o) for o in v.others), v.others
 
 
 def test_real_lidc_0002_ground_glass_pole_is_not_a_solid_lesion(analyzer, series_cache):
