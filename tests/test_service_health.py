@@ -152,8 +152,9 @@ def test_status_says_which_series_wait_because_they_look_incomplete(setup):
     cut = [SliceFinding(f"c{k}", -2.0 * k, (100, 100), lung if k >= 3 else None) for k in range(12)]  # lung to the end
     whole = [SliceFinding(f"w{k}", -2.0 * k, (100, 100), lung if 3 <= k < 9 else None) for k in range(12)]
     h.tracker.add([Arrival("cut", "S1", (float(k), 0, f.key), f, f.key, arrived=t0) for k, f in enumerate(cut)]
-                  + [Arrival("whole", "S2", (float(k), 0, f.key), f, "w" + f.key, arrived=t0)
+                  + [Arrival("whole", "S2", (float(k), 0, f.key), f, "w" + f.key, arrived=t0 + 9)  # not quiet yet
                      for k, f in enumerate(whole)], now=t0)
+    assert h.tracker.tick(time.time(), idle_since=t0) == []  # the worker's round: "cut" is judged and held
     assert [s["looks_incomplete"] for s in h.status()["open_series"]] == [
         "the lung goes on below the last slice received", None]
     text = _render({"running": False, "heartbeat_age_s": None, "daemon_state": "stopped", "state_dir": "/s",

@@ -192,10 +192,10 @@ def test_a_paused_export_is_not_made_final_on_its_first_part():
     lesion = {k: "lower-left" for k in range(26, 32)}  # the run lies in the part still to come
     t.add([chest_arrival(k, quadrant=lesion.get(k)) for k in range(20)], now=0.0)
     assert t.tick(now=30.0, idle_since=1.0) == [], "the lung goes on below slice 19: wait, do not go final"
-    assert t.waiting(30.0) == {"S": "the lung goes on below the last slice received"}
+    assert t.waiting() == {"S": "the lung goes on below the last slice received"}
     ups = t.add([chest_arrival(k, quadrant=lesion.get(k)) for k in range(20, 40)], now=31.0)
     assert [(u.kind, u.verdict.result) for u in ups] == [("provisional", "positive")]
-    assert t.tick(now=35.0, idle_since=32.0) == [] and t.waiting(35.0) == {}
+    assert t.tick(now=35.0, idle_since=32.0) == [] and t.waiting() == {}
     ups = t.tick(now=36.5, idle_since=32.0)
     assert [(u.kind, u.verdict.result, u.complete_reason) for u in ups] == [
         ("final", "positive", "quiet: no new slice for 5 s")]
@@ -209,7 +209,7 @@ def test_a_series_that_stays_incomplete_goes_final_after_the_longer_quiet_with_t
     assert len(ups) == 1 and ups[0].kind == "final" and ups[0].verdict.result == "negative"
     assert ups[0].complete_reason == ("quiet: no new slice for 60 s, though the series looks incomplete "
                                       "(2 slices missing between z -12 and -9 mm)")
-    assert t.waiting(61.0) == {}
+    assert t.waiting() == {}
 
 
 def test_a_whole_series_goes_final_after_the_plain_quiet_time():

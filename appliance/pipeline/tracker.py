@@ -62,6 +62,7 @@ class TrackedSeries:
     announced: str | None = None  # provisional result last announced (None: nothing announced yet)
     hint: str | None = None  # pending completion signal
     hint_weak: bool = False  # the signal may come before the series is whole (a sender's association released)
+    partial: str | None = None  # once quiet: why the slices look like part of a series ("": they look whole)
 
     def add(self, order: tuple, finding: SliceFinding, ident: str) -> bool:
         """Insert in series order; False for a duplicate."""
@@ -71,6 +72,7 @@ class TrackedSeries:
         self.orders.insert(i, order)
         self.findings.insert(i, finding)
         self.ids.add(ident)
+        self.partial = None  # judged again at the next quiet time
         return True
 
     @property
@@ -190,23 +192,19 @@ class SeriesTracker:
             if s.hint:
                 out.append(self.complete(uid, s.hint))
             elif idle_since is not None and now - s.last_seen >= self.quiet_seconds:
-                partial = self._partial(s)
-                if partial is None:
+                if s.partial is None:  # judged once per quiet stretch (a new slice clears it)
+                    s.partial = self._partial(s) or ""
+                if not s.partial:
                     out.append(self.complete(uid, f"quiet: no new slice for {self.quiet_seconds:g} s"))
                 elif now - s.last_seen >= self.partial_quiet_seconds:
                     out.append(self.complete(uid, f"quiet: no new slice for {self.partial_quiet_seconds:g} s, "
-                                                  f"though the series looks incomplete ({partial})"))
+                                                  f"though the series looks incomplete ({s.partial})"))
         return out
 
-    def waiting(self, now: float) -> dict[str, str]:
-        """Series quiet for `quiet_seconds` but held open because they look incomplete: uid -> why."""
-        out = {}
-        for uid, s in list(self.open.items()):  # also read by the status thread
-            if not s.hint and now - s.last_seen >= self.quiet_seconds:
-                partial = self._partial(s)
-                if partial is not None:
-                    out[uid] = partial
-        return out
+    def waiting(self) -> dict[str, str]:
+        """Series quiet for `quiet_seconds` but held open at the last tick because they look incomplete: uid -> why.
+        Reads what `tick` found (no new work: the status thread calls it too)."""
+        return {uid: s.partial for uid, s in list(self.open.items()) if s.partial and not s.hint}
 
     def complete(self, uid: str, reason: str) -> Update:
         v = self.verdict(uid, final=True)

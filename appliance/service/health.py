@@ -146,7 +146,7 @@ class Health:
     def status(self) -> dict[str, Any]:
         """What `ctriage status` shows (also written to <state>/status.json every few seconds)."""
         a, transport, watch, node, s = self.analyzer(), self.transport(), self.watch(), self.dicom_node(), self.stats
-        waiting = self.tracker.waiting(time.time())  # quiet, but held open: the slices look incomplete
+        waiting = self.tracker.waiting()  # quiet, but held open: the slices look incomplete
         open_series = [{"series_key": pseudonym(self.secret, t.uid), "study_key": pseudonym(self.secret, t.study_uid),
                         "slices": t.count, "provisional": t.announced, "expected": t.expected,
                         "first_seen": iso(t.first_seen), "last_seen": iso(t.last_seen),

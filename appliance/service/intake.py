@@ -176,13 +176,12 @@ class Intake:
         self._apply_hints(pending)
         for u in self.tracker.tick(time.time(), self._idle_since):
             self.on_update(u, time.time())
-        if self._idle_since is not None:
-            self._log_held(time.time())
+        self._log_held()
         return busy
 
-    def _log_held(self, now: float) -> None:
+    def _log_held(self) -> None:
         """Say once per series why its final verdict waits longer than the quiet time."""
-        waiting = self.tracker.waiting(now)
+        waiting = self.tracker.waiting()
         for uid, why in waiting.items():
             if uid not in self._held:
                 log.info("series %s looks incomplete (%s): its final verdict waits for more slices, up to %g s "
