@@ -167,6 +167,7 @@ class SliceFinding:
     measures: SliceMeasures | None = None  # lung and lesion pixel counts for the grade (HU slices)
     noise: float | None = None  # noise at the lesion model's input (appliance.pipeline.noise; HU slices)
     smoothed: float = 0.0  # Gaussian sigma applied to the crop before the lesion model (0: none)
+    pixel_mm: float | None = None  # in-plane pixel size (mm) of a DICOM slice; None for crop images
 
     @property
     def prob_rect(self) -> Rect | None:

@@ -101,7 +101,7 @@ def finding_to_dict(f: SliceFinding) -> dict[str, Any]:
                       for b in f.boxes],
             "max_prob": f.max_prob, "lesion_fraction": f.lesion_fraction, "timings_ms": f.timings_ms,
             "solids": [x.to_dict() for x in f.solids], "measures": f.measures.to_dict() if f.measures else None,
-            "noise": f.noise, "smoothed": f.smoothed}
+            "noise": f.noise, "smoothed": f.smoothed, "pixel_mm": f.pixel_mm}
 
 
 def finding_from_dict(d: dict[str, Any]) -> SliceFinding:
@@ -114,7 +114,8 @@ def finding_from_dict(d: dict[str, Any]) -> SliceFinding:
                         solids=[Solid.from_dict(x) for x in d.get("solids") or []],
                         measures=SliceMeasures.from_dict(d["measures"]) if d.get("measures") else None,
                         noise=float(d["noise"]) if d.get("noise") is not None else None,
-                        smoothed=float(d.get("smoothed") or 0.0))
+                        smoothed=float(d.get("smoothed") or 0.0),
+                        pixel_mm=float(d["pixel_mm"]) if d.get("pixel_mm") else None)
 
 
 def verdict_to_dict(v: SeriesVerdict) -> dict[str, Any]:

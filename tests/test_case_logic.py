@@ -3,6 +3,7 @@ import dataclasses
 import pytest
 
 from appliance.domain import Box, Rect, SliceFinding
+from appliance.pipeline.anatomy import zone_of
 from appliance.pipeline.case_logic import CaseRule, decide, find_evidence, foci, longest_runs, quadrant_of
 
 
@@ -160,7 +161,26 @@ def test_single_focus_is_negative_with_the_focus_named():
     v = decide(fs, rule(min_slices=20, min_foci=2))
     assert v.result == "negative" and v.evidence is None and v.foci == 1
     assert (v.focal.quadrant, v.focal.first_slice, v.focal.last_slice, v.focal.run) == (LR, 10, 17, 8)
-    assert "single focal lesion (lower-right, slices 11–18)" in v.reason
+    assert ("single focal lesion, patient's left middle zone, posterior (image lower-right, slices 11–18): not the"
+            " multifocal pattern") in v.reason
+    assert "mm across" not in v.reason  # crop images: no pixel size, no size
+    on_dicom = decide([dataclasses.replace(f, pixel_mm=0.7) for f in fs], rule(min_slices=20, min_foci=2))
+    assert "single focal lesion, about 49 mm across and 8 mm long, patient's left middle zone" in on_dicom.reason
+
+
+def test_zone_is_the_third_of_the_lung_s_height():
+    lung = [float(-z) for z in range(0, 91, 3)]  # 0 (head) to -90 mm (feet)
+    assert [zone_of(p, lung) for p in (0.0, -29.0, -31.0, -59.0, -61.0, -90.0)] == \
+        ["upper", "upper", "middle", "middle", "lower", "lower"]
+    assert zone_of(-10.0, [-10.0]) == "middle"  # one slice of lung: no height to divide
+
+
+def test_the_focal_lesion_is_placed_in_the_patient_s_zone_and_side():
+    """Upper third of the lung's z-extent, patient's right (image left), anterior (image upper)."""
+    fs = [boxed(-i, PATCH) if 2 <= i < 8 else boxed(-i) for i in range(30)]
+    v = decide(fs, rule(min_slices=20, min_foci=2))
+    assert v.result == "negative" and v.focal.quadrant == UL
+    assert "patient's right upper zone, anterior (image upper-left, slices 3–8)" in v.reason
 
 
 def test_two_foci_make_a_positive_even_in_one_quadrant():

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -191,3 +192,9 @@ def test_real_series_a0001(capsys):
     assert code == 0 and len(objs) == 1
     o = objs[0]
     assert o["slices"] == 64 and o["lung_slices"] >= 40 and o["spacing_mm"] == pytest.approx(5.0)
+    # the lung cancer is not called positive; its single focal lesion is named for people: the patient's side and
+    # zone, posterior, and its size from the DICOM pixel size (the tumour and its rim: several centimetres)
+    assert o["result"] == "negative" and o["focal"] is not None
+    m = re.search(r"single focal lesion, about (\d+) mm across and (\d+) mm long, patient's left upper zone, "
+                  r"posterior \(image lower-right", o["reason"])
+    assert m and 40 <= int(m.group(1)) <= 90 and 30 <= int(m.group(2)) <= 70, o["reason"]

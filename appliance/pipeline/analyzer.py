@@ -165,6 +165,8 @@ class Analyzer:
                                     crop=crop if crop != rect else None)
             if i in noise:
                 found[i].noise, found[i].smoothed = noise[i]
+            if s.hu is not None:
+                found[i].pixel_mm = round(math.sqrt(s.pixel_spacing[0] * s.pixel_spacing[1]), 4)
             if s.hu is not None and area is not None:
                 tm = time.perf_counter()
                 lung = lung_at_slice(area.lung, area.offset, area.scale, s.shape)

@@ -6,6 +6,8 @@ speaks of image quadrants ("upper-left"); people read patient sides ("patient's 
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 #: image quadrant → patient side, in the order the display lists them
 ANATOMY: dict[str, str] = {"upper-left": "right anterior", "upper-right": "left anterior",
                            "lower-left": "right posterior", "lower-right": "left posterior"}
@@ -36,3 +38,13 @@ def quadrant_of(cy: float, cx: float, lung_cy: float, lung_cx: float) -> str:
     vert = "upper" if cy < lung_cy else "lower"
     horiz = "left" if cx < lung_cx else "right"
     return f"{vert}-{horiz}"
+
+
+def zone_of(position: float, lung_positions: Sequence[float]) -> str:
+    """Third of the lung's z-extent (head → feet) that `position` lies in: 'upper', 'middle' or 'lower'
+    ('middle' when fewer than two slices show lung)."""
+    if len(lung_positions) < 2:
+        return "middle"
+    top, bottom = max(lung_positions), min(lung_positions)
+    t = (top - position) / max(top - bottom, 1e-6)
+    return "upper" if t < 1 / 3 else ("middle" if t < 2 / 3 else "lower")

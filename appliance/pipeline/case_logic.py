@@ -26,7 +26,7 @@ from typing import Any
 
 from appliance.domain import QUADRANTS, Evidence, SeriesVerdict, SliceFinding
 from appliance.geometry import GAP_FACTOR, links, median_spacing
-from appliance.pipeline.anatomy import quadrant_of  # noqa: F401 - the quadrants the rule speaks of
+from appliance.pipeline.anatomy import patient_side, quadrant_of, zone_of  # noqa: F401 - quadrant_of: the rule's quadrants
 from appliance.pipeline.foci import FOCUS_GROW, FOCUS_SKIP, foci  # noqa: F401
 from appliance.pipeline.grading import grade
 from appliance.pipeline.noise import NOISY, acquisition
@@ -132,6 +132,27 @@ def find_evidence(findings: Sequence[SliceFinding], min_run: int = MIN_RUN,
     return Evidence(quadrant=q, first_slice=start, last_slice=start + length - 1, run=length)  # type: ignore[arg-type]
 
 
+def focal_note(findings: Sequence[SliceFinding], focal: Evidence) -> str:
+    """The single focal lesion for people, from its boxes in the run: size (largest box side on DICOM slices,
+    whose pixel size is known; the lesion model marks the opacity and its halo), length along z, the patient's
+    side and zone (third of the lung's z-extent at the run's middle), the image quadrant and 1-based slices.
+    What it is the appliance cannot tell (a mass with a ground-glass rim and a focal pneumonia look alike to the
+    lesion model and in density): it says so."""
+    run = findings[focal.first_slice:focal.last_slice + 1]
+    sides = [max(b.rect.height, b.rect.width) * f.pixel_mm for f in run for b in f.boxes
+             if b.quadrant == focal.quadrant and f.pixel_mm]
+    spacing = median_spacing([f.position for f in findings]) if len(findings) > 1 else 0.0
+    size = ""
+    if sides and spacing > 0:
+        length = abs(run[-1].position - run[0].position) + spacing
+        size = f" about {max(sides):.0f} mm across and {length:.0f} mm long,"
+    zone = zone_of(run[len(run) // 2].position, [f.position for f in findings if f.lung is not None])
+    side, _, ap = patient_side(focal.quadrant).partition(" ")
+    return (f"a single focal lesion,{size} patient's {side} {zone} zone, {ap} (image {focal.quadrant}, slices "
+            f"{focal.first_slice + 1}–{focal.last_slice + 1}): not the multifocal pattern of COVID-19 pneumonia"
+            " — a mass, a focal pneumonia or another focal process, for a radiologist")
+
+
 def decide(findings: Sequence[SliceFinding], rule: CaseRule, *, final: bool = True) -> SeriesVerdict:
     """Verdict for findings sorted in series order, under `rule`.
 
@@ -163,8 +184,7 @@ def decide(findings: Sequence[SliceFinding], rule: CaseRule, *, final: bool = Tr
     else:
         result = "negative"
     if focal is not None:
-        note = (f"a single focal lesion ({focal.quadrant}, slices {focal.first_slice + 1}–{focal.last_slice + 1}):"
-                " not the multifocal pattern of COVID-19 pneumonia — for a radiologist")
+        note = focal_note(findings, focal)
         reason = f"{reason}; {note}" if reason else note
     if solids and result != "positive":
         note = "lesion seen around " + "; ".join(s.describe() for s in solids)

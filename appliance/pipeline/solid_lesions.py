@@ -18,7 +18,7 @@ import numpy as np
 
 from appliance.domain import Rect, Solid, SliceFinding
 from appliance.geometry import GAP_FACTOR, links, median_spacing
-from appliance.pipeline.anatomy import patient_side, quadrant_of
+from appliance.pipeline.anatomy import patient_side, quadrant_of, zone_of
 from appliance.pipeline.foci import FOCUS_GROW, FOCUS_SKIP, focus_members as _members, member_boxes
 from appliance.pipeline.solid import MIN_DIAMETER_MM, SECTION_MM
 
@@ -76,15 +76,6 @@ def _overlap(a: Rect, b: Rect) -> float:
     if h <= 0 or w <= 0:
         return 0.0
     return h * w / max(1, min(a.height * a.width, b.height * b.width))
-
-
-def _zone(pos: float, lung_positions: Sequence[float]) -> str:
-    """Third of the lung's z-extent (head → feet) that `pos` lies in."""
-    if len(lung_positions) < 2:
-        return "middle"
-    top, bottom = max(lung_positions), min(lung_positions)
-    t = (top - pos) / max(top - bottom, 1e-6)
-    return "upper" if t < 1 / 3 else ("middle" if t < 2 / 3 else "lower")
 
 
 def link_solids(per_slice: Sequence[Sequence[Solid]], positions: Sequence[float],
@@ -173,7 +164,7 @@ def _lesion(members: list[tuple[int, int]], per_slice: Sequence[Sequence[Solid]]
         return None
     return SolidLesion(kind="mass" if d >= MASS_MM else "nodule", diameter_mm=round(d, 1),
                        first_slice=slices[0], last_slice=slices[-1], quadrant=quadrant,
-                       zone=_zone(positions[big_i], lung_pos), mean_hu=round(mean_hu, 1), z_mm=round(z, 1),
+                       zone=zone_of(positions[big_i], lung_pos), mean_hu=round(mean_hu, 1), z_mm=round(z, 1),
                        members=tuple(members))
 
 
