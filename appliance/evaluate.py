@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from appliance.oneshot import analyze_files, discover
+from appliance.oneshot import analyze_files, discover, walk_files
 from appliance.domain import SliceFinding
 from appliance.ingest.image_reader import image_series, natural_key
 from appliance.metrics import Confusion, auc, component_score, confusion, dice, iou, mean_or_none, predicted_mask, sweep
@@ -215,8 +215,9 @@ def _run_patient(src: PatientSource, dicom_files: list[Path], image_groups: dict
     t0 = time.perf_counter()
     done = analyze_files(dicom_files, analyzer, max_tilt_deg, progress, keep_prob=True)
     rejected = done.rejected
-    broken = [{"file": str(q), "reason": "broken symbolic link"} for q in sorted(src.folder.rglob("*"))
-              if q.is_symlink() and not q.exists()]
+    dangling: list[Path] = []
+    walk_files(src.folder, dangling)
+    broken = [{"file": str(q), "reason": "broken symbolic link"} for q in sorted(dangling)]
     rejected += broken
     for r in rejected:
         r.pop("series_uid", None)

@@ -7,6 +7,7 @@ headers) and dropped once analysed, so memory stays flat.
 """
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -74,13 +75,33 @@ class SeriesReport:
         }
 
 
+def walk_files(root: Path, broken: list[Path] | None = None) -> list[Path]:
+    """Files under root, recursively, hidden names skipped; symbolically linked folders are followed (a dataset
+    assembled from links to series folders), each real folder once, so a link loop ends. Links that lead nowhere
+    are left out (and added to `broken` when given)."""
+    seen: set[str] = set()
+    out: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        here = Path(dirpath)
+        for f in filenames:
+            if f.startswith("."):
+                continue
+            if (here / f).is_file():
+                out.append(here / f)
+            elif broken is not None and (here / f).is_symlink() and not (here / f).exists():
+                broken.append(here / f)
+    return out
+
+
 def discover(path: Path) -> tuple[list[Path], dict[Path, list[Path]]]:
     """Files under path (recursively, hidden ones skipped): DICOM candidates, and image files grouped by folder."""
-    if path.is_file():
-        files = [path]
-    else:
-        files = sorted((p for p in path.rglob("*") if p.is_file() and not any(
-            part.startswith(".") for part in p.relative_to(path).parts)), key=lambda p: natural_key(str(p)))
+    files = [path] if path.is_file() else sorted(walk_files(path), key=lambda p: natural_key(str(p)))
     images: dict[Path, list[Path]] = {}
     others = []
     for p in files:
