@@ -326,10 +326,14 @@ def _teachers(paths: list[str]) -> list:
     return [ort.InferenceSession(str(p), opts, providers=["CPUExecutionProvider"]) for p in paths]
 
 
-def _teach(teachers: list, x: np.ndarray) -> np.ndarray:
-    """The teachers' mean probability map for a batch (N, 1, H, W) in [0, 1]."""
+def _teach(teachers: list, x: np.ndarray, floor: float = 0.0) -> np.ndarray:
+    """The teachers' mean probability map for a batch (N, 1, H, W) in [0, 1]; values below `floor` become 0 (the
+    student learns the teachers' lesions, not their doubt on vessels and lung texture)."""
     x = np.ascontiguousarray(x, np.float32)
-    return np.mean([t.run(None, {t.get_inputs()[0].name: x})[0] for t in teachers], axis=0).astype(np.float32)
+    p = np.mean([t.run(None, {t.get_inputs()[0].name: x})[0] for t in teachers], axis=0).astype(np.float32)
+    if floor > 0:
+        p[p < floor] = 0.0
+    return p
 
 
 def keeps(score: float, best: float, step: int, steps: int, keep_last: bool = False) -> bool:
@@ -421,7 +425,7 @@ def run(
         if teachers:  # distillation: the taught groups learn the teachers' mean map on the augmented slice
             sel = [i for i, k in enumerate(kinds) if k in taught]
             if sel:
-                yb[sel] = torch.from_numpy(_teach(teachers, xb[sel].numpy()))
+                yb[sel] = torch.from_numpy(_teach(teachers, xb[sel].numpy(), float(cfg.extra.get("teach_floor", 0.0))))
         lr = cfg.lr * min(1.0, step / cfg.warmup) * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
         for pg in opt.param_groups:
             pg["lr"] = lr * pg["scale"]

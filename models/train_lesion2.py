@@ -150,6 +150,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="distil: the taught groups learn the mean map of these exported models (repeat), e.g. "
                          "the shipped ensemble's models/bundles/lesion-2.0.0/model.onnx")
     ap.add_argument("--teach", default="pseudo", help="groups whose targets the teachers give (comma-separated)")
+    ap.add_argument("--teach-floor", type=float, default=0.0,
+                    help="teacher probabilities below this become 0 in the targets (e.g. the bundle's threshold)")
     ap.add_argument("--pack", type=Path, help="write the data cache as one compact file and exit")
     ap.add_argument("--packed", default="", help="train from a file written by --pack")
     a = ap.parse_args(argv)
@@ -165,7 +167,7 @@ def main(argv: list[str] | None = None) -> None:
                              "pseudo_weight": a.pseudo_weight, "init": a.init,
                              "corr_noise": a.corr_noise, "corr_noise_max": a.corr_noise_max,
                              "keep_every": a.keep_every, "teachers": a.teacher,
-                             "teach_groups": a.teach.split(","),
+                             "teach_groups": a.teach.split(","), "teach_floor": a.teach_floor,
                              "max_minutes": a.max_minutes})
     data, val = load(cfg, a.packed)
     run(cfg, data, make_validate(val), score)

@@ -250,6 +250,11 @@ def test_distillation_teachers_give_their_mean_map(tmp_path):
     assert np.abs(got - (maps[0] + maps[1]) / 2).max() < 1e-4
     assert np.abs(maps[0] - maps[1]).max() > 1e-3  # two different teachers: the mean is not either one
     assert _teachers([]) == []
+    # --teach-floor: what the teachers are unsure of (below the floor) becomes clean lung, the rest is unchanged
+    floor = float(np.median(got))
+    cut = _teach(teachers, x, floor)
+    assert (cut[got < floor] == 0).all() and np.array_equal(cut[got >= floor], got[got >= floor])
+    assert 0 < (cut == 0).mean() < 1
 
 
 def test_all_doctor_trains_on_the_held_back_radiologist_slices_too():
