@@ -319,6 +319,25 @@ def test_evaluate_generated_dataset_json_and_report(generated, tmp_path, capsys)
     assert "3 consecutive slices with lesion in one quadrant" in page and "at least 2 separate lesion foci" in page
 
 
+def test_a_patient_with_several_series_is_called_by_the_study_verdict(generated, tmp_path, capsys):
+    """covid/<patient>/<series>/: one run per sub-folder of crops (here linked folders), the patient's call the
+    study verdict over them (positive when any series is), as the appliance publishes it."""
+    root, info = generated
+    rank = {"indeterminate": 0, "negative": 1, "positive": 2}
+    ds = tmp_path / "ds"
+    for patient, series in (("both", ("crops-a", "crops-b")), ("a", ("crops-a",)), ("b", ("crops-b",))):
+        for name in series:
+            (ds / "covid" / patient).mkdir(parents=True, exist_ok=True)
+            group = "control" if name == "crops-b" else "covid"
+            (ds / "covid" / patient / name).symlink_to(root / group / name, target_is_directory=True)
+    rc, out, err = run_cli(["evaluate", str(ds), "--json"], capsys)
+    assert rc == 0, err
+    pats = {p["patient"]: p for p in json.loads(out)["patients"]}
+    assert pats["both"]["series"] == 2 and pats["a"]["series"] == pats["b"]["series"] == 1
+    assert pats["both"]["slices"] == info["crops-a"][0] + info["crops-b"][0]
+    assert pats["both"]["result"] == max(pats["a"]["result"], pats["b"]["result"], key=rank.__getitem__)
+
+
 def test_sweep_matches_the_pipeline_calls(generated, tmp_path):
     """At the bundle's own threshold, "score ≥ threshold" reproduces the boxes on crop images (the sweep is exact).
 
