@@ -93,6 +93,37 @@ def paste_masses(x: torch.Tensor, y: torch.Tensor, g: torch.Generator, p: float)
     return out.clamp(0, 1)
 
 
+def paste_dots(x: torch.Tensor, y: torch.Tensor, g: torch.Generator, p: float) -> torch.Tensor:
+    """Clusters of small dense dots (3–10 mm discs at soft-tissue density, 10–50 of them within 1–3 cm) pasted
+    into the aerated lung of lesion-free samples; their target stays empty. Teaches that discrete small nodules
+    (vessels cut across, micronodules, tree-in-bud: not the COVID-19 pattern) are not ground glass or
+    consolidation: model 2 marked such clusters as lesion with full confidence (models/LESION2.md)."""
+    B, _, H, W = x.shape
+    u = lambda *s: torch.rand(*s, generator=g)  # noqa: E731
+    yy, xx = torch.meshgrid(torch.arange(H, dtype=torch.float32), torch.arange(W, dtype=torch.float32), indexing="ij")
+    out = x.clone()
+    for i in range(B):
+        if float(y[i].max()) > 0.02 or float(u(1)) >= p:
+            continue
+        lung = (x[i, 0] < 0.45).nonzero()
+        if len(lung) < 200:
+            continue
+        dots = torch.zeros(H, W)
+        for _ in range(1 + int(float(u(1)) < 0.4)):
+            cy, cx = (float(v) for v in lung[int(float(u(1)) * len(lung))])
+            spread = 0.03 * H + float(u(1)) * 0.07 * H
+            for _ in range(10 + int(float(u(1)) * 40)):
+                py = cy + float(torch.randn(1, generator=g)) * spread
+                px = cx + float(torch.randn(1, generator=g)) * spread
+                r = 1.0 + float(u(1)) * 2.5
+                level = 0.6 + 0.35 * float(u(1))  # partial volume up to soft tissue
+                d = torch.sqrt((yy - py) ** 2 + (xx - px) ** 2)
+                dots = torch.maximum(dots, level * torch.clamp(r + 0.5 - d, 0, 1))
+        dots = dots * (x[i, 0] < 0.45)  # in aerated lung only
+        out[i, 0] = torch.maximum(out[i, 0], blur(dots[None, None], 0.6)[0, 0])
+    return out.clamp(0, 1)
+
+
 def paste_consolidation(x: torch.Tensor, y: torch.Tensor, g: torch.Generator, p: float) -> torch.Tensor:
     """Synthetic diseased lung for the valid-area model: on a share `p` of samples with lung, part of one lung —
     its dependent (posterior) part below a random level, a patch, or the whole lung — turns to consolidation or
@@ -160,6 +191,8 @@ def augment(x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, g: torch.Generat
     u = lambda *s: torch.rand(*s, generator=g)  # noqa: E731
     if cfg.extra.get("masses", 0.0):
         x = paste_masses(x, y, g, float(cfg.extra["masses"]))
+    if cfg.extra.get("dots", 0.0):
+        x = paste_dots(x, y, g, float(cfg.extra["dots"]))
     if cfg.extra.get("consolidate", 0.0):
         x = paste_consolidation(x, y, g, float(cfg.extra["consolidate"]))
     if cfg.dihedral:

@@ -146,6 +146,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--corr-noise", type=float, default=0.0, metavar="P",
                     help="share of slices given CT-like (correlated) noise, SD 0.01 to --corr-noise-max")
     ap.add_argument("--corr-noise-max", type=float, default=0.06)
+    ap.add_argument("--dots", type=float, default=0.0, metavar="P",
+                    help="share of lesion-free slices given a cluster of small dense dots (target stays empty)")
     ap.add_argument("--teacher", action="append", default=[], metavar="MODEL_ONNX",
                     help="distil: the taught groups learn the mean map of these exported models (repeat), e.g. "
                          "the shipped ensemble's models/bundles/lesion-2.0.0/model.onnx")
@@ -165,7 +167,7 @@ def main(argv: list[str] | None = None) -> None:
                              "device": a.device, "blob_weight": a.blob_weight, "blob_start": a.blob_start,
                              "blob_full": a.blob_start + 500, "noncovid_weight": a.noncovid_weight,
                              "pseudo_weight": a.pseudo_weight, "init": a.init,
-                             "corr_noise": a.corr_noise, "corr_noise_max": a.corr_noise_max,
+                             "corr_noise": a.corr_noise, "corr_noise_max": a.corr_noise_max, "dots": a.dots,
                              "keep_every": a.keep_every, "teachers": a.teacher,
                              "teach_groups": a.teach.split(","), "teach_floor": a.teach_floor,
                              "max_minutes": a.max_minutes})

@@ -302,3 +302,28 @@ def test_synthetic_consolidation_darkens_nothing_and_stays_in_the_lung():
     assert changed.any(), "p = 1: every sample with lung gets some consolidation"
     assert not (changed & ~near_lung).any(), "only the lung (and its blurred edge) changes"
     assert (out >= x - 1e-6).all(), "consolidation only makes lung denser"
+
+
+def test_dot_clusters_go_on_lesion_free_lung_only_and_only_brighten():
+    """`train_lesion2 --dots P`: clusters of small dense dots land in the aerated lung of lesion-free samples;
+    samples with a lesion target, the targets themselves and everything outside the lung stay as they were."""
+    torch = train_extra("torch")
+    from models.train import paste_dots
+
+    H = 96
+    x = torch.full((3, 1, H, H), 0.92)  # soft tissue ...
+    x[:, :, 20:76, 10:45] = 0.3  # ... around two aerated lungs
+    x[:, :, 20:76, 51:86] = 0.3
+    y = torch.zeros_like(x)
+    y[2, 0, 40:50, 20:30] = 1.0  # sample 2 has a lesion
+    g = torch.Generator().manual_seed(3)
+    out = paste_dots(x, y, g, 1.0)
+    lung = x[0, 0] < 0.45
+    for i in (0, 1):
+        d = out[i, 0] - x[i, 0]
+        assert (d >= -1e-6).all()  # only brightens
+        assert d[lung].max() > 0.3  # dots of soft-tissue-like density in the lung
+        assert (d > 0.05)[lung].float().mean() < 0.25  # discrete dots, not a patch of ground glass
+        assert d[~lung].abs().max() < 0.1  # outside the lung: at most the blur of a dot on the lung's edge
+    assert torch.equal(out[2], x[2])  # a sample with a lesion is left alone
+    assert torch.equal(paste_dots(x, y, g, 0.0), x)
