@@ -65,20 +65,27 @@ def blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     return F.conv2d(F.pad(x, (0, 0, n // 2, n // 2), mode="replicate"), k.view(1, 1, n, 1))
 
 
+def _lesion_free_lungs(x: torch.Tensor, y: torch.Tensor, g: torch.Generator, p: float, min_px: int):
+    """For a share p of the lesion-free samples with at least min_px aerated-lung pixels: (index, lung pixels as
+    (N, 2) rows, the pixel grid's y and x)."""
+    B, _, H, W = x.shape
+    yy, xx = torch.meshgrid(torch.arange(H, dtype=torch.float32), torch.arange(W, dtype=torch.float32), indexing="ij")
+    for i in range(B):
+        if float(y[i].max()) > 0.02 or float(torch.rand(1, generator=g)) >= p:
+            continue
+        lung = (x[i, 0] < 0.45).nonzero()
+        if len(lung) >= min_px:
+            yield i, lung, yy, xx
+
+
 def paste_masses(x: torch.Tensor, y: torch.Tensor, g: torch.Generator, p: float) -> torch.Tensor:
     """Synthetic solid nodules and masses (soft-tissue density, round or lobulated, smooth or spiculated edges)
     pasted into the aerated lung of lesion-free samples; their target stays empty. Teaches that a tumour is not
     a COVID-19 lesion (real tumour examples are few)."""
-    B, _, H, W = x.shape
+    H = x.shape[2]
     u = lambda *s: torch.rand(*s, generator=g)  # noqa: E731
-    yy, xx = torch.meshgrid(torch.arange(H, dtype=torch.float32), torch.arange(W, dtype=torch.float32), indexing="ij")
     out = x.clone()
-    for i in range(B):
-        if float(y[i].max()) > 0.02 or float(u(1)) >= p:
-            continue
-        lung = (x[i, 0] < 0.45).nonzero()
-        if len(lung) < 50:
-            continue
+    for i, lung, yy, xx in _lesion_free_lungs(x, y, g, p, 50):
         for _ in range(1 + int(float(u(1)) < 0.3)):
             cy, cx = (float(v) for v in lung[int(float(u(1)) * len(lung))])
             r = 3 + float(u(1)) * 0.09 * H
@@ -98,16 +105,10 @@ def paste_dots(x: torch.Tensor, y: torch.Tensor, g: torch.Generator, p: float) -
     into the aerated lung of lesion-free samples; their target stays empty. Teaches that discrete small nodules
     (vessels cut across, micronodules, tree-in-bud: not the COVID-19 pattern) are not ground glass or
     consolidation: model 2 marked such clusters as lesion with full confidence (models/LESION2.md)."""
-    B, _, H, W = x.shape
+    H, W = x.shape[2:]
     u = lambda *s: torch.rand(*s, generator=g)  # noqa: E731
-    yy, xx = torch.meshgrid(torch.arange(H, dtype=torch.float32), torch.arange(W, dtype=torch.float32), indexing="ij")
     out = x.clone()
-    for i in range(B):
-        if float(y[i].max()) > 0.02 or float(u(1)) >= p:
-            continue
-        lung = (x[i, 0] < 0.45).nonzero()
-        if len(lung) < 200:
-            continue
+    for i, lung, yy, xx in _lesion_free_lungs(x, y, g, p, 200):
         dots = torch.zeros(H, W)
         for _ in range(1 + int(float(u(1)) < 0.4)):
             cy, cx = (float(v) for v in lung[int(float(u(1)) * len(lung))])
