@@ -121,6 +121,14 @@ def score(m: dict[str, float]) -> float:
     return m["dice_doctor"] + 0.5 * m["dice_pseudo"] + m["spec_neg"]
 
 
+def share(text: str) -> float:
+    """An argparse type: a share of samples, 0 to 1."""
+    v = float(text)
+    if not 0.0 <= v <= 1.0:
+        raise argparse.ArgumentTypeError(f"a share of samples is between 0 and 1, not {text}")
+    return v
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--name", default="lesion2")
@@ -143,10 +151,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--blob-start", type=int, default=300)
     ap.add_argument("--no-pretrained", action="store_true", help="random encoder (for the ablation)")
     ap.add_argument("--max-minutes", type=float, default=1e9, help="stop (and keep the best so far) after this")
-    ap.add_argument("--corr-noise", type=float, default=0.0, metavar="P",
+    ap.add_argument("--corr-noise", type=share, default=0.0, metavar="P",
                     help="share of slices given CT-like (correlated) noise, SD 0.01 to --corr-noise-max")
     ap.add_argument("--corr-noise-max", type=float, default=0.06)
-    ap.add_argument("--dots", type=float, default=0.0, metavar="P",
+    ap.add_argument("--dots", type=share, default=0.0, metavar="P",
                     help="share of lesion-free slices given a cluster of small dense dots (target stays empty)")
     ap.add_argument("--teacher", action="append", default=[], metavar="MODEL_ONNX",
                     help="distil: the taught groups learn the mean map of these exported models (repeat), e.g. "

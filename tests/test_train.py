@@ -327,3 +327,14 @@ def test_dot_clusters_go_on_lesion_free_lung_only_and_only_brighten():
         assert d[~lung].abs().max() < 0.1  # outside the lung: at most the blur of a dot on the lung's edge
     assert torch.equal(out[2], x[2])  # a sample with a lesion is left alone
     assert torch.equal(paste_dots(x, y, g, 0.0), x)
+
+
+def test_sample_shares_outside_0_to_1_are_refused_with_a_clear_error(capsys):
+    train_extra("torch")
+    from models.train_lesion2 import main
+
+    for flag in ("--dots", "--corr-noise"):
+        with pytest.raises(SystemExit) as e:
+            main(["--name", "x", flag, "1.5"])
+        assert e.value.code == 2
+        assert "a share of samples is between 0 and 1, not 1.5" in capsys.readouterr().err
