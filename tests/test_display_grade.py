@@ -292,12 +292,16 @@ def test_grade_and_solid_lesions_on_the_tiles_at_1280x720(browser, display, bus)
     expect(info.locator(".info-others")).to_have_text([f"Not counted: {NODULE['text']} (slices 91–97)",
                                                        f"Not counted: {MASS['text']} (slices 41–62)"])
     expect(info.locator(".info-where")).to_have_text("Where: patient's left posterior, slices 113–132")
+    # the tile hides its model line for room: every verdict's model versions are still one tap away
+    expect(a.locator(".model")).to_be_hidden()
+    expect(info.locator(".info-hint")).to_have_text("model valid-area 1.0.0 · lesion 1.2.0 · tap to close")
     assert_fully_shown(info)
     page.screenshot(path=str(ART / "grade-open-1280.png"))
     info.click()
     expect(info).to_be_hidden()
     n.locator(".others").click()
     expect(n.locator(".info .info-others")).to_have_text(f"Not counted: {MASS['text']} (slices 41–62)")
+    expect(n.locator(".info .info-hint")).to_have_text("model valid-area 1.0.0 · lesion 1.2.0 · tap to close")
     assert_fully_shown(n.locator(".info"))
     n.locator(".info").click()
 

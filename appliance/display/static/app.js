@@ -266,12 +266,15 @@
     detail.classList.toggle("focal", focal || (!!special && !G.graded(s)));
     detail.classList.toggle("extent-total", !!special && G.graded(s));
     renderCorrection(el, s);
-    $(".model", el).textContent = (s.bundles || []).length
-      ? "model " + s.bundles.map((b) => b.name + " " + b.version).join(" · ") : "";
+    $(".model", el).textContent = modelText(s);
 
     renderKey(el, s);
     renderInfo(el, s);
     renderAck(el, s);
+  }
+
+  function modelText(s) {
+    return (s.bundles || []).length ? "model " + s.bundles.map((b) => b.name + " " + b.version).join(" · ") : "";
   }
 
   function stripText(s) {
@@ -333,6 +336,10 @@
       const when = c.previous_created ? " (earlier final " + hhmm(c.previous_created) + ")" : "";
       lines.push(["corr", stripText(s) + when + ": " + (c.what || "result corrected")]);
     }
+    // a busy tile (graded, solid lesions, corrected) has no room for the model line: the detail's foot carries it
+    const hidden = getComputedStyle($(".model", el)).display === "none";
+    const hint = (hidden && modelText(s) ? modelText(s) + " · " : "") + "tap to close";
+    lines.push(["hint", hint]);
     const key = JSON.stringify(lines);
     const info = $(".info", el);
     if (info.dataset.key === key) return;
@@ -342,7 +349,7 @@
       p.className = "info-" + cls;
       p.textContent = text;
       return p;
-    }), Object.assign(document.createElement("p"), { className: "info-hint", textContent: "tap to close" }));
+    }));
   }
 
   function toggleOpen(el, open) {
