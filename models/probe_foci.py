@@ -1,0 +1,126 @@
+"""Probe: a bundle set's lesion foci per series — what a second, stray focus would do to the case rule.
+
+    .venv/bin/python -m models.probe_foci [--bundles DIR] [--only phantom,dicom,pseudo] [--seeds 1-10] [--json]
+
+For each series: the shipped case rule's verdict and, for every focus spanning a qualifying run (after solid
+lesions explained theirs), its span, boxed slices, peak score and largest box side (px at 512). The foci tables of
+models/LESION2.md come from here.
+
+- phantom: the 24-slice phantom with **one** ground-glass patch (seeds 1–10; `tests/test_cli_analyze.py`'s case):
+  one focus is right, a second one is a stray that would make a single lesion look multifocal.
+- dicom: the real HU series — COVID-CT-MD P001 and cap001, Lung-PET-CT-Dx A0001, the TB Portals volumes and the
+  TotalSegmentator chest crop (NIfTI volumes written as DICOM to a temporary folder; needs nibabel).
+- pseudo: the pseudo-labelled COVID-19 patients of COVID-SemiSeg as image series (per-image rule).
+
+Research data is read in place from ../shared/data (or $CTRIAGE_DATA); what is absent is skipped with a reason.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import tempfile
+from pathlib import Path
+
+from appliance.config import AnalysisConfig
+from appliance.domain import SliceFinding
+from appliance.pipeline.analyzer import Analyzer
+from appliance.pipeline.case_logic import CaseRule, decide
+from appliance.pipeline.foci import focus_members
+from appliance.pipeline.solid_lesions import explain_foci
+from models.probe_findings import DATA
+
+DICOM = {"P001": "covid-ct-md/P001", "cap001": "covid-ct-md/cap001", "A0001": "lung-pet-ct-dx-A0001"}
+TB = DATA / "tb-portal-volumes" / "data"
+TS_CHEST = DATA / "totalsegmentator-ct-nifti/tests/reference_files/pulmonary_report/models/ct_cropped.nii.gz"
+PSEUDO = DATA / "covid-semiseg/TrainingSet/LungInfection-Train/Pseudo-label/Imgs"
+
+
+def foci(findings: list[SliceFinding], rule: CaseRule) -> dict:
+    """The verdict and each counted focus spanning at least 3 slices."""
+    findings = sorted(findings, key=lambda f: f.position)
+    v = decide(findings, rule)
+    counted, _ = explain_foci(findings, rule.gap_factor)
+    rows = []
+    for m in focus_members(counted, rule.gap_factor):
+        sl = sorted({i for i, _ in m})
+        if sl[-1] - sl[0] + 1 < 3:
+            continue
+        boxes = [(counted[i].boxes[j], counted[i].shape) for i, j in m]
+        rows.append({"first": sl[0], "last": sl[-1], "boxed": len(sl),
+                     "peak": round(max(b.score for b, _ in boxes), 2),
+                     "side": round(max(max(b.rect.height, b.rect.width) * 512 / max(shape) for b, shape in boxes))})
+    return {"result": v.result, "foci": v.foci, "rows": rows}
+
+
+def series(only: set[str], seeds: list[int]):
+    """(name, kind, files or folder) of every series to probe (a written one lives until the next is asked for);
+    prints why one is skipped."""
+    if "phantom" in only:
+        from appliance.phantom import PhantomSpec, write_phantom
+
+        for seed in seeds:
+            with tempfile.TemporaryDirectory(prefix="ctriage-probe-") as d:
+                write_phantom(d, PhantomSpec(slices=24, size=256, spacing_mm=1.4, lesion=True, seed=seed,
+                                             second_focus=None))
+                yield f"phantom seed {seed}", "dicom", Path(d)
+    if "dicom" in only:
+        for name, rel in DICOM.items():
+            if (DATA / rel).exists():
+                yield name, "dicom", DATA / rel
+            else:
+                print(f"SKIP {name}: {DATA / rel} is absent", file=sys.stderr)
+        vols = [(f"TB {k + 1}", p) for k, p in enumerate(sorted(TB.glob("*x64.nii.gz")))] + [("TS chest", TS_CHEST)]
+        try:
+            from models.make_series import write_volume
+            import nibabel  # noqa: F401
+        except ImportError:
+            print("SKIP TB and TotalSegmentator volumes: nibabel is not installed", file=sys.stderr)
+            vols = []
+        for name, path in vols:
+            if path.exists():
+                with tempfile.TemporaryDirectory(prefix="ctriage-probe-") as d:
+                    write_volume(path, Path(d), name)
+                    yield name, "dicom", Path(d)
+    if "pseudo" in only:
+        groups: dict[str, list[Path]] = {}
+        for p in sorted(PSEUDO.glob("*.jpg")):
+            groups.setdefault(re.sub(r"_\d+\.jpg$", "", p.name), []).append(p)
+        if not groups:
+            print(f"SKIP pseudo-labelled patients: {PSEUDO} is absent", file=sys.stderr)
+        for g, files in sorted(groups.items()):
+            yield g, "images", files
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--bundles", type=Path, help="folder holding the valid-area and lesion bundles (default: shipped)")
+    ap.add_argument("--only", default="phantom,dicom,pseudo", help="comma-separated: phantom, dicom, pseudo")
+    ap.add_argument("--seeds", default="1-10", help="phantom seeds, FIRST-LAST (default 1-10)")
+    ap.add_argument("--json", action="store_true", help="one JSON object per series")
+    a = ap.parse_args(argv)
+    from appliance.ingest.image_reader import image_series
+    from appliance.oneshot import analyze_files, walk_files
+
+    analyzer = Analyzer.load(AnalysisConfig(backend="openvino", workers=1), bundle_dir=a.bundles)
+    rule = CaseRule.from_config(AnalysisConfig())
+    print("# " + " · ".join(f"{b['name']} {b['version']}" for b in analyzer.bundles), file=sys.stderr)
+    first, _, last = a.seeds.partition("-")
+    for name, kind, src in series(set(a.only.split(",")), list(range(int(first), int(last or first) + 1))):
+        if kind == "images":
+            slices, _ = image_series(src[0].parent, src)
+            r = foci(analyzer.findings(slices), rule.for_images())
+        else:
+            found = analyze_files(sorted(walk_files(src)), analyzer, 10.0).series
+            r = foci(max(found, key=lambda s: len(s.findings)).findings, rule)
+        if a.json:
+            print(json.dumps({"series": name, **r}), flush=True)
+            continue
+        stray = ", ".join(f"{x['first']}–{x['last']} ({x['boxed']} boxed, peak {x['peak']}, {x['side']} px)"
+                          for x in r["rows"])
+        print(f"{name:44s} {r['result']:13s} foci {r['foci']:2d}: {stray or '-'}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

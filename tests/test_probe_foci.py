@@ -1,0 +1,23 @@
+"""models.probe_foci: the foci table behind models/LESION2.md, through the appliance's path with the committed
+bundles (a generated phantom: no research data needed)."""
+from __future__ import annotations
+
+import json
+
+from models import probe_foci
+
+
+def test_one_patch_phantom_is_one_focus_and_absent_data_is_skipped(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(probe_foci, "PSEUDO", tmp_path / "no-such-folder")
+    probe_foci.main(["--only", "phantom,pseudo", "--seeds", "2", "--json"])
+    out, err = capsys.readouterr()
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert [r["series"] for r in rows] == ["phantom seed 2"]
+    r = rows[0]
+    # one ground-glass patch: one focus spanning a run, the single-lesion negative
+    assert r["result"] == "negative" and r["foci"] == 1 and len(r["rows"]) == 1, r
+    focus = r["rows"][0]
+    assert 3 <= focus["boxed"] <= focus["last"] - focus["first"] + 1
+    assert 0.5 <= focus["peak"] <= 1.0 and focus["side"] > 25
+    assert "# valid-area " in err and " · lesion " in err
+    assert f"SKIP pseudo-labelled patients: {tmp_path / 'no-such-folder'} is absent" in err
