@@ -37,6 +37,27 @@ TS_CHEST = DATA / "totalsegmentator-ct-nifti/tests/reference_files/pulmonary_rep
 PSEUDO = DATA / "covid-semiseg/TrainingSet/LungInfection-Train/Pseudo-label/Imgs"
 
 
+KINDS = ("phantom", "dicom", "pseudo")
+
+
+def _kinds(text: str) -> set[str]:
+    kinds = {k.strip() for k in text.split(",") if k.strip()}
+    if not kinds or kinds - set(KINDS):
+        raise argparse.ArgumentTypeError(f"{text!r}: give some of {', '.join(KINDS)}, comma-separated")
+    return kinds
+
+
+def _seeds(text: str) -> list[int]:
+    first, _, last = text.partition("-")
+    try:
+        seeds = list(range(int(first), int(last or first) + 1))
+    except ValueError:
+        seeds = []
+    if not seeds:
+        raise argparse.ArgumentTypeError(f"{text!r}: give FIRST-LAST (e.g. 1-10) or one seed")
+    return seeds
+
+
 def foci(findings: list[SliceFinding], rule: CaseRule) -> dict:
     """The verdict and each counted focus spanning at least 3 slices."""
     findings = sorted(findings, key=lambda f: f.position)
@@ -79,10 +100,12 @@ def series(only: set[str], seeds: list[int]):
             print("SKIP TB and TotalSegmentator volumes: nibabel is not installed", file=sys.stderr)
             vols = []
         for name, path in vols:
-            if path.exists():
-                with tempfile.TemporaryDirectory(prefix="ctriage-probe-") as d:
-                    write_volume(path, Path(d), name)
-                    yield name, "dicom", Path(d)
+            if not path.exists():
+                print(f"SKIP {name}: {path} is absent", file=sys.stderr)
+                continue
+            with tempfile.TemporaryDirectory(prefix="ctriage-probe-") as d:
+                write_volume(path, Path(d), name)
+                yield name, "dicom", Path(d)
     if "pseudo" in only:
         groups: dict[str, list[Path]] = {}
         for p in sorted(PSEUDO.glob("*.jpg")):
@@ -96,8 +119,8 @@ def series(only: set[str], seeds: list[int]):
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bundles", type=Path, help="folder holding the valid-area and lesion bundles (default: shipped)")
-    ap.add_argument("--only", default="phantom,dicom,pseudo", help="comma-separated: phantom, dicom, pseudo")
-    ap.add_argument("--seeds", default="1-10", help="phantom seeds, FIRST-LAST (default 1-10)")
+    ap.add_argument("--only", type=_kinds, default="phantom,dicom,pseudo", help="comma-separated: " + ", ".join(KINDS))
+    ap.add_argument("--seeds", type=_seeds, default="1-10", help="phantom seeds, FIRST-LAST (default 1-10)")
     ap.add_argument("--json", action="store_true", help="one JSON object per series")
     a = ap.parse_args(argv)
     from appliance.ingest.image_reader import image_series
@@ -106,8 +129,7 @@ def main(argv: list[str] | None = None) -> None:
     analyzer = Analyzer.load(AnalysisConfig(backend="openvino", workers=1), bundle_dir=a.bundles)
     rule = CaseRule.from_config(AnalysisConfig())
     print("# " + " · ".join(f"{b['name']} {b['version']}" for b in analyzer.bundles), file=sys.stderr)
-    first, _, last = a.seeds.partition("-")
-    for name, kind, src in series(set(a.only.split(",")), list(range(int(first), int(last or first) + 1))):
+    for name, kind, src in series(a.only, a.seeds):
         if kind == "images":
             slices, _ = image_series(src[0].parent, src)
             r = foci(analyzer.findings(slices), rule.for_images())

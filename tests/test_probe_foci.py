@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from models import probe_foci
 
 
@@ -21,3 +23,11 @@ def test_one_patch_phantom_is_one_focus_and_absent_data_is_skipped(tmp_path, mon
     assert 0.5 <= focus["peak"] <= 1.0 and focus["side"] > 25
     assert "# valid-area " in err and " · lesion " in err
     assert f"SKIP pseudo-labelled patients: {tmp_path / 'no-such-folder'} is absent" in err
+
+
+def test_mistyped_options_are_one_line_errors(capsys):
+    for argv, said in ((["--only", "phantoms"], "give some of phantom, dicom, pseudo"),
+                       (["--seeds", "10-1"], "give FIRST-LAST"), (["--seeds", "x"], "give FIRST-LAST")):
+        with pytest.raises(SystemExit) as e:
+            probe_foci.main(argv)
+        assert e.value.code == 2 and said in capsys.readouterr().err
