@@ -26,7 +26,7 @@ from pathlib import Path
 from appliance.config import AnalysisConfig
 from appliance.domain import SliceFinding
 from appliance.pipeline.analyzer import Analyzer
-from appliance.pipeline.case_logic import CaseRule, decide
+from appliance.pipeline.case_logic import CaseRule, decide, slices_needed
 from appliance.pipeline.foci import focus_members
 from appliance.pipeline.solid_lesions import explain_foci
 from models.probe_findings import DATA
@@ -59,14 +59,15 @@ def _seeds(text: str) -> list[int]:
 
 
 def foci(findings: list[SliceFinding], rule: CaseRule) -> dict:
-    """The verdict and each counted focus spanning at least 3 slices."""
+    """The verdict and each counted focus spanning a qualifying run (the rule's slices needed)."""
     findings = sorted(findings, key=lambda f: f.position)
     v = decide(findings, rule)
+    need = slices_needed(findings, rule.min_run, rule.min_run_mm)
     counted, _ = explain_foci(findings, rule.gap_factor)
     rows = []
     for m in focus_members(counted, rule.gap_factor):
         sl = sorted({i for i, _ in m})
-        if sl[-1] - sl[0] + 1 < 3:
+        if sl[-1] - sl[0] + 1 < need:
             continue
         boxes = [(counted[i].boxes[j], counted[i].shape) for i, j in m]
         rows.append({"first": sl[0], "last": sl[-1], "boxed": len(sl),
@@ -127,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
     from appliance.oneshot import analyze_files, walk_files
 
     analyzer = Analyzer.load(AnalysisConfig(backend="openvino", workers=1), bundle_dir=a.bundles)
-    rule = CaseRule.from_config(AnalysisConfig())
+    rule = analyzer.rule  # the case rule the daemon, analyze and evaluate share
     print("# " + " · ".join(f"{b['name']} {b['version']}" for b in analyzer.bundles), file=sys.stderr)
     for name, kind, src in series(a.only, a.seeds):
         if kind == "images":
@@ -135,6 +136,9 @@ def main(argv: list[str] | None = None) -> None:
             r = foci(analyzer.findings(slices), rule.for_images())
         else:
             found = analyze_files(sorted(walk_files(src)), analyzer, 10.0).series
+            if not found:
+                print(f"SKIP {name}: no readable series in {src}", file=sys.stderr)
+                continue
             r = foci(max(found, key=lambda s: len(s.findings)).findings, rule)
         if a.json:
             print(json.dumps({"series": name, **r}), flush=True)

@@ -31,3 +31,16 @@ def test_mistyped_options_are_one_line_errors(capsys):
         with pytest.raises(SystemExit) as e:
             probe_foci.main(argv)
         assert e.value.code == 2 and said in capsys.readouterr().err
+
+
+def test_a_folder_without_a_readable_series_is_skipped_with_its_reason(tmp_path, monkeypatch, capsys):
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "not-a-slice.dcm").write_bytes(b"not DICOM at all")
+    monkeypatch.setattr(probe_foci, "DICOM", {"junk": str(junk)})
+    monkeypatch.setattr(probe_foci, "TB", tmp_path / "no-tb")
+    monkeypatch.setattr(probe_foci, "TS_CHEST", tmp_path / "no-ts.nii.gz")
+    probe_foci.main(["--only", "dicom", "--json"])
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert f"SKIP junk: no readable series in {junk}" in err
