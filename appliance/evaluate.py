@@ -23,7 +23,7 @@ from PIL import Image, UnidentifiedImageError
 from appliance.oneshot import analyze_files, discover, walk_files
 from appliance.domain import SliceFinding
 from appliance.ingest.image_reader import image_series, natural_key
-from appliance.metrics import Confusion, auc, component_score, confusion, dice, iou, mean_or_none, predicted_mask, sweep
+from appliance.metrics import Confusion, auc, bootstrap_mean_ci, component_score, confusion, dice, iou, mean_or_none, predicted_mask, sweep
 from appliance.pipeline.case_logic import SeriesSummary, decide, study_verdict
 
 GROUPS = ("covid", "control")
@@ -101,6 +101,11 @@ class ImageResult:
     def called(self) -> bool:
         return bool(self.finding.boxes)
 
+    @property
+    def image_id(self) -> str:
+        """`<patient>/<file stem>`: the name its mask goes by, the same for every bundle evaluated."""
+        return f"{self.patient}/{Path(self.key).stem}"
+
 
 @dataclass
 class PatientResult:
@@ -169,6 +174,8 @@ class Evaluation:
                           "images": n},
             "per_patient": {**self.per_patient().metrics(), "patients": len(self.patients)},
             "dice": {"mean": mean_or_none([r.dice for r in dl]), "n": len(dl),  # type: ignore[misc]
+                     "ci95": _rounded(bootstrap_mean_ci([r.dice for r in dl])),  # type: ignore[misc]
+                     "images": [{"image": r.image_id, "dice": round(r.dice, 4)} for r in dl],  # type: ignore[arg-type]
                      "iou_mean": mean_or_none([r.iou for r in dl]),  # type: ignore[misc]
                      "both_empty": sum(bool(r.mask_empty and r.pred_empty) for r in dl),
                      "lesion_mean": mean_or_none([r.dice for r in les]), "lesion_n": len(les)},  # type: ignore[misc]
@@ -180,6 +187,31 @@ class Evaluation:
             "patients": [p.as_dict() for p in self.patients],
             "rejected": [{"patient": p.source.name, **r} for p in self.patients for r in p.rejected],
         }
+
+
+def _rounded(ci: tuple[float, float] | None, digits: int = 4) -> list[float] | None:
+    return None if ci is None else [round(ci[0], digits), round(ci[1], digits)]
+
+
+def compare_dice(data: dict, baseline: dict) -> dict:
+    """Mean Dice of `data` minus `baseline` (two evaluation objects) over the images both scored, with the paired
+    bootstrap interval: the difference between two bundles on the same images, and how far it can be trusted.
+    Raises DatasetError when the baseline is not an evaluation object or shares no image with this one."""
+    try:
+        if baseline.get("schema") != data["schema"]:
+            raise KeyError("schema")
+        old = {i["image"]: float(i["dice"]) for i in baseline["dice"]["images"]}
+    except (AttributeError, KeyError, TypeError, ValueError):
+        raise DatasetError(f"the baseline is not a {data['schema']} object with per-image Dice (write it with "
+                           "this version's `ctriage evaluate --json` or --report)") from None
+    pairs = [(i["dice"], old[i["image"]]) for i in data["dice"]["images"] if i["image"] in old]
+    if not pairs:
+        raise DatasetError("the baseline shares no image with a mask with this evaluation: not the same dataset")
+    diff = [new - was for new, was in pairs]
+    return {"n": len(pairs), "mean_new": mean_or_none([n for n, _ in pairs]),
+            "mean_baseline": mean_or_none([b for _, b in pairs]), "difference": mean_or_none(diff),
+            "ci95": _rounded(bootstrap_mean_ci(diff)), "better": sum(d > 0 for d in diff),
+            "worse": sum(d < 0 for d in diff), "bundles_baseline": baseline.get("bundles")}
 
 
 # ---------------------------------------------------------------------------------------------- running

@@ -1,5 +1,6 @@
 """Evaluation metrics, pure numpy: the confusion counts and ratios of Table 3 of Chen et al. 2020, Dice and IoU
-of masks, the image score used for the ROC sweep, the area under it."""
+of masks, the image score used for the ROC sweep, the area under it, and bootstrap intervals of a mean (how
+far a mean Dice over a few images can be trusted; paired, how far two bundles' difference can)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -151,3 +152,20 @@ def mean_or_none(values: Sequence[float], digits: int = 4) -> float | None:
 # ---------------------------------------------------------------------------------------------- the dataset
 
 
+
+
+def bootstrap_mean_ci(values: Sequence[float], level: float = 0.95, resamples: int = 4000,
+                      seed: int = 0) -> tuple[float, float] | None:
+    """Percentile bootstrap interval of the mean of `values` (images resampled with replacement, seeded so a
+    report is reproducible); None for fewer than 2 values. Paired differences (new − old per image) give the
+    interval of a difference between two bundles on the same images."""
+    v = np.asarray(values, dtype=np.float64)
+    if v.ndim != 1 or len(v) < 2:
+        return None
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must lie in (0, 1), not {level}")
+    idx = np.random.default_rng(seed).integers(0, len(v), size=(resamples, len(v)))
+    means = v[idx].mean(axis=1)
+    tail = (1.0 - level) / 2.0
+    lo, hi = np.quantile(means, [tail, 1.0 - tail])
+    return float(lo), float(hi)

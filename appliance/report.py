@@ -251,9 +251,12 @@ def build_html(ev: Evaluation, data: dict, max_tilt_deg: float = 10.0, gallery: 
     peak = (f", its component peaking at ≥ {ev.min_score:g}" if ev.min_score is not None
             and ev.min_score > ev.threshold else "")
     rule = f": {html.escape(ev.case_rule)}" if ev.case_rule else ""
+    ci = d.get("ci95")
+    ci_txt = (f" (95 % bootstrap interval {_fmt(ci[0])}–{_fmt(ci[1])}: the images resampled; few images, wide "
+              "interval)" if ci else "")
     if d["n"]:
         dice_html = f"""<div class=row>{_img(dice_plot(dice_vals), "Dice histogram")}
-<p>mean Dice {_fmt(d['mean'])}, mean IoU {_fmt(d['iou_mean'])} over {d['n']} images with a mask
+<p>mean Dice {_fmt(d['mean'])}{ci_txt}, mean IoU {_fmt(d['iou_mean'])} over {d['n']} images with a mask
 ({d['both_empty']} with mask and prediction both empty, counted as 1);<br>mean Dice {_fmt(d['lesion_mean'])} over
 the {d['lesion_n']} images whose mask shows lesion.<br>
 Prediction: the probability map resized back to the lung box, ≥ {ev.threshold:g}.</p></div>"""

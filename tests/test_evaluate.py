@@ -13,7 +13,8 @@ from PIL import Image
 
 from appliance.domain import Rect
 from appliance.evaluate import DatasetError, find_patients
-from appliance.metrics import Confusion, auc, component_score, confusion, dice, iou, predicted_mask, sweep
+from appliance.metrics import (Confusion, auc, bootstrap_mean_ci, component_score, confusion, dice, iou,
+                               predicted_mask, sweep)
 
 from .conftest import shared_data
 
@@ -143,11 +144,29 @@ def test_evaluation_aggregates_hand_made_results():
     assert pi["sensitivity"] == round(2 / 3, 4) and pi["specificity"] == 0.5
     pp = d["per_patient"]
     assert (pp["tp"], pp["fn"], pp["fp"], pp["tn"]) == (1, 0, 0, 1)  # indeterminate = a negative call
+    ci = d["dice"].pop("ci95")
+    assert [i["dice"] for i in d["dice"].pop("images")] == [0.5, 0.0, 1.0, 0.0]
     assert d["dice"] == {"mean": round((0.5 + 0 + 1 + 0) / 4, 4), "n": 4, "iou_mean": round(1.5 / 4, 4),
                          "both_empty": 1, "lesion_mean": 0.25, "lesion_n": 2}
+    assert 0.0 <= ci[0] < 0.375 < ci[1] <= 1.0  # four images: a wide interval around the mean
     assert d["ms_per_slice"] == 100.0
     assert [p["patient"] for p in d["patients"]] == ["a", "b"] and d["patients"][1]["reason"] == "why"
     json.dumps(d)
+
+
+def test_bootstrap_interval_of_a_mean():
+    assert bootstrap_mean_ci([0.7]) is None and bootstrap_mean_ci([]) is None  # one image: no interval
+    assert bootstrap_mean_ci([0.6] * 10) == pytest.approx((0.6, 0.6))
+    coin = [0.0, 1.0] * 50  # mean 0.5, standard error 0.05: the 95 % interval is about ±0.1
+    lo, hi = bootstrap_mean_ci(coin)
+    assert 0.38 < lo < 0.42 and 0.58 < hi < 0.62
+    few = bootstrap_mean_ci(coin[:10])
+    assert few[0] < lo and few[1] > hi  # fewer images, a wider interval
+    spread = list(np.random.default_rng(0).uniform(0.4, 0.9, 10))
+    assert bootstrap_mean_ci(spread) == bootstrap_mean_ci(spread)  # seeded: a report is reproducible
+    assert bootstrap_mean_ci(spread, seed=3) != bootstrap_mean_ci(spread, seed=4)
+    with pytest.raises(ValueError, match="level"):
+        bootstrap_mean_ci(coin, level=95)
 
 
 def test_report_without_masks_says_so_instead_of_an_empty_histogram():
@@ -377,6 +396,60 @@ def test_evaluate_table_and_layout_error(generated, tmp_path, capsys):
     assert "crops-a" in out and "ct-1" in out
     rc, out, err = run_cli(["evaluate", str(tmp_path / "missing")], capsys)
     assert rc == 2 and "no such folder" in err
+
+
+def test_dice_against_a_baseline_evaluation(generated, tmp_path, capsys):
+    """--baseline: the paired Dice difference per image with its bootstrap interval, and what it means in words."""
+    root, info = generated
+    rc, out, err = run_cli(["evaluate", str(root), "--json"], capsys)
+    assert rc == 0, err
+    d = json.loads(out)
+    ids = [i["image"] for i in d["dice"]["images"]]
+    assert len(ids) == len(set(ids)) == d["dice"]["n"] and "crops-a/" in ids[0]
+    lo, hi = d["dice"]["ci95"]
+    assert lo <= d["dice"]["mean"] <= hi
+    same = tmp_path / "same.json"
+    same.write_text(out)
+    rc, out, err = run_cli(["evaluate", str(root), "--json", "--baseline", str(same)], capsys)
+    assert rc == 0, err
+    vs = json.loads(out)["dice_vs_baseline"]
+    assert vs["n"] == d["dice"]["n"] and vs["difference"] == 0.0 and vs["ci95"] == [0.0, 0.0]
+    assert vs["better"] == vs["worse"] == 0 and {b["name"] for b in vs["bundles_baseline"]} == {"valid-area", "lesion"}
+    # a weaker baseline on every image but one: this run is better beyond the images' spread
+    worse = json.loads(same.read_text())
+    for i in worse["dice"]["images"][1:]:
+        i["dice"] = max(0.0, i["dice"] - 0.3)
+    (tmp_path / "worse.json").write_text(json.dumps(worse))
+    rc, out, err = run_cli(["evaluate", str(root), "--baseline", str(tmp_path / "worse.json")], capsys)
+    assert rc == 0, err
+    line = next(x for x in out.splitlines() if x.startswith("Dice vs "))
+    assert "valid-area" in line and f"over {d['dice']['n']} paired image(s)" in line
+    assert "better beyond the images' spread" in line, line
+    # the same baseline the other way round reads as worse; a single shared image gives no interval
+    one = json.loads(same.read_text())
+    one["dice"]["images"] = [dict(one["dice"]["images"][0], dice=1.0)] + [
+        dict(i, image="elsewhere/" + i["image"]) for i in one["dice"]["images"][1:]]
+    (tmp_path / "one.json").write_text(json.dumps(one))
+    rc, out, err = run_cli(["evaluate", str(root), "--json", "--baseline", str(tmp_path / "one.json")], capsys)
+    vs = json.loads(out)["dice_vs_baseline"]
+    assert rc == 0 and vs["n"] == 1 and vs["ci95"] is None
+
+
+def test_a_bad_baseline_is_a_clear_error_before_the_models_load(generated, tmp_path, capsys):
+    root, _ = generated
+    cases = {"missing.json": (None, "cannot read it"), "junk.json": ("{not json", "not JSON"),
+             "old.json": ('{"schema": "ctriage.evaluation/1", "dice": {"mean": 0.7, "n": 10}}',
+                          "not an evaluation with per-image Dice")}
+    for name, (text, message) in cases.items():
+        if text is not None:
+            (tmp_path / name).write_text(text)
+        rc, out, err = run_cli(["evaluate", str(root), "--baseline", str(tmp_path / name)], capsys)
+        assert rc == 2 and f"--baseline {tmp_path / name}: {message}" in err, err
+        assert "Traceback" not in err
+    other = {"schema": "ctriage.evaluation/1", "dice": {"images": [{"image": "nobody/x", "dice": 0.5}]}}
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    rc, out, err = run_cli(["evaluate", str(root), "--baseline", str(tmp_path / "other.json")], capsys)
+    assert rc == 2 and "shares no image with a mask with this evaluation: not the same dataset" in err, err
 
 
 def test_mask_size_mismatch_is_a_clear_error(tmp_path, capsys):

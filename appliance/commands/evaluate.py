@@ -12,6 +12,10 @@ negative call). Undefined ratios are shown as "-" (null in JSON).
 
 --json prints one JSON object; --report DIR writes DIR/index.html (self-contained: ROC, threshold sweep, Dice
 histogram, patients, misses and false alarms) and DIR/metrics.json. Exit status 2 on a malformed dataset.
+
+Mean Dice comes with its 95 % bootstrap interval (images resampled): over 10 images it is wide. --baseline FILE
+(an earlier --json output or metrics.json of the same dataset, e.g. with the bundles in service) adds the paired
+difference per image and its interval: whether a candidate bundle is better beyond what the images can show.
 """
 from __future__ import annotations
 
@@ -31,6 +35,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     p.add_argument("--report", metavar="DIR", help="write an HTML report (index.html) and metrics.json here")
     p.add_argument("--progress", action="store_true", default=None, help="force a progress bar on stderr")
+    p.add_argument("--baseline", metavar="FILE", help="an earlier evaluation of the same dataset (--json output or "
+                   "metrics.json): report the paired Dice difference with its 95 %% bootstrap interval")
     add_backend_arguments(p)
     add_config_argument(p)
 
@@ -51,9 +57,21 @@ def summary(data: dict) -> str:
     out.append(f"images {pi['images']} ({pi['excluded']} COVID image(s) with an empty mask excluded), "
                f"patients {pp['patients']}")
     if d["n"]:
-        out.append(f"Dice {d['mean']:.3f} (IoU {d['iou_mean']:.3f}) over {d['n']} image(s) with a mask, "
+        ci = d.get("ci95")
+        out.append(f"Dice {d['mean']:.3f}" + (f" (95 % interval {ci[0]:.3f}–{ci[1]:.3f})" if ci else "")
+                   + f", IoU {d['iou_mean']:.3f}, over {d['n']} image(s) with a mask, "
                    f"{d['both_empty']} of them empty in mask and prediction"
                    + (f"; {d['lesion_mean']:.3f} over the {d['lesion_n']} with lesion" if d["lesion_n"] else ""))
+        vs = data.get("dice_vs_baseline")
+        if vs:
+            ci = vs["ci95"]
+            was = ", ".join(f"{b['name']} {b['version']}" for b in vs.get("bundles_baseline") or []) or "baseline"
+            verdict = ("" if ci is None else " — better beyond the images' spread" if ci[0] > 0 else
+                       " — worse beyond the images' spread" if ci[1] < 0 else " — within the images' spread")
+            out.append(f"Dice vs {was}: {vs['difference']:+.3f}"
+                       + (f" (95 % interval {ci[0]:+.3f} … {ci[1]:+.3f})" if ci else "")
+                       + f" over {vs['n']} paired image(s), better on {vs['better']}, worse on {vs['worse']}"
+                       + verdict)
     else:
         out.append("Dice: no masks")
     if data["roc_auc"] is not None:
@@ -93,14 +111,29 @@ def summary(data: dict) -> str:
     return "\n".join(out)
 
 
+def _read_baseline(path: Path) -> dict:
+    """The baseline evaluation object, or a UsageError saying what is wrong with the file (before models load)."""
+    try:
+        data = json.loads(path.read_text())
+    except OSError as e:
+        raise UsageError(f"--baseline {path}: cannot read it ({e.strerror or e})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UsageError(f"--baseline {path}: not JSON ({e})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("dice"), dict) or "images" not in data["dice"]:
+        raise UsageError(f"--baseline {path}: not an evaluation with per-image Dice (write it with "
+                         "`ctriage evaluate --json` or --report)")
+    return data
+
+
 def run(args: argparse.Namespace) -> int:
-    from appliance.evaluate import DatasetError, evaluate, find_patients
+    from appliance.evaluate import DatasetError, compare_dice, evaluate, find_patients
 
     root = Path(args.dataset)
     try:
         find_patients(root)  # layout errors before the models load
     except DatasetError as e:
         raise UsageError(str(e)) from None
+    baseline = _read_baseline(Path(args.baseline)) if args.baseline else None
     if args.report:
         try:
             import matplotlib  # noqa: F401
@@ -117,6 +150,11 @@ def run(args: argparse.Namespace) -> int:
     finally:
         bar.close()
     data = ev.as_dict()
+    if baseline is not None:
+        try:
+            data["dice_vs_baseline"] = compare_dice(data, baseline)
+        except DatasetError as e:
+            raise UsageError(f"--baseline {args.baseline}: {e}") from None
     if args.report:
         from appliance.report import write_report
 
