@@ -109,6 +109,35 @@ def dice_plot(values: Sequence[float]) -> str:
     return _fig_png(fig)
 
 
+def paired_dice_plot(pairs: Sequence[tuple[float, float]]) -> str:
+    """Per-image Dice, baseline (x) against this evaluation (y): above the diagonal, this one is better."""
+    Figure = _mpl()
+    fig = Figure(figsize=(4.0, 3.8))
+    ax = fig.add_subplot()
+    ax.plot([0, 1], [0, 1], color="#888", lw=1, ls="--")
+    xs, ys = [b for _, b in pairs], [n for n, _ in pairs]
+    colours = ["#2e8b57" if n > b else "#c0392b" if n < b else "#555" for n, b in pairs]
+    ax.scatter(xs, ys, c=colours, s=22)
+    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="Dice, baseline", ylabel="Dice, this evaluation",
+           title=f"Dice per image (n = {len(pairs)})")
+    ax.grid(alpha=0.3)
+    return _fig_png(fig)
+
+
+def baseline_html(vs: dict, pairs: Sequence[tuple[float, float]]) -> str:
+    """The paired comparison with the baseline evaluation: the plot and the difference in words."""
+    ci = vs["ci95"]
+    was = ", ".join(f"{b['name']} {b['version']}" for b in vs.get("bundles_baseline") or []) or "the baseline"
+    verdict = ("one paired image: no interval" if ci is None else
+               "better beyond the images' spread" if ci[0] > 0 else
+               "worse beyond the images' spread" if ci[1] < 0 else "within the images' spread")
+    interval = "" if ci is None else f" (95 % paired bootstrap interval {ci[0]:+.3f} … {ci[1]:+.3f})"
+    return (f"""<div class=row>{_img(paired_dice_plot(pairs), "Dice per image against the baseline")}
+<p>Against {html.escape(was)} on the same {vs['n']} image(s): mean Dice {vs['mean_new']:.3f} vs
+{vs['mean_baseline']:.3f}, difference <b>{vs['difference']:+.3f}</b>{interval}: <b>{verdict}</b>.<br>
+Better on {vs['better']} image(s), worse on {vs['worse']} (green above the diagonal, red below).</p></div>""")
+
+
 def _grey(r: ImageResult, max_tilt_deg: float) -> np.ndarray:
     if r.kind == "dicom":
         from appliance.imaging import window
@@ -209,7 +238,8 @@ figcaption{font-size:12px;color:#444} .note{color:#666} code{background:#f5f5f5;
 """
 
 
-def build_html(ev: Evaluation, data: dict, max_tilt_deg: float = 10.0, gallery: int = GALLERY) -> str:
+def build_html(ev: Evaluation, data: dict, max_tilt_deg: float = 10.0, gallery: int = GALLERY,
+               baseline: dict | None = None) -> str:
     pi, pp, d = data["per_image"], data["per_patient"], data["dice"]
     points = ev.sweep()
     op = (None if pi["specificity"] is None else 1.0 - pi["specificity"], pi["sensitivity"])
@@ -251,6 +281,13 @@ def build_html(ev: Evaluation, data: dict, max_tilt_deg: float = 10.0, gallery: 
     peak = (f", its component peaking at ≥ {ev.min_score:g}" if ev.min_score is not None
             and ev.min_score > ev.threshold else "")
     rule = f": {html.escape(ev.case_rule)}" if ev.case_rule else ""
+    vs = data.get("dice_vs_baseline")
+    if vs:
+        old = {i["image"]: i["dice"] for i in baseline["dice"]["images"]} if baseline else {}
+        pairs = [(i["dice"], old[i["image"]]) for i in d["images"] if i["image"] in old]
+        versus = "<h3>Against the baseline</h3>\n" + baseline_html(vs, pairs)
+    else:
+        versus = ""
     ci = d.get("ci95")
     ci_txt = (f" (95 % bootstrap interval {_fmt(ci[0])}–{_fmt(ci[1])}: the images resampled; few images, wide "
               "interval)" if ci else "")
@@ -290,6 +327,7 @@ AUC {auc_txt}.</p>
 
 <h2>Dice</h2>
 {dice_html}
+{versus}
 
 <h2>Patients</h2>
 {ptab}
@@ -309,12 +347,14 @@ AUC {auc_txt}.</p>
 """
 
 
-def write_report(ev: Evaluation, out: Path, max_tilt_deg: float = 10.0, gallery: int = GALLERY) -> Path:
-    """Write out/index.html and out/metrics.json (the same object as `ctriage evaluate --json`)."""
+def write_report(ev: Evaluation, out: Path, max_tilt_deg: float = 10.0, gallery: int = GALLERY,
+                 data: dict | None = None, baseline: dict | None = None) -> Path:
+    """Write out/index.html and out/metrics.json (the same object as `ctriage evaluate --json`; with a baseline,
+    its paired Dice comparison too)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    data = ev.as_dict()
+    data = ev.as_dict() if data is None else data
     (out / "metrics.json").write_text(json.dumps(data, indent=1) + "\n")
     page = out / "index.html"
-    page.write_text(build_html(ev, data, max_tilt_deg, gallery))
+    page.write_text(build_html(ev, data, max_tilt_deg, gallery, baseline))
     return page

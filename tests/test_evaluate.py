@@ -420,11 +420,20 @@ def test_dice_against_a_baseline_evaluation(generated, tmp_path, capsys):
     for i in worse["dice"]["images"][1:]:
         i["dice"] = max(0.0, i["dice"] - 0.3)
     (tmp_path / "worse.json").write_text(json.dumps(worse))
-    rc, out, err = run_cli(["evaluate", str(root), "--baseline", str(tmp_path / "worse.json")], capsys)
+    report = tmp_path / "report"
+    rc, out, err = run_cli(["evaluate", str(root), "--baseline", str(tmp_path / "worse.json"), "--report",
+                            str(report)], capsys)
     assert rc == 0, err
     line = next(x for x in out.splitlines() if x.startswith("Dice vs "))
     assert "valid-area" in line and f"over {d['dice']['n']} paired image(s)" in line
     assert "better beyond the images' spread" in line, line
+    # the report shows the pairs as a picture and says the same; its metrics.json carries the comparison
+    page = (report / "index.html").read_text()
+    assert re.search(r'<img alt="Dice per image against the baseline"[^>]*src="data:image/png;base64,', page)
+    lowered = sum(i["dice"] > 0 for i in d["dice"]["images"][1:])  # those at 0 stay at 0
+    assert "<b>better beyond the images' spread</b>" in page and f"Better on {lowered} image(s), worse on 0" in page
+    vs = json.loads((report / "metrics.json").read_text())["dice_vs_baseline"]
+    assert vs["better"] == lowered and vs["difference"] > 0 and vs["ci95"][0] > 0
     # the same baseline the other way round reads as worse; a single shared image gives no interval
     one = json.loads(same.read_text())
     one["dice"]["images"] = [dict(one["dice"]["images"][0], dice=1.0)] + [

@@ -158,7 +158,7 @@ def run(args: argparse.Namespace) -> int:
     if args.report:
         from appliance.report import write_report
 
-        page = write_report(ev, Path(args.report), cfg.analysis.max_tilt_deg)
+        page = write_report(ev, Path(args.report), cfg.analysis.max_tilt_deg, data=data, baseline=baseline)
         print(f"report written to {page}", file=sys.stderr)
     if args.json:
         print(json.dumps(data))
