@@ -10,7 +10,8 @@ mirror-symmetric, so averaging the two and their mirrored views is a better mask
 The stage's contract does not change: one lung-window input at 224², one probability map; the appliance runs the
 bundle as any other.
 
-A member is a bundle folder (its FP32 model.onnx) or `run:NAME` (a training run's best.pt, exported here). The
+A member is a bundle folder (its FP32 model.onnx), `BUNDLE#I` (member I of an ensemble bundle, taken out of its
+FP32 graph) or `run:NAME` (a training run's best.pt, exported here). The
 INT8 model is quantized from the composed FP32 graph as `models.export` does, with each member's own first and
 last convolutions kept in FP32 (`--keep MEMBER_INDEX:FIRST:LAST`) and the mirror/mean nodes left in FP32.
 """
@@ -28,8 +29,40 @@ PREFIX = "m{}/"  # member i's names in the composed graph
 TTA = "tta/"  # names of the mirror / mean nodes
 
 
+def extract_member(model, index: int):
+    """Member `index` of a composed ensemble graph (its nodes `m<index>/…`) as a model of its own with the stage's
+    contract (input `image`, output `prob`), the prefix taken off: a shipped member re-used without its run."""
+    import onnx
+    from onnx import helper
+
+    pre = PREFIX.format(index)
+    names = {n.name for n in model.graph.node}
+    if not any(n.startswith(pre) for n in names):
+        members = sorted({n.split("/")[0] for n in names if n[:1] == "m" and n.split("/")[0][1:].isdigit()})
+        raise ValueError(f"no member {index} in this graph (members: {', '.join(members) or 'none: not an ensemble'})")
+    sub = onnx.utils.Extractor(onnx.shape_inference.infer_shapes(model)).extract_model([pre + "image"],
+                                                                                   [pre + "prob"])
+    strip = lambda v: v[len(pre):] if v.startswith(pre) else v  # noqa: E731
+    for n in sub.graph.node:
+        n.name = strip(n.name)
+        n.input[:] = [strip(v) for v in n.input]
+        n.output[:] = [strip(v) for v in n.output]
+    for coll in (sub.graph.initializer, sub.graph.input, sub.graph.output, sub.graph.value_info):
+        for v in coll:
+            v.name = strip(v.name)
+    del sub.graph.value_info[:]  # shapes inferred inside the ensemble (its batch): not this member's contract
+    width = model.graph.input[0].type.tensor_type.shape
+    sub.graph.input[0].type.tensor_type.shape.CopyFrom(width)  # the ensemble's input shape (N free, 224 fixed)
+    sub.graph.output[0].type.tensor_type.shape.CopyFrom(model.graph.output[0].type.tensor_type.shape)
+    out = helper.make_model(sub.graph, opset_imports=list(model.opset_import))
+    out.ir_version = model.ir_version
+    onnx.checker.check_model(out)
+    return out
+
+
 def member_onnx(spec: str, tmp: Path) -> tuple[Path, dict]:
-    """(FP32 ONNX file, description) of a member: a bundle folder or `run:NAME`."""
+    """(FP32 ONNX file, description) of a member: a bundle folder, `BUNDLE#I` (member I of an ensemble bundle)
+    or `run:NAME`."""
     if spec.startswith("run:"):
         from models.export import _arch, export_onnx, load_model
 
@@ -41,14 +74,28 @@ def member_onnx(spec: str, tmp: Path) -> tuple[Path, dict]:
                       "validation": ck["metrics"], "config": ck["config"]}
     from appliance.inference.bundle import BundleError, load_bundle
 
+    folder, _, index = spec.partition("#")
     try:
-        b = load_bundle(Path(spec), verify=True)
+        b = load_bundle(Path(folder), verify=True)
     except BundleError as e:
         raise SystemExit(f"--member {spec}: {e}") from None
-    m = json.loads((Path(spec) / "manifest.json").read_text())
-    return Path(spec) / m["runtime_files"]["onnx"], {
-        "bundle": f"{b.name} {b.version}", "manifest_sha256": b.sha256, "arch": m.get("arch"),
-        "training_run": m.get("training", {}).get("run")}
+    m = json.loads((Path(folder) / "manifest.json").read_text())
+    path = Path(folder) / m["runtime_files"]["onnx"]
+    about = {"bundle": f"{b.name} {b.version}", "manifest_sha256": b.sha256, "arch": m.get("arch"),
+             "training_run": m.get("training", {}).get("run")}
+    if not index:
+        return path, about
+    import onnx
+
+    try:
+        i = int(index)
+        sub = extract_member(onnx.load(str(path)), i)
+    except ValueError as e:
+        raise SystemExit(f"--member {spec}: {e if index.isdigit() else 'expected BUNDLE#MEMBER_INDEX, e.g. #1'}") from None
+    out = tmp / f"{b.name}-{b.version}-m{i}.onnx"
+    onnx.save(sub, str(out))
+    arch = (m.get("arch") or {}).get("members", [None] * (i + 1))
+    return out, {**about, "member": i, "arch": arch[i] if i < len(arch) else None}
 
 
 def compose(members: list, flip: list[bool] | bool = True):
@@ -184,7 +231,7 @@ def build(specs: list[str], name: str, version: str, output: dict, dest_root: Pa
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--member", action="append", required=True, help="a bundle folder or run:NAME (repeatable)")
+    ap.add_argument("--member", action="append", required=True, help="a bundle folder, BUNDLE#I or run:NAME (repeatable)")
     ap.add_argument("--name", default="lesion")
     ap.add_argument("--version", required=True)
     ap.add_argument("--threshold", type=float, default=0.3)

@@ -8,7 +8,7 @@ onnx = pytest.importorskip("onnx", reason="onnx is in the `test` and `train` ext
 import onnxruntime as ort  # noqa: E402
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
-from models.ensemble import PREFIX, TTA, compose, keep_groups  # noqa: E402
+from models.ensemble import PREFIX, TTA, compose, extract_member, keep_groups, member_onnx  # noqa: E402
 
 W = 16
 
@@ -52,6 +52,36 @@ def test_the_composed_graph_is_the_mean_of_its_members_and_their_mirrored_views(
     np.testing.assert_allclose(got, want, atol=1e-6)
     np.testing.assert_allclose(_run(compose([a, b], flip=False), x), (pa + pb) / 2, atol=1e-6)
     np.testing.assert_allclose(_run(compose([b], flip=False), x), pb, atol=1e-6)
+
+
+def test_a_member_taken_out_of_an_ensemble_is_that_member_and_recomposes_in_any_view(x):
+    """BUNDLE#I: a shipped member re-used without its training run — the same map alone, and composed anew (here
+    with the mirrored view it did not have, so the batch it sees doubles) the same as composing the original."""
+    a, b = _member(1), _member(2)
+    ens = compose([a, b], flip=[True, False])
+    for i, m in enumerate((a, b)):
+        got = extract_member(ens, i)
+        assert [v.name for v in got.graph.input] == ["image"] and [v.name for v in got.graph.output] == ["prob"]
+        np.testing.assert_allclose(_run(got, x), _run(m, x), atol=1e-7)
+    again = compose([extract_member(ens, 0), extract_member(ens, 1)], flip=[False, True])
+    np.testing.assert_allclose(_run(again, x), _run(compose([a, b], flip=[False, True]), x), atol=1e-6)
+    with pytest.raises(ValueError, match="no member 2 in this graph \\(members: m0, m1\\)"):
+        extract_member(ens, 2)
+    with pytest.raises(ValueError, match="not an ensemble"):
+        extract_member(a, 0)
+
+
+def test_shipped_member_spec_errors_are_one_line(tmp_path):
+    from pathlib import Path
+
+    shipped = Path(__file__).resolve().parents[1] / "models" / "bundles" / "lesion-2.0.0"
+    path, about = member_onnx(f"{shipped}#1", tmp_path)
+    assert about["member"] == 1 and about["bundle"] == "lesion 2.0.0" and path.is_file()
+    for bad, said in (("#5", "no member 5"), ("#x", "expected BUNDLE#MEMBER_INDEX")):
+        with pytest.raises(SystemExit, match=said):
+            member_onnx(f"{shipped}{bad}", tmp_path)
+    with pytest.raises(SystemExit, match="not an ensemble"):
+        member_onnx(f"{shipped.parent / 'lesion-1.2.2'}#0", tmp_path)
 
 
 def test_openvino_runs_the_composed_graph_as_onnx_runtime_does(x, tmp_path):
