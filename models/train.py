@@ -82,7 +82,7 @@ def paste_masses(x: torch.Tensor, y: torch.Tensor, g: torch.Generator, p: float)
     """Synthetic solid nodules and masses (soft-tissue density, round or lobulated, smooth or spiculated edges)
     pasted into the aerated lung of lesion-free samples; their target stays empty. Teaches that a tumour is not
     a COVID-19 lesion (real tumour examples are few)."""
-    H = x.shape[2]
+    H, W = x.shape[2:]
     u = lambda *s: torch.rand(*s, generator=g)  # noqa: E731
     out = x.clone()
     for i, lung, yy, xx in _lesion_free_lungs(x, y, g, p, 50):

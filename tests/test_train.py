@@ -329,6 +329,30 @@ def test_dot_clusters_go_on_lesion_free_lung_only_and_only_brighten():
     assert torch.equal(paste_dots(x, y, g, 0.0), x)
 
 
+def test_synthetic_masses_go_on_lesion_free_lung_with_soft_tissue_density():
+    """`--masses P` (lesion 1.x's recipe): round or spiculated soft-tissue masses pasted into the aerated lung of
+    lesion-free samples, target left empty; a sample with a lesion is left alone. Non-square slices too."""
+    torch = train_extra("torch")
+    from models.train import paste_masses
+
+    H, W = 96, 112
+    x = torch.full((3, 1, H, W), 0.92)
+    x[:, :, 20:76, 10:50] = 0.3
+    x[:, :, 20:76, 60:100] = 0.3
+    y = torch.zeros_like(x)
+    y[2, 0, 40:50, 20:30] = 1.0
+    out = paste_masses(x, y, torch.Generator().manual_seed(1), 1.0)
+    lung = x[0, 0] < 0.45
+    for i in (0, 1):
+        d = out[i, 0] - x[i, 0]
+        core = lung & (d > 0.4)
+        assert core.any(), "a mass in the lung"
+        assert float(out[i, 0][core].median()) > 0.8  # of soft-tissue density (its edge blends), not ground glass
+        assert (d >= -0.1).all()  # denser, never darker (texture noise aside)
+    assert torch.equal(out[2], x[2]) and torch.equal(y[2].sum(), torch.tensor(100.0))
+    assert torch.equal(paste_masses(x, y, torch.Generator().manual_seed(1), 0.0), x)
+
+
 def test_sample_shares_outside_0_to_1_are_refused_with_a_clear_error(capsys):
     train_extra("torch")
     from models.train_lesion2 import main
