@@ -21,6 +21,7 @@ of the table, with the reason printed. The bar to ship is in models/LESION2.md.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import subprocess
 import sys
@@ -132,6 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     if a.rounds < 0:
         ap.error("--rounds must be 0 or more")
     try:
+        missing = [m for m in ("torch", "nibabel") if importlib.util.find_spec(m) is None]
+        if missing:  # models.tune and the volume series need them; say so before minutes of checks
+            raise CheckError(f"needs the `train` extra ({', '.join(missing)} missing): pip install -e '.[train]'")
         for folder in (a.candidate, a.baseline):
             bundle_set(folder)
         if not (a.eval_set / "images").is_dir():

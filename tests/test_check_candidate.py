@@ -47,3 +47,10 @@ def test_a_folder_without_both_bundles_is_a_clear_error(tmp_path, capsys):
 def test_a_failing_check_says_which_and_why():
     with pytest.raises(cc.CheckError, match=r"probe_foci failed \(exit 1\): .*No module named"):
         cc._run(["models.no_such_check"], "probe_foci")
+
+
+def test_without_the_train_extra_it_says_so_before_any_check(monkeypatch, capsys):
+    real = cc.importlib.util.find_spec
+    monkeypatch.setattr(cc.importlib.util, "find_spec", lambda name: None if name == "torch" else real(name))
+    assert cc.main([str(SHIPPED), "--rounds", "0"]) == 2
+    assert "needs the `train` extra (torch missing): pip install -e '.[train]'" in capsys.readouterr().err
