@@ -12,6 +12,7 @@ commands, each in its own process, OpenVINO INT8:
 - `models.tune`: pseudo-labelled held-back slices boxed, specificity on all held-back negatives;
 - `models.eval_dicom_slices`: P001 (COVID-19) labelled / unlabelled slices boxed, cap001 (pneumonia) the same;
 - `models.probe_foci --only phantom`: one-patch phantoms called positive (a stray second focus);
+- the lesion bundle's INT8 vs FP32 mask agreement, as its export measured it (its manifest);
 - `ctriage bench --slices 255`, the two sets alternating `--rounds` times (these machines are noisy: compare
   within a run only).
 
@@ -51,9 +52,7 @@ def _jsonl(text: str) -> list[dict]:
 def bundle_set(folder: Path) -> str:
     """'valid-area X · lesion Y' of a bundles folder (the versions the appliance loads from it), or CheckError
     when one of the two is missing."""
-    from appliance.inference.bundle import find_bundles
-
-    found = {name: b.version for name, b in find_bundles(Path(folder)).items()}
+    found = {name: b.version for name, b in _bundles(folder).items()}
     missing = [n for n in ("valid-area", "lesion") if n not in found]
     if missing:
         raise CheckError(f"{folder}: no {' and no '.join(missing)} bundle (a bundles folder holds both, e.g. "
@@ -61,9 +60,25 @@ def bundle_set(folder: Path) -> str:
     return f"valid-area {found['valid-area']} · lesion {found['lesion']}"
 
 
+def _bundles(folder: Path) -> dict:
+    from appliance.inference.bundle import find_bundles
+
+    return find_bundles(Path(folder))
+
+
+def int8_agreement(folder: Path) -> float | None:
+    """The lesion bundle's INT8 vs FP32 mask agreement (OpenVINO) as its export measured it (manifest), if any."""
+    b = _bundles(folder).get("lesion")
+    if b is None:
+        return None
+    q = json.loads((Path(b.path) / "manifest.json").read_text()).get("quantization") or {}
+    v = q.get("fp32_vs_int8_openvino_mask_dice")
+    return round(float(v), 4) if isinstance(v, (int, float)) else None
+
+
 def quality(bundles: Path, eval_set: Path, baseline_json: Path | None, seeds: str) -> dict:
     """Every quality check of one bundle set (each its own process)."""
-    out: dict = {"bundles": bundle_set(bundles)}
+    out: dict = {"bundles": bundle_set(bundles), "int8_agreement": int8_agreement(bundles)}
     cmd = ["appliance.cli", "evaluate", str(eval_set / "images"), "--json", "--backend", "openvino",
            "--bundles", str(bundles)]
     ev = json.loads(_run(cmd + (["--baseline", str(baseline_json)] if baseline_json else []), "ctriage evaluate"))
@@ -104,7 +119,7 @@ def table(rows: dict[str, dict]) -> str:
     """The two rows as a markdown table (the form of models/LESION2.md's tables)."""
     head = ["", "bundles", "Dice (95 % interval)", "vs baseline, paired (better / worse)", "pseudo slices boxed",
             "negatives spec. (crops false alarms)", "P001 labelled / unlabelled", "cap001 labelled / unlabelled",
-            "phantoms positive", "slices/s"]
+            "phantoms positive", "INT8 agreement", "slices/s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, r in rows.items():
         ci = r.get("dice_ci95") or [float("nan")] * 2
@@ -117,6 +132,7 @@ def table(rows: dict[str, dict]) -> str:
             f"{r['pseudo_slices_boxed']:.3f}", f"{r['negatives_specificity']:.3f} ({r['crops_false_alarms']})",
             _fmt_series(r.get("P001")), _fmt_series(r.get("cap001")),
             f"{r['phantoms_positive'][0]} / {r['phantoms_positive'][1]}",
+            "—" if r.get("int8_agreement") is None else f"{r['int8_agreement']:.3f}",
             " / ".join(f"{v:.1f}" for v in sps) or "—"]) + " |")
     return "\n".join(lines)
 

@@ -22,15 +22,26 @@ def _row(**kw):
 
 def test_the_table_has_one_row_per_set_with_every_check():
     vs = {"difference": -0.0071, "ci95": [-0.0150, 0.0021], "better": 3, "worse": 7}
-    text = cc.table({"baseline": _row(), "candidate": _row(bundles="valid-area 1.4.0 · lesion 2.4.0", dice=0.7329,
-                                                           dice_vs_baseline=vs, phantoms_positive=[1, 10],
-                                                           slices_per_s=[62.0, 68.4])})
+    text = cc.table({"baseline": _row(int8_agreement=0.9838),
+                     "candidate": _row(bundles="valid-area 1.4.0 · lesion 2.4.0", dice=0.7329, dice_vs_baseline=vs,
+                                       phantoms_positive=[1, 10], slices_per_s=[62.0, 68.4])})
     lines = text.splitlines()
     assert len(lines) == 4 and lines[1].count("---") == lines[0].count("|") - 1
     base, cand = lines[2], lines[3]
     assert "0.740 (0.665–0.808)" in base and "| — |" in base and "78/80 / 6/68" in base and "45.1 / 44.9" in base
     assert "lesion 2.4.0" in cand and "-0.007 (-0.015 … +0.002) (3 / 7)" in cand and "1 / 10" in cand
-    assert cand.count("| — |") == 1  # cap001 absent from this row: a dash, not an error
+    assert "| 0.984 |" in base
+    assert cand.count("| — |") == 2  # cap001 and the agreement absent from this row: dashes, not errors
+
+
+def test_int8_agreement_is_read_from_the_lesion_bundles_manifest(tmp_path):
+    import json
+
+    got = cc.int8_agreement(SHIPPED)
+    lesion = max((SHIPPED).glob("lesion-*"), key=lambda d: tuple(int(v) for v in d.name.split("-")[1].split(".")))
+    want = json.loads((lesion / "manifest.json").read_text())["quantization"]["fp32_vs_int8_openvino_mask_dice"]
+    assert got == round(want, 4) and 0.9 < got <= 1.0
+    assert cc.int8_agreement(tmp_path) is None  # no lesion bundle: nothing to report
 
 
 def test_a_folder_without_both_bundles_is_a_clear_error(tmp_path, capsys):
