@@ -149,11 +149,11 @@ def main(argv: list[str] | None = None) -> int:
     if a.rounds < 0:
         ap.error("--rounds must be 0 or more")
     try:
+        for folder in (a.candidate, a.baseline):
+            bundle_set(folder)
         missing = [m for m in ("torch", "nibabel") if importlib.util.find_spec(m) is None]
         if missing:  # models.tune and the volume series need them; say so before minutes of checks
             raise CheckError(f"needs the `train` extra ({', '.join(missing)} missing): pip install -e '.[train]'")
-        for folder in (a.candidate, a.baseline):
-            bundle_set(folder)
         if not (a.eval_set / "images").is_dir():
             print(f"building the held-back evaluation set in {a.eval_set}", file=sys.stderr)
             _run(["models.make_eval_set", str(a.eval_set)], "models.make_eval_set")
