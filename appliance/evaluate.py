@@ -23,7 +23,8 @@ from PIL import Image, UnidentifiedImageError
 from appliance.oneshot import analyze_files, discover, walk_files
 from appliance.domain import SliceFinding
 from appliance.ingest.image_reader import image_series, natural_key
-from appliance.metrics import Confusion, auc, bootstrap_mean_ci, component_score, confusion, dice, iou, mean_or_none, predicted_mask, sweep
+from appliance.metrics import (Confusion, auc, bootstrap_mean_ci, component_score, confusion, dice, iou, mean_or_none,
+                               predicted_mask, sweep)
 from appliance.pipeline.case_logic import SeriesSummary, decide, study_verdict
 
 GROUPS = ("covid", "control")
@@ -193,6 +194,19 @@ def _rounded(ci: tuple[float, float] | None, digits: int = 4) -> list[float] | N
     return None if ci is None else [round(ci[0], digits), round(ci[1], digits)]
 
 
+def paired_dice(data: dict, baseline: dict[str, float]) -> list[tuple[float, float]]:
+    """(this Dice, baseline Dice) of every image both evaluations scored; `baseline`: image id → Dice."""
+    return [(i["dice"], baseline[i["image"]]) for i in data["dice"]["images"] if i["image"] in baseline]
+
+
+def spread_words(ci: list[float] | None) -> str:
+    """What a paired interval says about a difference, in words."""
+    if ci is None:
+        return "one paired image: no interval"
+    return ("better beyond the images' spread" if ci[0] > 0 else
+            "worse beyond the images' spread" if ci[1] < 0 else "within the images' spread")
+
+
 def compare_dice(data: dict, baseline: dict) -> dict:
     """Mean Dice of `data` minus `baseline` (two evaluation objects) over the images both scored, with the paired
     bootstrap interval: the difference between two bundles on the same images, and how far it can be trusted.
@@ -204,7 +218,7 @@ def compare_dice(data: dict, baseline: dict) -> dict:
     except (AttributeError, KeyError, TypeError, ValueError):
         raise DatasetError(f"the baseline is not a {data['schema']} object with per-image Dice (write it with "
                            "this version's `ctriage evaluate --json` or --report)") from None
-    pairs = [(i["dice"], old[i["image"]]) for i in data["dice"]["images"] if i["image"] in old]
+    pairs = paired_dice(data, old)
     if not pairs:
         raise DatasetError("the baseline shares no image with a mask with this evaluation: not the same dataset")
     diff = [new - was for new, was in pairs]

@@ -149,11 +149,6 @@ def mean_or_none(values: Sequence[float], digits: int = 4) -> float | None:
     return round(float(np.mean(values)), digits) if len(values) else None
 
 
-# ---------------------------------------------------------------------------------------------- the dataset
-
-
-
-
 def bootstrap_mean_ci(values: Sequence[float], level: float = 0.95, resamples: int = 4000,
                       seed: int = 0) -> tuple[float, float] | None:
     """Percentile bootstrap interval of the mean of `values` (images resampled with replacement, seeded so a
@@ -164,8 +159,13 @@ def bootstrap_mean_ci(values: Sequence[float], level: float = 0.95, resamples: i
         return None
     if not 0.0 < level < 1.0:
         raise ValueError(f"level must lie in (0, 1), not {level}")
-    idx = np.random.default_rng(seed).integers(0, len(v), size=(resamples, len(v)))
-    means = v[idx].mean(axis=1)
+    rng = np.random.default_rng(seed)
+    step = max(1, 2_000_000 // len(v))  # resamples per chunk: memory stays flat however many images
+    means = np.concatenate([v[rng.integers(0, len(v), size=(min(step, resamples - k), len(v)))].mean(axis=1)
+                            for k in range(0, resamples, step)])
     tail = (1.0 - level) / 2.0
     lo, hi = np.quantile(means, [tail, 1.0 - tail])
     return float(lo), float(hi)
+
+
+# ---------------------------------------------------------------------------------------------- the dataset

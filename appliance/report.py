@@ -21,7 +21,7 @@ from scipy import ndimage as ndi
 
 from appliance import __version__
 from appliance.domain import Rect, SliceFinding
-from appliance.evaluate import Evaluation, ImageResult, read_mask
+from appliance.evaluate import Evaluation, ImageResult, paired_dice, read_mask, spread_words
 from appliance.metrics import auc
 from appliance.imaging import resize
 from appliance.pipeline.anatomy import run_text
@@ -128,9 +128,7 @@ def baseline_html(vs: dict, pairs: Sequence[tuple[float, float]]) -> str:
     """The paired comparison with the baseline evaluation: the plot and the difference in words."""
     ci = vs["ci95"]
     was = ", ".join(f"{b['name']} {b['version']}" for b in vs.get("bundles_baseline") or []) or "the baseline"
-    verdict = ("one paired image: no interval" if ci is None else
-               "better beyond the images' spread" if ci[0] > 0 else
-               "worse beyond the images' spread" if ci[1] < 0 else "within the images' spread")
+    verdict = spread_words(ci)
     interval = "" if ci is None else f" (95 % paired bootstrap interval {ci[0]:+.3f} … {ci[1]:+.3f})"
     return (f"""<div class=row>{_img(paired_dice_plot(pairs), "Dice per image against the baseline")}
 <p>Against {html.escape(was)} on the same {vs['n']} image(s): mean Dice {vs['mean_new']:.3f} vs
@@ -284,7 +282,7 @@ def build_html(ev: Evaluation, data: dict, max_tilt_deg: float = 10.0, gallery: 
     vs = data.get("dice_vs_baseline")
     if vs:
         old = {i["image"]: i["dice"] for i in baseline["dice"]["images"]} if baseline else {}
-        pairs = [(i["dice"], old[i["image"]]) for i in d["images"] if i["image"] in old]
+        pairs = paired_dice(data, old)
         versus = "<h3>Against the baseline</h3>\n" + baseline_html(vs, pairs)
     else:
         versus = ""

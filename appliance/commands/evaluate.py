@@ -47,6 +47,8 @@ def _pct(v: float | None) -> str:
 
 def summary(data: dict) -> str:
     """The readable form of the evaluation object."""
+    from appliance.evaluate import spread_words
+
     pi, pp, d = data["per_image"], data["per_patient"], data["dice"]
     rows = [[label, _pct(pi[k]), _pct(pp[k])] for k, label in
             (("sensitivity", "sensitivity"), ("specificity", "specificity"), ("accuracy", "accuracy"),
@@ -66,8 +68,7 @@ def summary(data: dict) -> str:
         if vs:
             ci = vs["ci95"]
             was = ", ".join(f"{b['name']} {b['version']}" for b in vs.get("bundles_baseline") or []) or "baseline"
-            verdict = ("" if ci is None else " — better beyond the images' spread" if ci[0] > 0 else
-                       " — worse beyond the images' spread" if ci[1] < 0 else " — within the images' spread")
+            verdict = "" if ci is None else " — " + spread_words(ci)
             out.append(f"Dice vs {was}: {vs['difference']:+.3f}"
                        + (f" (95 % interval {ci[0]:+.3f} … {ci[1]:+.3f})" if ci else "")
                        + f" over {vs['n']} paired image(s), better on {vs['better']}, worse on {vs['worse']}"
