@@ -206,3 +206,28 @@ def test_a_lung_slice_without_enough_parenchyma_for_a_noise_figure_still_analyse
     assert crop_noise(np.full((224, 224), 0.9, np.float32)) is None
     assert found[0].noise is not None and found[1].lung is not None and found[1].noise is None  # uniform: no figure
     assert all(0.0 <= v < 60_000.0 for f in found for v in f.timings_ms.values())
+
+
+def test_boxes_are_the_full_maps_where_a_deferred_graph_is_skipped(analyzer, phantom_dir):
+    """A lesion bundle in two graphs (appliance/inference/deferred.py): the verdict path skips the second graph where
+    no box can be made; every finding the verdict reads is the full map's."""
+    from appliance.ingest.dicom_reader import read_slice
+    from appliance.inference.deferred import DeferredAdapter
+
+    ad = analyzer.lesion.adapter
+    if not isinstance(ad, DeferredAdapter):
+        pytest.skip(f"the shipped lesion bundle {analyzer.lesion.bundle.version} is one graph")
+    slices = [read_slice(p) for p in sorted(phantom_dir.glob("*.dcm"))]
+    runs0, seen0 = ad.deferred_runs, ad.slices
+    quick = analyzer.findings(slices)
+    full = analyzer.findings(slices, keep_prob=True)
+    assert ad.slices - seen0 == sum(f.lung is not None for f in quick)
+    assert 0 < ad.deferred_runs - runs0 < ad.slices - seen0  # skipped on some slices, run on the others
+    assert any(f.boxes for f in full)
+    for q, f in zip(quick, full):
+        assert [(b.rect, b.area_512, b.quadrant) for b in q.boxes] == [(b.rect, b.area_512, b.quadrant) for b in f.boxes]
+        assert [b.score for b in q.boxes] == pytest.approx([b.score for b in f.boxes], abs=1e-6)
+        assert q.measures == f.measures and q.solids == f.solids
+    v_quick, _ = analyzer.verdict(slices, quick)
+    v_full, _ = analyzer.verdict(slices, full)
+    assert v_quick == v_full

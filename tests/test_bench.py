@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 from appliance.cli import main
+from appliance.inference.bundle import default_bundle_dir, find_bundles
 from appliance.inference.factory import available_backends
 
 STAGES = {"headers", "decode", "valid_area", "lesion_pre", "lesion_infer", "boxes", "measures", "case_logic"}
@@ -30,6 +31,11 @@ def test_bench_json_reports_every_field(capsys):
         assert r["result"] in ("positive", "negative", "indeterminate")
         assert {b["name"] for b in r["bundles"]} == {"valid-area", "lesion"}
         assert r["workers"] >= 1 and r["batch"] >= 1
+        lesion = find_bundles(default_bundle_dir())["lesion"]  # the bundle the bench ran (the shipped one)
+        if lesion.spec.deferred is None:
+            assert r["deferred_share"] is None
+        else:  # the phantom has lung slices without lesion: the second graph is skipped on some, run on others
+            assert 0 < r["deferred_share"] < 1, r["deferred_share"]
 
 
 def test_bench_workers_and_batch_reach_the_pipeline(capsys):

@@ -18,8 +18,9 @@ def test_manifests_are_complete():
         parse_version(m["version"])
         assert m["input"]["window"] == [-1350, 150]
         assert 0 < m["output"]["threshold"] < 1
-        for rel in m["runtime_files"].values():
-            assert rel in m["files"]
+        graphs = [b.spec.runtime_files] + ([b.spec.deferred.runtime_files] if b.spec.deferred else [])
+        for rel in (r for g in graphs for r in g.values()):  # each graph's files, an IR's weights too, are pinned
+            assert rel in m["files"] and (not rel.endswith(".xml") or rel[:-4] + ".bin" in m["files"])
         assert "non-commercial" in m["licence"].lower() or "noncommercial" in m["licence"].lower()
         assert (b.path / "MODEL_CARD.md").is_file()
         assert {"fp32_vs_int8_onnxruntime_mask_dice", "fp32_vs_int8_openvino_mask_dice"} <= set(m["quantization"])

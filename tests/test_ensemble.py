@@ -8,7 +8,8 @@ onnx = pytest.importorskip("onnx", reason="onnx is in the `test` and `train` ext
 import onnxruntime as ort  # noqa: E402
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
-from models.ensemble import PREFIX, TTA, compose, extract_member, keep_groups, member_onnx  # noqa: E402
+from models.ensemble import (PREFIX, TTA, compose, extract_member, keep_groups, member_onnx,  # noqa: E402
+                             mirrored_view, split_deferred)
 
 W = 16
 
@@ -82,6 +83,32 @@ def test_shipped_member_spec_errors_are_one_line(tmp_path):
             member_onnx(f"{shipped}{bad}", tmp_path)
     with pytest.raises(SystemExit, match="not an ensemble"):
         member_onnx(f"{shipped.parent / 'lesion-1.2.2'}#0", tmp_path)
+
+def test_a_deferred_mirrored_view_and_the_rest_add_up_to_the_composed_graph(x):
+    a, b = _member(1), _member(2)
+    whole = _run(compose([a, b], flip=[True, True]), x)
+    first, second, ceiling = split_deferred([a, b], [True, True], 0)
+    assert ceiling == 0.25  # half of member 0's half of the mean
+    p, q = _run(first, x), _run(second, x)
+    np.testing.assert_allclose(p + q, whole, atol=1e-6)
+    np.testing.assert_allclose(q, _run(a, x[..., ::-1].copy())[..., ::-1] * ceiling, atol=1e-6)
+    assert q.min() >= 0 and q.max() <= ceiling
+    assert {n.name for n in second.graph.node if n.op_type == "Conv"} == {PREFIX.format(0) + "/c0/Conv",
+                                                                         PREFIX.format(0) + "/c1/Conv",
+                                                                         PREFIX.format(0) + "/c2/Conv"}
+    one, alone, c1 = split_deferred([b], [True], 0)  # a single mirrored member: its plain and mirrored halves
+    assert c1 == 0.5
+    np.testing.assert_allclose(_run(one, x) + _run(alone, x), _run(compose([b], flip=True), x), atol=1e-6)
+    with pytest.raises(ValueError, match="no mirrored view"):
+        split_deferred([a, b], [True, False], 1)
+    with pytest.raises(ValueError, match="no member 2"):
+        split_deferred([a, b], [True, True], 2)
+    with pytest.raises(ValueError, match="scales for"):
+        compose([a, b], scale=[1.0])
+    with pytest.raises(ValueError, match="'prob'"):
+        bad = _member(1)
+        bad.graph.output[0].name = "logits"
+        mirrored_view(bad, 0, 0.5)
 
 
 def test_openvino_runs_the_composed_graph_as_onnx_runtime_does(x, tmp_path):

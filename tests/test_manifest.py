@@ -55,3 +55,28 @@ def test_documented_defaults(tmp_path):
     spec = load_bundle(dst, verify=False).spec
     assert spec.output.min_total_lung_cm2 == 0.0 and spec.selftest_atol == 0.08
     assert SHIPPED["lesion"].spec.output.min_crop_mm == 120.0
+
+
+def _two_graphs(m, **change):
+    first = m.pop("runtime_files", None) or m.pop("graphs")["first"]
+    m["schema"] = "ctriage.bundle/2"
+    m["graphs"] = {"first": first, "deferred": {k: "d-" + v for k, v in first.items()}, "ceiling": 0.25, **change}
+
+
+def test_a_bundle_in_two_graphs_is_typed_and_checked(tmp_path):
+    ok = _copy_with(tmp_path / "ok", "lesion", _two_graphs)
+    spec = load_bundle(ok, verify=False).spec
+    assert dict(spec.runtime_files) == dict(SHIPPED["lesion"].spec.runtime_files)
+    assert spec.deferred is not None and spec.deferred.ceiling == 0.25
+    assert set(spec.deferred.runtime_files) == set(spec.runtime_files)
+    cases = [("valid-area", _two_graphs, "for lesion bundles only"),
+             ("lesion", lambda m: _two_graphs(m, deferred={"onnx": "d.onnx"}), "must name the same runtimes"),
+             ("lesion", lambda m: _two_graphs(m, ceiling=0), "'graphs.ceiling' is out of range"),
+             ("lesion", lambda m: (_two_graphs(m), m["graphs"].pop("ceiling")), "missing key 'graphs.ceiling'"),
+             ("lesion", lambda m: (_two_graphs(m), m.update(runtime_files={})), "both given"),
+             ("lesion", lambda m: m.pop("runtime_files", None) or m.pop("graphs"), "missing key 'runtime_files'"),
+             ("lesion", lambda m: m.update(schema="ctriage.bundle/3"), "update the appliance software first")]
+    for i, (name, change, msg) in enumerate(cases):
+        dst = _copy_with(tmp_path / str(i), name, change)
+        with pytest.raises(BundleError, match=msg):
+            load_bundle(dst, verify=False)

@@ -3,6 +3,13 @@
     <name>-<version>/
       manifest.json   name, version, arch, input, output (thresholds), files {path: sha256}, metrics, licence
       model.onnx · model.int8.onnx · openvino/model.xml + model.bin · selftest.npz
+      deferred.onnx · deferred.int8.onnx · openvino/deferred.xml + .bin   (lesion bundles in two graphs only)
+
+A lesion bundle may come in two graphs (schema ctriage.bundle/2): `graphs` {first, deferred: runtime files; ceiling:
+the most the deferred map adds} replaces `runtime_files`, so software that knows one graph only cannot load it (its
+self-test alone would not tell: the first graph is close to the full map). The full probability map is the two
+maps' sum; the appliance runs the second only where a box can still be made (appliance/inference/deferred.py). The
+self-test and the manifest's agreement figures are of the full map.
 
 The bundle's identity hash is the sha256 of manifest.json, which itself pins every file's hash; the fleet's TUF
 targets metadata names a bundle by it (appliance/fleet/release.py, docs/FLEET.md). `Bundle.spec` is the
@@ -23,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from appliance.inference.adapter import InferenceAdapter
+from appliance.inference.deferred import DeferredAdapter
 from appliance.inference.factory import create_adapter
 
 SEMVER = re.compile(r"^(\d+)\.(\d+)\.(\d+)$")
@@ -80,8 +88,17 @@ class ValidAreaOutput:
     min_total_lung_cm2: float = 0.0  # lung in all for a slice to count; valid-area bundles before 1.3.1: none
 
 
+@dataclass(frozen=True)
+class DeferredSpec:
+    """A second graph whose map, in [0, ceiling], adds to the first's (appliance.inference.deferred)."""
+
+    runtime_files: Mapping[str, str]
+    ceiling: float
+
+
 OUTPUTS: dict[str, type] = {"lesion": LesionOutput, "valid-area": ValidAreaOutput}  # task → its output's type
 PROBABILITIES = ("threshold", "min_score")
+SCHEMAS = ("ctriage.bundle/1", "ctriage.bundle/2")  # 2: a lesion bundle in two graphs (`graphs`)
 
 
 @dataclass(frozen=True)
@@ -93,16 +110,17 @@ class Manifest:
     task: str  # "lesion" or "valid-area": says what `output` holds
     input: InputSpec
     output: LesionOutput | ValidAreaOutput
-    runtime_files: Mapping[str, str]  # {"onnx", "onnx_int8", "openvino_int8"} → path in the bundle
+    runtime_files: Mapping[str, str]  # {"onnx", "onnx_int8", "openvino_int8"} → path (two graphs: the first's)
     files: Mapping[str, str]  # path → sha256
     selftest_atol: float = 0.08  # selftest.atol: the self-test's tolerance when the manifest names none
+    deferred: DeferredSpec | None = None  # the second graph of a lesion bundle in two (`graphs`); None: one graph
 
     @classmethod
     def parse(cls, raw: Any, where: str) -> "Manifest":
         """Check and type a manifest.json's content; `where` (its path) starts every error message."""
         if not isinstance(raw, dict):
             raise BundleError(f"{where}: not a JSON object")
-        for key in ("name", "version", "input", "output", "files", "runtime_files"):
+        for key in ("name", "version", "input", "output", "files"):
             if key not in raw:
                 raise BundleError(f"{where}: missing key {key!r}")
         version = _value(raw, "version", where, str)
@@ -126,19 +144,45 @@ class Manifest:
             if v < 0 or (f.name in PROBABILITIES and v > 1) or (f.name == "area_scale" and v == 0):
                 raise BundleError(f"{where}: {key!r} is out of range: {v!r}")
             out[f.name] = v
-        files = {}
-        for key in ("runtime_files", "files"):
-            d = _value(raw, key, where, dict)
-            if not all(isinstance(k, str) and isinstance(v, str) for k, v in d.items()):
-                raise BundleError(f"{where}: {key!r} must map names to strings")
-            files[key] = MappingProxyType(dict(d))
+        schema = raw.get("schema", SCHEMAS[0])
+        if schema not in SCHEMAS:
+            raise BundleError(f"{where}: bundle schema {schema!r} is not one this software runs "
+                              f"({', '.join(SCHEMAS)}): update the appliance software first")
+        files = {"files": _names(raw, "files", where)}
+        deferred = None
+        if "graphs" in raw:  # two graphs (schema 2); no `runtime_files`, so software before it cannot load it
+            if "runtime_files" in raw:
+                raise BundleError(f"{where}: 'graphs' and 'runtime_files' both given: a bundle has one or the other")
+            if task != "lesion":
+                raise BundleError(f"{where}: 'graphs' is for lesion bundles only")
+            files["runtime_files"] = _names(raw, "graphs.first", where)
+            second = _names(raw, "graphs.deferred", where)
+            if set(second) != set(files["runtime_files"]):
+                raise BundleError(f"{where}: 'graphs.deferred' must name the same runtimes as 'graphs.first' "
+                                  f"({', '.join(sorted(files['runtime_files']))})")
+            ceiling = _value(raw, "graphs.ceiling", where, float)
+            if not 0 < ceiling <= 1:
+                raise BundleError(f"{where}: 'graphs.ceiling' is out of range: {ceiling!r}")
+            deferred = DeferredSpec(second, ceiling)
+        else:
+            if "runtime_files" not in raw:
+                raise BundleError(f"{where}: missing key 'runtime_files'")
+            files["runtime_files"] = _names(raw, "runtime_files", where)
         return cls(name=_value(raw, "name", where, str), version=version, task=task,
                    input=InputSpec((size[0], size[1]), (float(window[0]), float(window[1]))),
                    output=out_type(**out), runtime_files=files["runtime_files"], files=files["files"],
-                   selftest_atol=_value(raw, "selftest.atol", where, float, cls.selftest_atol))
+                   selftest_atol=_value(raw, "selftest.atol", where, float, cls.selftest_atol), deferred=deferred)
 
 
 _REQUIRED = object()
+
+
+def _names(raw: dict, dotted: str, where: str) -> Mapping[str, str]:
+    """A {name: string} object of the manifest, read-only."""
+    d = _value(raw, dotted, where, dict)
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in d.items()):
+        raise BundleError(f"{where}: {dotted!r} must map names to strings")
+    return MappingProxyType(dict(d))
 _KIND_NAMES = {str: "a string", int: "an integer", float: "a number", list: "a list", dict: "an object"}
 
 
@@ -199,7 +243,14 @@ class Bundle:
 
     def adapter(self, backend: str = "auto", precision: str = "int8", threads: int | None = None,
                 streams: int | None = None) -> InferenceAdapter:
-        return create_adapter(backend, self.model_files(), precision=precision, threads=threads, streams=streams)
+        """The bundle's model on `backend`; a bundle in two graphs (`deferred`) gets a DeferredAdapter over both."""
+        first = create_adapter(backend, self.model_files(), precision=precision, threads=threads, streams=streams)
+        d = self.spec.deferred
+        if d is None:
+            return first
+        second = create_adapter(first.backend, {k: self.path / v for k, v in d.runtime_files.items()},
+                                precision=precision, threads=threads, streams=streams)
+        return DeferredAdapter(first, second, d.ceiling)
 
     def verify_files(self) -> None:
         """Raise BundleError unless every listed file exists with its recorded sha256."""

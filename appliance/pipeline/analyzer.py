@@ -104,7 +104,9 @@ class Analyzer:
     def findings(self, slices: Sequence[SliceImage], keep_prob: bool = False) -> list[SliceFinding]:
         """Analyse slices (any order) in batches, `workers` batches at once; results in the same order as given.
 
-        keep_prob: keep each slice's lesion probability map (model scale, over the lung box) for Dice.
+        keep_prob: keep each slice's lesion probability map (model scale, over the lung box) for Dice. It is then the
+        full map on every slice; without it a lesion bundle in two graphs runs its second only where a box can still
+        be made (the same boxes: appliance/inference/deferred.py).
         """
         out: list[SliceFinding] = []
         for fs in self.map(lambda c: self.batch(c, keep_prob), self.chunks(slices)):
@@ -148,7 +150,7 @@ class Analyzer:
             crop_rects.append(crop)
         t2 = time.perf_counter()
         t["lesion_pre"] = t2 - t1
-        probs = self.lesion.infer(crops)
+        probs = self.lesion.infer(crops, full_map=keep_prob)
         t3 = time.perf_counter()
         t["lesion_infer"] = t3 - t2
         found: dict[int, SliceFinding] = {}

@@ -22,6 +22,7 @@ from appliance.domain import Box, Rect
 from appliance.imaging import resize, window
 from appliance.inference.adapter import InferenceAdapter
 from appliance.inference.bundle import Bundle, LesionOutput
+from appliance.inference.deferred import DeferredAdapter
 from appliance.pipeline.anatomy import quadrant_of
 
 MIN_LUNG_SHARE = 0.1  # a component with at least this share of its pixels in the lung region lies in the lung
@@ -45,10 +46,15 @@ class LesionDetector:
     def crop_image(self, img01: np.ndarray) -> np.ndarray:
         return resize(img01.astype(np.float32, copy=False), self.size)
 
-    def infer(self, crops: list[np.ndarray]) -> np.ndarray:
+    def infer(self, crops: list[np.ndarray], full_map: bool = True) -> np.ndarray:
+        """Probability maps of the crops. full_map=False: only as far as the boxes need (a bundle in two graphs
+        skips its second where no box can be made: the same boxes; appliance.inference.deferred)."""
         if not crops:
             return np.zeros((0,) + self.size, np.float32)
-        return self.adapter.infer(np.stack(crops)[:, None])[:, 0]
+        batch = np.stack(crops)[:, None]
+        if not full_map and isinstance(self.adapter, DeferredAdapter):
+            return self.adapter.infer_for_boxes(batch, self.min_score)[:, 0]
+        return self.adapter.infer(batch)[:, 0]
 
     def boxes(self, prob: np.ndarray, crop: Rect, slice_shape: tuple[int, int], lung_center: tuple[float, float],
               inside: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
