@@ -14,6 +14,9 @@ A member is a bundle folder (its FP32 model.onnx), `BUNDLE#I` (member I of an en
 FP32 graph) or `run:NAME` (a training run's best.pt, exported here). The
 INT8 model is quantized from the composed FP32 graph as `models.export` does, with each member's own first and
 last convolutions kept in FP32 (`--keep MEMBER_INDEX:FIRST:LAST`) and the mirror/mean nodes left in FP32.
+
+`--defer I` packs the same map as two graphs: member I's mirrored view apart (`split_deferred`), which the
+appliance runs only on slices where it can still make a box (appliance/inference/deferred.py; lesion 2.6.0).
 """
 from __future__ import annotations
 

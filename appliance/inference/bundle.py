@@ -175,14 +175,6 @@ class Manifest:
 
 
 _REQUIRED = object()
-
-
-def _names(raw: dict, dotted: str, where: str) -> Mapping[str, str]:
-    """A {name: string} object of the manifest, read-only."""
-    d = _value(raw, dotted, where, dict)
-    if not all(isinstance(k, str) and isinstance(v, str) for k, v in d.items()):
-        raise BundleError(f"{where}: {dotted!r} must map names to strings")
-    return MappingProxyType(dict(d))
 _KIND_NAMES = {str: "a string", int: "an integer", float: "a number", list: "a list", dict: "an object"}
 
 
@@ -203,6 +195,14 @@ def _value(raw: dict, dotted: str, where: str, kind: type, default: Any = _REQUI
     if not ok:
         raise BundleError(f"{where}: {dotted!r} must be {_KIND_NAMES[kind]}, got {node!r}")
     return float(node) if kind is float else node
+
+
+def _names(raw: dict, dotted: str, where: str) -> Mapping[str, str]:
+    """A {name: string} object of the manifest, read-only."""
+    d = _value(raw, dotted, where, dict)
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in d.items()):
+        raise BundleError(f"{where}: {dotted!r} must map names to strings")
+    return MappingProxyType(dict(d))
 
 
 # ---- bundles ------------------------------------------------------------------------------------------------------
