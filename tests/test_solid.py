@@ -353,7 +353,12 @@ def test_real_a0001_tumour_focus_is_not_called_viral(analyzer, series_cache):
     "and a closing wide enough to bridge a 50-65 mm mass would swallow the 25-30 mm aorta too. Also checked "
     "(2026-12-05): the valid-area model's lung region leaves the tumour out as it does the aorta and heart, and "
     "the soft tissue inside the lesion map is at most 7 mm thick on the tumour (the map covers its halo), as on "
-    "the LIDC nodules."))
+    "the LIDC nodules. Measured (2026-12-07), the 3-D envelope: soft tissue (>= -100 HU, opened by 3 mm) where "
+    "aerated lung (classic_lung) lies both within 40 mm above and within 40 mm below finds the tumour on 13 "
+    "slices (up to 653 mm2), but nearly as large components elsewhere too (A0001: 565-568 mm2 on 0-based "
+    "slices 32 and 41, away from the tumour; P001 99 components up to 851 mm2, 7 beside its COVID-19 boxes; "
+    "cap001 173, 63 beside its pneumonia boxes, up to 820 mm2): lung above and below does not single out a mass "
+    "(not located further: no anatomy labels here). The probe is not kept: nothing in the appliance uses it."))
 def test_real_a0001_solid_mass_found_and_explains_the_tumour_focus(analyzer, series_cache):
     slices, findings = real_series(analyzer, series_cache, "lung-pet-ct-dx-A0001")
     tumour = a0001_tumour(slices)
