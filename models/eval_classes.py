@@ -33,13 +33,13 @@ def held_back_doctor(size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 def evaluate(bundle: Path) -> dict:
     from appliance.inference.bundle import load_bundle
-    from models.export import graph_paths, run_bundle
+    from models.export import run_bundle
 
     b = load_bundle(bundle, verify=True)
     thr = float(b.manifest["output"]["threshold"])
     x, y, cls = held_back_doctor(int(b.manifest["input"]["size"][0]))
     out = {}
-    for name, prob in run_bundle(graph_paths(Path(bundle), b.manifest), x).items():  # the full map
+    for name, prob in run_bundle(b.graph_files(), x).items():  # the full map
         p = prob[:, 0] >= thr
         dice = [1.0 if (a.sum() + g.sum()) == 0 else 2 * (a & g).sum() / (a.sum() + g.sum()) for a, g in zip(p, y)]
         out[name] = {"dice": round(float(np.mean(dice)), 4),

@@ -93,13 +93,6 @@ def export_onnx(model: UNetPP, size: int, path: Path) -> None:
                       dynamic_axes={"image": {0: "batch"}, "prob": {0: "batch"}}, opset_version=17, dynamo=False)
 
 
-def graph_paths(folder: Path, manifest: dict) -> list[dict[str, Path]]:
-    """The runtime files of a bundle's graph, or of its two graphs (models.ensemble --defer)."""
-    if "graphs" in manifest:
-        return [{k: folder / v for k, v in manifest["graphs"][g].items()} for g in ("first", "deferred")]
-    return [{k: folder / v for k, v in manifest["runtime_files"].items()}]
-
-
 def run_bundle(graphs: list[dict[str, Path]], x: np.ndarray) -> dict[str, np.ndarray]:
     """`run_all` of a bundle's full map: the sum of its graphs' maps (one graph: that graph's)."""
     outs = [run_all(g, x) for g in graphs]
@@ -266,8 +259,8 @@ def rebundle(src: Path, version: str, output: dict, reason: str, dest_root: Path
                          "same_model_files": True, "reason": reason}
     if m["task"] == "lesion":
         size = int(m["input"]["size"][0])
-        outs = run_bundle(graph_paths(out, m),
-                          calibration("lesion", n=48, seed=1, size=size) if inputs is None else inputs)
+        graphs = [{k: out / v for k, v in g.items()} for g in old.spec.graphs()]  # the same files, copied
+        outs = run_bundle(graphs, calibration("lesion", n=48, seed=1, size=size) if inputs is None else inputs)
         m["quantization"].update(runtime_agreement(outs, float(m["output"]["threshold"])))
     _write_manifest(out, m)
     print(json.dumps({"bundle": str(out), "output": m["output"], "quantization": m.get("quantization")}, indent=1))
@@ -286,7 +279,9 @@ def requantize(src: Path, version: str, keep_fp32_first: int, keep_fp32_last: in
     and model.int8.onnx stay as they were. MODEL_CARD.md is copied as it is: update it, then re-hash and sign
     (`ctriage models sign`).
     """
-    if "graphs" in json.loads((Path(src) / "manifest.json").read_text()):
+    from appliance.inference.bundle import load_bundle
+
+    if load_bundle(src, verify=False).spec.deferred is not None:
         raise SystemExit(f"{src}: a bundle in two graphs (deferred); build it again with `python -m models.ensemble "
                          "--defer` and other --keep values (its manifest's training.recipe)")
     old, m, out = _derive(src, version, dest_root, skip=("model.int8.onnx", "openvino", "selftest.npz"))

@@ -18,8 +18,7 @@ def test_manifests_are_complete():
         parse_version(m["version"])
         assert m["input"]["window"] == [-1350, 150]
         assert 0 < m["output"]["threshold"] < 1
-        graphs = [b.spec.runtime_files] + ([b.spec.deferred.runtime_files] if b.spec.deferred else [])
-        for rel in (r for g in graphs for r in g.values()):  # each graph's files, an IR's weights too, are pinned
+        for rel in (r for g in b.spec.graphs() for r in g.values()):  # each graph's files, an IR's weights too, are pinned
             assert rel in m["files"] and (not rel.endswith(".xml") or rel[:-4] + ".bin" in m["files"])
         assert "non-commercial" in m["licence"].lower() or "noncommercial" in m["licence"].lower()
         assert (b.path / "MODEL_CARD.md").is_file()

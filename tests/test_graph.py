@@ -109,7 +109,7 @@ def test_shipped_openvino_models_upsample_by_nearest_and_filter():
     for name, b in find_bundles(default_bundle_dir()).items():
         st = np.load(b.path / "selftest.npz")
         out = 0.0  # a bundle in two graphs: the self-test's full map is their sum
-        for g in [b.spec.runtime_files] + ([b.spec.deferred.runtime_files] if b.spec.deferred else []):
+        for g in b.spec.graphs():
             modes = interpolate_modes(b.path / g["openvino_int8"])
             assert modes and set(modes) == {"nearest"}, (name, modes)
             for f in (g["onnx"], g["onnx_int8"]):

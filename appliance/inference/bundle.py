@@ -115,6 +115,10 @@ class Manifest:
     selftest_atol: float = 0.08  # selftest.atol: the self-test's tolerance when the manifest names none
     deferred: DeferredSpec | None = None  # the second graph of a lesion bundle in two (`graphs`); None: one graph
 
+    def graphs(self) -> list[Mapping[str, str]]:
+        """Each graph's runtime files (path in the bundle): the first, then the deferred one if there is one."""
+        return [self.runtime_files] + ([self.deferred.runtime_files] if self.deferred else [])
+
     @classmethod
     def parse(cls, raw: Any, where: str) -> "Manifest":
         """Check and type a manifest.json's content; `where` (its path) starts every error message."""
@@ -239,18 +243,22 @@ class Bundle:
         return {"name": self.name, "version": self.version, "sha256": self.sha256}
 
     def model_files(self) -> dict[str, Path]:
-        return {k: self.path / v for k, v in self.spec.runtime_files.items()}
+        """The (first) graph's runtime files."""
+        return self.graph_files()[0]
+
+    def graph_files(self) -> list[dict[str, Path]]:
+        """Every graph's runtime files (`Manifest.graphs`) as paths."""
+        return [{k: self.path / v for k, v in g.items()} for g in self.spec.graphs()]
 
     def adapter(self, backend: str = "auto", precision: str = "int8", threads: int | None = None,
                 streams: int | None = None) -> InferenceAdapter:
         """The bundle's model on `backend`; a bundle in two graphs (`deferred`) gets a DeferredAdapter over both."""
-        first = create_adapter(backend, self.model_files(), precision=precision, threads=threads, streams=streams)
-        d = self.spec.deferred
-        if d is None:
-            return first
-        second = create_adapter(first.backend, {k: self.path / v for k, v in d.runtime_files.items()},
-                                precision=precision, threads=threads, streams=streams)
-        return DeferredAdapter(first, second, d.ceiling)
+        first, *rest = self.graph_files()
+        adapter = create_adapter(backend, first, precision=precision, threads=threads, streams=streams)
+        if self.spec.deferred is None:
+            return adapter
+        second = create_adapter(adapter.backend, rest[0], precision=precision, threads=threads, streams=streams)
+        return DeferredAdapter(adapter, second, self.spec.deferred.ceiling)
 
     def verify_files(self) -> None:
         """Raise BundleError unless every listed file exists with its recorded sha256."""
