@@ -54,6 +54,16 @@ def _pcts(values: list[float]) -> dict[str, float]:
     return {"median": round(float(np.median(a)), 3), "p95": round(float(np.percentile(a, 95)), 3)}
 
 
+def pixel_codec(path: str) -> str:
+    """A series file's transfer syntax and what decodes it first, e.g. "JPEG Lossless …: imagecodecs 2026.3.6 …"."""
+    import pydicom
+
+    from appliance.ingest.jpeg_decoder import decoder_name
+
+    ts = pydicom.dcmread(path, stop_before_pixels=True, force=True).file_meta.TransferSyntaxUID
+    return f"{ts.name}: {decoder_name(ts)}"
+
+
 def bench_backend(path: Path, backend: str, precision: str, threads: int | None, streaming_slices: int,
                   bundles: Path | None = None, workers: int | None = None, batch: int | None = None) -> dict:
     """Run in the child: the whole series once (batch mode), then a streaming tail."""
@@ -100,6 +110,7 @@ def bench_backend(path: Path, backend: str, precision: str, threads: int | None,
     wall = time.perf_counter() - t0
     # the lesion bundle's second graph: on how many of the slices the lesion model saw it had to run
     deferred_share = round(lesion_ad.deferred_runs / max(1, lesion_ad.slices), 3) if deferred else None
+    pixels = pixel_codec(series.slices[0].key)
     batch = analyzer.config.batch
     for i in range(0, len(findings), batch):
         for k in STAGES:
@@ -130,6 +141,7 @@ def bench_backend(path: Path, backend: str, precision: str, threads: int | None,
         "stage_ms": {k: _pcts(v) for k, v in per_stage.items()},
         "stage_ms_mean": {k: round(float(np.mean(v)), 3) if v else 0.0 for k, v in per_stage.items()},
         "deferred_share": deferred_share,
+        "pixels": pixels,
         "streaming_latency_s": round(lat, 3),
         "model_load_s": round(load_s, 3),
         "peak_rss_mb": round(peak_rss_mb(), 1),

@@ -16,6 +16,7 @@ import pydicom
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from appliance.ingest.dicom_reader import Rejected, _floats, read_slice, slice_normal
+from appliance.ingest.jpeg_decoder import decode_pixels
 from appliance.ingest.series import group_series, sort_key
 
 
@@ -23,10 +24,10 @@ class ResampleError(Exception):
     pass
 
 
-def _stored_to_hu(ds: pydicom.Dataset) -> np.ndarray:
+def _stored_to_hu(raw: np.ndarray, ds: pydicom.Dataset) -> np.ndarray:
     slope = float(ds.get("RescaleSlope", 1) or 1)
     intercept = float(ds.get("RescaleIntercept", 0) or 0)
-    return ds.pixel_array.astype(np.float32) * slope + intercept
+    return raw.astype(np.float32) * slope + intercept
 
 
 def _hu_to_stored(hu: np.ndarray, ds: pydicom.Dataset, dtype: np.dtype) -> np.ndarray:
@@ -61,8 +62,8 @@ def resample_series(src: Path, out: Path, spacing_mm: float) -> int:
     raws, hus = [], []
     for s, ds in zip(slices, dss):
         try:
-            raws.append(ds.pixel_array)
-            hus.append(_stored_to_hu(ds))
+            raws.append(decode_pixels(ds))
+            hus.append(_stored_to_hu(raws[-1], ds))
         except Exception as e:  # pydicom and its decoders raise many kinds
             raise ResampleError(f"{s.key}: pixel data could not be decoded ({type(e).__name__}: {e})") from None
     shape = hus[0].shape

@@ -36,6 +36,17 @@ def test_bench_json_reports_every_field(capsys):
             assert r["deferred_share"] is None
         else:  # the phantom has lung slices without lesion: the second graph is skipped on some, run on others
             assert 0 < r["deferred_share"] < 1, r["deferred_share"]
+        assert r["pixels"] == "Explicit VR Little Endian: pydicom"
+
+
+def test_bench_says_which_codec_decodes_jpeg_lossless(capsys):
+    import pytest
+
+    pytest.importorskip("imagecodecs", reason="imagecodecs is not installed: pydicom's own decoders run")
+    backend = available_backends()[0]
+    assert main(["bench", "--slices", "8", "--backend", backend, "--syntax", "jpeg-lossless"]) == 0
+    out = capsys.readouterr().out
+    assert "pixels: JPEG Lossless, Non-Hierarchical, First-Order Prediction" in out and ": imagecodecs " in out
 
 
 def test_bench_workers_and_batch_reach_the_pipeline(capsys):

@@ -79,6 +79,8 @@ def run(args: argparse.Namespace) -> int:
         w = max(r.get("workers", 1) for r in ok)
         print(f"\nstage times are median/p95 per slice within one worker; {w} workers run side by side, "
               f"batch {ok[0].get('batch')}")
+    if ok and ok[0].get("pixels"):
+        print(f"pixels: {ok[0]['pixels']}")
     for name, r in res["backends"].items():
         if r.get("deferred_share") is not None:
             print(f"{name}: the lesion bundle's deferred graph ran on {r['deferred_share']:.0%} of the slices the "

@@ -18,6 +18,7 @@ import pydicom
 from appliance.domain import SliceImage
 from appliance.ingest.completeness import check_not_cut_short
 from appliance.ingest.dicom_file import Rejected, read_dataset
+from appliance.ingest.jpeg_decoder import decode_pixels
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 ENHANCED_CT_STORAGE = "1.2.840.10008.5.1.4.1.1.2.1"
@@ -139,7 +140,7 @@ def hounsfield(ds: pydicom.Dataset) -> np.ndarray:
     """Stored values → HU (float32), padding and anything below -1024 clamped to -1024."""
     _check_pixel_length(ds)
     try:
-        raw = ds.pixel_array
+        raw = decode_pixels(ds)
     except Exception as e:
         ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
         name = getattr(ts, "name", str(ts)) if ts else "unknown transfer syntax"
