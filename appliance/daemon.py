@@ -36,8 +36,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from pydicom.uid import JPEGLosslessSV1
+
 from appliance import __version__
 from appliance.config import Config, ConfigError
+from appliance.ingest.jpeg_decoder import decoder_name
 from appliance.ingest.spool import Spool
 from appliance.pipeline.case_logic import CaseRule
 from appliance.pipeline.tracker import SeriesTracker
@@ -200,6 +203,7 @@ class Daemon:
                  self.cfg.device_id, self.analyzer.backend, self.analyzer.device,
                  ", ".join(f"{b['name']} {b['version']}" for b in self.analyzer.bundles),
                  self.cfg.watch.dir or "(none)", getattr(self.transport, "url", None) and self.transport.url.redacted())
+        log.info("JPEG Lossless pixels decoded by %s", decoder_name(JPEGLosslessSV1))
 
     def stop(self, timeout: float = 60.0) -> None:
         """Finish the batch in hand, flush the store, publish status offline, disconnect cleanly."""
