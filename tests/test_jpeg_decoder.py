@@ -7,7 +7,7 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 from pydicom.encaps import encapsulate
-from pydicom.uid import JPEGLossless, JPEGLosslessSV1
+from pydicom.uid import JPEG2000, JPEG2000Lossless, JPEGLossless, JPEGLosslessSV1
 
 from appliance.ingest import jpeg_decoder
 from appliance.ingest.dicom_reader import Rejected, hounsfield
@@ -32,7 +32,10 @@ def dataset(stored: np.ndarray, stream: bytes, ts: str = JPEGLosslessSV1, signed
 
 def by_pydicom(ds: pydicom.Dataset) -> np.ndarray:
     """What pydicom's own plugins (pylibjpeg, gdcm) make of it, the reference."""
-    others = [p for p in pydicom.pixels.decoders.JPEGLosslessSV1Decoder.available_plugins if p != jpeg_decoder.PLUGIN]
+    from pydicom.pixels.decoders.base import get_decoder
+
+    decoder = get_decoder(ds.file_meta.TransferSyntaxUID)
+    others = [p for p in decoder.available_plugins if p != jpeg_decoder.PLUGIN]
     ds.pixel_array_options(decoding_plugin=others[0])
     try:
         return ds.pixel_array.copy()
@@ -81,6 +84,28 @@ def test_signed_pixels_give_the_same_hounsfield_units():
     assert a.dtype == np.int16
     np.testing.assert_array_equal(a, hu)
     np.testing.assert_array_equal(hounsfield(ds), np.maximum(hu, -1024).astype(np.float32))
+
+
+def test_jpeg_2000_lossless_slice_decodes_to_its_values():
+    # compressed by pydicom's own encoder (pylibjpeg-openjpeg), as the phantom writes --syntax jpeg2000
+    stored = np.random.default_rng(7).integers(0, 4096, (96, 112)).astype(np.uint16)
+    ds = ct_slice_dataset(stored.astype(np.float32) - 1024, study_uid="1.2.3", series_uid="1.2.3.4", instance=1,
+                          z_mm=0.0, spacing_mm=(0.7, 0.7), thickness_mm=1.0, description="codec test",
+                          transfer_syntax=JPEG2000Lossless)
+    a = by_plugin(ds)
+    np.testing.assert_array_equal(a, stored)
+    np.testing.assert_array_equal(a, by_pydicom(ds))
+
+
+@pytest.mark.parametrize("name", ["J2K_pixelrep_mismatch.dcm", "MR_small_jp2klossless.dcm", "JPEG2000.dcm"])
+def test_pydicom_s_signed_and_lossy_jpeg_2000_files_decode_as_pydicom_does(name):
+    # signed pixels, a codestream whose signedness disagrees with Pixel Representation, lossy JPEG 2000
+    path = get_testdata_file(name)
+    ds = pydicom.dcmread(path)
+    assert ds.file_meta.TransferSyntaxUID in (JPEG2000Lossless, JPEG2000) and ds.PixelRepresentation == 1
+    a, ref = by_plugin(ds), by_pydicom(pydicom.dcmread(path))
+    assert a.dtype == ref.dtype
+    np.testing.assert_array_equal(a, ref)
 
 
 def test_colour_falls_back_to_pydicom_s_plugins():
@@ -141,14 +166,17 @@ def test_two_threads_decode_the_same_pixels():
 
 def test_decoder_name_says_which_codec_runs():
     assert jpeg_decoder.decoder_name(JPEGLosslessSV1).startswith("imagecodecs ")
+    assert "libjpeg_turbo" in jpeg_decoder.decoder_name(JPEGLossless)
+    assert "openjpeg" in jpeg_decoder.decoder_name(JPEG2000Lossless).lower()
     assert jpeg_decoder.decoder_name(pydicom.uid.ExplicitVRLittleEndian) == "pydicom"
 
 
-def test_real_vendor_jpeg_lossless_files_decode_to_the_same_values():
-    """Siemens (COVID-CT-MD, 12-bit) and GE (signed 16-bit) JPEG Lossless files from ../shared/data."""
+def test_real_vendor_jpeg_files_decode_to_the_same_values():
+    """Siemens (COVID-CT-MD, 12-bit) and GE (signed 16-bit) JPEG Lossless files, and the JPEG 2000 files (a
+    20-slice Siemens series among them) of ../shared/data."""
     files = sorted(glob.glob(str(shared_data("covid-ct-md", "P001") / "*.dcm")))[::15]
     files += sorted(glob.glob(str(shared_data("dicom-ct-zoo")) + "/**/*", recursive=True))
-    seen = set()
+    makers, syntaxes = set(), set()
     for p in files:
         try:
             ds = pydicom.dcmread(p)
@@ -157,5 +185,7 @@ def test_real_vendor_jpeg_lossless_files_decode_to_the_same_values():
         if ds.get("file_meta") is None or ds.file_meta.TransferSyntaxUID not in jpeg_decoder.SYNTAXES:
             continue
         np.testing.assert_array_equal(by_plugin(ds), by_pydicom(pydicom.dcmread(p)), err_msg=p)
-        seen.add((ds.get("Manufacturer"), int(ds.PixelRepresentation)))
-    assert {m for m, _ in seen} >= {"SIEMENS", "GE MEDICAL SYSTEMS"} and 1 in {s for _, s in seen}, seen
+        makers.add((ds.get("Manufacturer"), int(ds.PixelRepresentation)))
+        syntaxes.add(ds.file_meta.TransferSyntaxUID)
+    assert {"SIEMENS", "GE MEDICAL SYSTEMS"} <= {m for m, _ in makers} and 1 in {s for _, s in makers}, makers
+    assert {JPEGLosslessSV1, JPEG2000Lossless, JPEG2000} <= syntaxes, syntaxes

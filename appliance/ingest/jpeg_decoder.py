@@ -1,13 +1,16 @@
-"""A faster JPEG Lossless decoder for pydicom: imagecodecs (libjpeg-turbo 3), registered as a pydicom decoding plugin.
+"""Faster JPEG Lossless and JPEG 2000 decoding for pydicom: imagecodecs, registered as a pydicom decoding plugin.
 
 JPEG Lossless (process 14) is what many CT consoles export (Siemens among them). pydicom's own route for it,
 pylibjpeg-libjpeg, takes about 10 ms for a 512² slice and holds the GIL while it does, so one worker's decode
 stalls the other worker's Python and the header pass. libjpeg-turbo's lossless decoder (through imagecodecs)
-takes 2–3 ms and releases the GIL. This module is a decoding plugin in pydicom's sense
-(`is_available`, `DECODER_DEPENDENCIES`, `_decode_frame`; pydicom's "Pixel Data Decoder Plugins" guide), so pydicom
-still does everything after the codestream (bits stored, sign, rescale is ours): the pixels are the same, only
-the codec differs. `decode_pixels(ds)` tries it first and falls back to pydicom's own plugins on any failure,
-so a stream libjpeg-turbo refuses is still read. Without imagecodecs installed, nothing changes.
+takes 2–3 ms and releases the GIL. For JPEG 2000 both routes are OpenJPEG (about 25 ms a slice), but
+pylibjpeg-openjpeg holds the GIL and imagecodecs does not, so two workers decode side by side.
+
+This module is a decoding plugin in pydicom's sense (`is_available`, `DECODER_DEPENDENCIES`, `_decode_frame`;
+pydicom's "Pixel Data Decoder Plugins" guide): pydicom still does everything after the codestream (bits stored,
+sign; rescale is ours), so the pixels are the same, only the codec differs. `decode_pixels(ds)` tries it first
+and falls back to pydicom's own plugins on any failure, so a stream imagecodecs refuses (or a colour one) is
+still read. Without imagecodecs installed, nothing changes.
 """
 from __future__ import annotations
 
@@ -17,10 +20,13 @@ import numpy as np
 import pydicom
 from pydicom import uid
 from pydicom.encaps import generate_frames
-from pydicom.pixels.decoders import JPEGLosslessDecoder, JPEGLosslessSV1Decoder
+from pydicom.pixels.decoders import (JPEG2000Decoder, JPEG2000LosslessDecoder, JPEGLosslessDecoder,
+                                     JPEGLosslessSV1Decoder)
 
 PLUGIN = "ctriage-imagecodecs"
-SYNTAXES = (uid.JPEGLossless, uid.JPEGLosslessSV1)
+LOSSLESS_JPEG = (uid.JPEGLossless, uid.JPEGLosslessSV1)
+J2K = (uid.JPEG2000Lossless, uid.JPEG2000)
+SYNTAXES = LOSSLESS_JPEG + J2K
 DECODER_DEPENDENCIES = {ts: ("numpy", "imagecodecs") for ts in SYNTAXES}
 
 try:  # imagecodecs is a dependency of the appliance; a machine without it decodes as before
@@ -29,22 +35,35 @@ except ImportError:  # pragma: no cover - exercised where imagecodecs is absent
     imagecodecs = None
 
 
+DECODERS = (JPEGLosslessDecoder, JPEGLosslessSV1Decoder, JPEG2000LosslessDecoder, JPEG2000Decoder)
+
+
 def is_available(ts: str) -> bool:
-    """True for the JPEG Lossless syntaxes when imagecodecs (with libjpeg-turbo's lossless decoder) is installed."""
-    return imagecodecs is not None and ts in SYNTAXES and hasattr(imagecodecs, "jpeg8_decode")
+    """True for the syntaxes above when imagecodecs (with its libjpeg-turbo and OpenJPEG codecs) is installed."""
+    if imagecodecs is None:
+        return False
+    return hasattr(imagecodecs, "jpeg8_decode") if ts in LOSSLESS_JPEG else ts in J2K and hasattr(imagecodecs,
+                                                                                                    "jpeg2k_decode")
 
 
 def _decode_frame(src: bytes, runner) -> bytes:
-    """One encoded frame → its stored values as little-endian bytes sized for the runner's Bits Allocated.
+    """One encoded frame → its stored values as little-endian bytes sized for the runner's Bits Allocated (for JPEG
+    2000: the codestream's precision, as pydicom's pylibjpeg-openjpeg plugin does).
 
     Single-sample (monochrome) frames only: anything else raises, and pydicom's own plugins are used instead.
     """
     if runner.samples_per_pixel != 1:
         raise ValueError("only single-sample frames")
-    try:
-        arr = imagecodecs.jpeg8_decode(src)
-    except Exception:  # an older libjpeg-turbo without lossless support: imagecodecs' own lossless decoder
-        arr = imagecodecs.ljpeg_decode(src)
+    if runner.transfer_syntax in J2K:
+        arr = imagecodecs.jpeg2k_decode(src, numthreads=1)  # the workers already use every core
+        # the container follows the codestream's precision, as pydicom's pylibjpeg-openjpeg plugin sets it
+        precision = runner.get_option("j2k_precision", runner.bits_stored)
+        runner.set_option("bits_allocated", 8 if 0 < precision <= 8 else 16 if precision <= 16 else 32)
+    else:
+        try:
+            arr = imagecodecs.jpeg8_decode(src)
+        except Exception:  # an older libjpeg-turbo without lossless support: imagecodecs' own lossless decoder
+            arr = imagecodecs.ljpeg_decode(src)
     arr = np.asarray(arr)
     if arr.ndim != 2 or arr.shape != (runner.rows, runner.columns):
         raise ValueError(f"decoded {arr.shape}, expected ({runner.rows}, {runner.columns})")
@@ -59,22 +78,23 @@ _registered: bool | None = None
 
 
 def register() -> bool:
-    """Add the plugin to pydicom's JPEG Lossless decoders once (pydicom's add_plugin is not thread-safe); True when
-    it is available here."""
+    """Add the plugin to pydicom's JPEG Lossless and JPEG 2000 decoders once (pydicom's add_plugin is not
+    thread-safe); True when it is available here."""
     global _registered
     with _lock:
         if _registered is None:
-            for dec in (JPEGLosslessDecoder, JPEGLosslessSV1Decoder):
+            for dec in DECODERS:
                 if PLUGIN not in dec.available_plugins and PLUGIN not in dec.missing_dependencies:
                     dec.add_plugin(PLUGIN, (__name__, "_decode_frame"))
-            _registered = all(PLUGIN in d.available_plugins for d in (JPEGLosslessDecoder, JPEGLosslessSV1Decoder))
+            _registered = all(PLUGIN in d.available_plugins for d in DECODERS)
         return _registered
 
 
 def decoder_name(ts: str | None) -> str:
     """The codec `decode_pixels` uses first for a transfer syntax (for `ctriage bench` and logs)."""
     if ts in SYNTAXES and register():
-        return f"imagecodecs {imagecodecs.__version__} ({imagecodecs.jpeg8_version()})"
+        codec = imagecodecs.jpeg2k_version() if ts in J2K else imagecodecs.jpeg8_version()
+        return f"imagecodecs {imagecodecs.__version__} ({codec})"
     return "pydicom"
 
 
@@ -90,10 +110,10 @@ def check_end_marker(ds: pydicom.Dataset) -> None:
 
 
 def decode_pixels(ds: pydicom.Dataset) -> np.ndarray:
-    """`ds.pixel_array`, through this plugin first for JPEG Lossless (after `check_end_marker`); pydicom's own
-    plugins if it fails."""
+    """`ds.pixel_array`, through this plugin first for JPEG Lossless (after `check_end_marker`) and JPEG 2000;
+    pydicom's own plugins if it fails. (No end-marker check for JPEG 2000: a real stream at hand ends otherwise.)"""
     ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-    if ts in SYNTAXES and "PixelData" in ds:
+    if ts in LOSSLESS_JPEG and "PixelData" in ds:
         check_end_marker(ds)
     if ts in SYNTAXES and register():
         try:
