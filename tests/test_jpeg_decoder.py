@@ -7,7 +7,7 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 from pydicom.encaps import encapsulate
-from pydicom.uid import JPEG2000, JPEG2000Lossless, JPEGLossless, JPEGLosslessSV1
+from pydicom.uid import JPEG2000, JPEG2000Lossless, JPEGLossless, JPEGLosslessSV1, JPEGLSLossless, JPEGLSNearLossless
 
 from appliance.ingest import jpeg_decoder
 from appliance.ingest.dicom_reader import Rejected, hounsfield
@@ -86,23 +86,26 @@ def test_signed_pixels_give_the_same_hounsfield_units():
     np.testing.assert_array_equal(hounsfield(ds), np.maximum(hu, -1024).astype(np.float32))
 
 
-def test_jpeg_2000_lossless_slice_decodes_to_its_values():
-    # compressed by pydicom's own encoder (pylibjpeg-openjpeg), as the phantom writes --syntax jpeg2000
+@pytest.mark.parametrize("ts", [JPEG2000Lossless, JPEGLSLossless])
+def test_jpeg_2000_and_jpeg_ls_lossless_slices_decode_to_their_values(ts):
+    # compressed by pydicom's own encoders (pylibjpeg-openjpeg, pyjpegls), as the phantom writes them
     stored = np.random.default_rng(7).integers(0, 4096, (96, 112)).astype(np.uint16)
     ds = ct_slice_dataset(stored.astype(np.float32) - 1024, study_uid="1.2.3", series_uid="1.2.3.4", instance=1,
                           z_mm=0.0, spacing_mm=(0.7, 0.7), thickness_mm=1.0, description="codec test",
-                          transfer_syntax=JPEG2000Lossless)
+                          transfer_syntax=ts)
     a = by_plugin(ds)
     np.testing.assert_array_equal(a, stored)
     np.testing.assert_array_equal(a, by_pydicom(ds))
 
 
-@pytest.mark.parametrize("name", ["J2K_pixelrep_mismatch.dcm", "MR_small_jp2klossless.dcm", "JPEG2000.dcm"])
-def test_pydicom_s_signed_and_lossy_jpeg_2000_files_decode_as_pydicom_does(name):
-    # signed pixels, a codestream whose signedness disagrees with Pixel Representation, lossy JPEG 2000
+@pytest.mark.parametrize("name", ["J2K_pixelrep_mismatch.dcm", "MR_small_jp2klossless.dcm", "JPEG2000.dcm",
+                                  "MR_small_jpeg_ls_lossless.dcm", "JPEGLSNearLossless_16.dcm"])
+def test_pydicom_s_signed_and_lossy_files_decode_as_pydicom_does(name):
+    # signed pixels, a JPEG 2000 codestream whose signedness disagrees with Pixel Representation, lossy JPEG 2000
+    # and near-lossless JPEG-LS
     path = get_testdata_file(name)
     ds = pydicom.dcmread(path)
-    assert ds.file_meta.TransferSyntaxUID in (JPEG2000Lossless, JPEG2000) and ds.PixelRepresentation == 1
+    assert ds.file_meta.TransferSyntaxUID in (JPEG2000Lossless, JPEG2000, JPEGLSLossless, JPEGLSNearLossless)
     a, ref = by_plugin(ds), by_pydicom(pydicom.dcmread(path))
     assert a.dtype == ref.dtype
     np.testing.assert_array_equal(a, ref)
@@ -168,6 +171,7 @@ def test_decoder_name_says_which_codec_runs():
     assert jpeg_decoder.decoder_name(JPEGLosslessSV1).startswith("imagecodecs ")
     assert "libjpeg_turbo" in jpeg_decoder.decoder_name(JPEGLossless)
     assert "openjpeg" in jpeg_decoder.decoder_name(JPEG2000Lossless).lower()
+    assert "charls" in jpeg_decoder.decoder_name(JPEGLSLossless).lower()
     assert jpeg_decoder.decoder_name(pydicom.uid.ExplicitVRLittleEndian) == "pydicom"
 
 

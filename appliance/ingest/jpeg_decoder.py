@@ -1,10 +1,11 @@
-"""Faster JPEG Lossless and JPEG 2000 decoding for pydicom: imagecodecs, registered as a pydicom decoding plugin.
+"""Faster JPEG Lossless, JPEG 2000 and JPEG-LS decoding for pydicom: imagecodecs, as a pydicom decoding plugin.
 
 JPEG Lossless (process 14) is what many CT consoles export (Siemens among them). pydicom's own route for it,
 pylibjpeg-libjpeg, takes about 10 ms for a 512² slice and holds the GIL while it does, so one worker's decode
 stalls the other worker's Python and the header pass. libjpeg-turbo's lossless decoder (through imagecodecs)
 takes 2–3 ms and releases the GIL. For JPEG 2000 both routes are OpenJPEG (about 25 ms a slice), but
-pylibjpeg-openjpeg holds the GIL and imagecodecs does not, so two workers decode side by side.
+pylibjpeg-openjpeg holds the GIL and imagecodecs does not, so two workers decode side by side; the same for
+JPEG-LS (CharLS either way, pyjpegls holds the GIL).
 
 This module is a decoding plugin in pydicom's sense (`is_available`, `DECODER_DEPENDENCIES`, `_decode_frame`;
 pydicom's "Pixel Data Decoder Plugins" guide): pydicom still does everything after the codestream (bits stored,
@@ -21,12 +22,13 @@ import pydicom
 from pydicom import uid
 from pydicom.encaps import generate_frames
 from pydicom.pixels.decoders import (JPEG2000Decoder, JPEG2000LosslessDecoder, JPEGLosslessDecoder,
-                                     JPEGLosslessSV1Decoder)
+                                     JPEGLosslessSV1Decoder, JPEGLSLosslessDecoder, JPEGLSNearLosslessDecoder)
 
 PLUGIN = "ctriage-imagecodecs"
 LOSSLESS_JPEG = (uid.JPEGLossless, uid.JPEGLosslessSV1)
 J2K = (uid.JPEG2000Lossless, uid.JPEG2000)
-SYNTAXES = LOSSLESS_JPEG + J2K
+JLS = (uid.JPEGLSLossless, uid.JPEGLSNearLossless)
+SYNTAXES = LOSSLESS_JPEG + J2K + JLS
 DECODER_DEPENDENCIES = {ts: ("numpy", "imagecodecs") for ts in SYNTAXES}
 
 try:  # imagecodecs is a dependency of the appliance; a machine without it decodes as before
@@ -35,29 +37,33 @@ except ImportError:  # pragma: no cover - exercised where imagecodecs is absent
     imagecodecs = None
 
 
-DECODERS = (JPEGLosslessDecoder, JPEGLosslessSV1Decoder, JPEG2000LosslessDecoder, JPEG2000Decoder)
+DECODERS = (JPEGLosslessDecoder, JPEGLosslessSV1Decoder, JPEG2000LosslessDecoder, JPEG2000Decoder,
+            JPEGLSLosslessDecoder, JPEGLSNearLosslessDecoder)
+CODEC = {**{ts: "jpeg8" for ts in LOSSLESS_JPEG}, **{ts: "jpeg2k" for ts in J2K}, **{ts: "jpegls" for ts in JLS}}
 
 
 def is_available(ts: str) -> bool:
     """True for the syntaxes above when imagecodecs (with its libjpeg-turbo and OpenJPEG codecs) is installed."""
-    if imagecodecs is None:
-        return False
-    return hasattr(imagecodecs, "jpeg8_decode") if ts in LOSSLESS_JPEG else ts in J2K and hasattr(imagecodecs,
-                                                                                                    "jpeg2k_decode")
+    return imagecodecs is not None and ts in CODEC and hasattr(imagecodecs, CODEC[ts] + "_decode")
 
 
 def _decode_frame(src: bytes, runner) -> bytes:
     """One encoded frame → its stored values as little-endian bytes sized for the runner's Bits Allocated (for JPEG
-    2000: the codestream's precision, as pydicom's pylibjpeg-openjpeg plugin does).
+    2000 and JPEG-LS: the codestream's precision, as pydicom's own plugins for them do).
 
     Single-sample (monochrome) frames only: anything else raises, and pydicom's own plugins are used instead.
     """
     if runner.samples_per_pixel != 1:
         raise ValueError("only single-sample frames")
-    if runner.transfer_syntax in J2K:
-        arr = imagecodecs.jpeg2k_decode(src, numthreads=1)  # the workers already use every core
-        # the container follows the codestream's precision, as pydicom's pylibjpeg-openjpeg plugin sets it
-        precision = runner.get_option("j2k_precision", runner.bits_stored)
+    ts = runner.transfer_syntax
+    if ts in J2K or ts in JLS:
+        if ts in J2K:
+            arr = imagecodecs.jpeg2k_decode(src, numthreads=1)  # the workers already use every core
+        else:
+            arr = imagecodecs.jpegls_decode(src)
+        # the container follows the codestream's precision, as pydicom's pylibjpeg-openjpeg and pyjpegls plugins
+        # set it
+        precision = runner.get_option("j2k_precision" if ts in J2K else "jls_precision", runner.bits_stored)
         runner.set_option("bits_allocated", 8 if 0 < precision <= 8 else 16 if precision <= 16 else 32)
     else:
         try:
@@ -78,7 +84,7 @@ _registered: bool | None = None
 
 
 def register() -> bool:
-    """Add the plugin to pydicom's JPEG Lossless and JPEG 2000 decoders once (pydicom's add_plugin is not
+    """Add the plugin to pydicom's JPEG Lossless, JPEG 2000 and JPEG-LS decoders once (pydicom's add_plugin is not
     thread-safe); True when it is available here."""
     global _registered
     with _lock:
@@ -93,7 +99,7 @@ def register() -> bool:
 def decoder_name(ts: str | None) -> str:
     """The codec `decode_pixels` uses first for a transfer syntax (for `ctriage bench` and logs)."""
     if ts in SYNTAXES and register():
-        codec = imagecodecs.jpeg2k_version() if ts in J2K else imagecodecs.jpeg8_version()
+        codec = getattr(imagecodecs, CODEC[ts] + "_version")()
         return f"imagecodecs {imagecodecs.__version__} ({codec})"
     return "pydicom"
 
@@ -110,8 +116,9 @@ def check_end_marker(ds: pydicom.Dataset) -> None:
 
 
 def decode_pixels(ds: pydicom.Dataset) -> np.ndarray:
-    """`ds.pixel_array`, through this plugin first for JPEG Lossless (after `check_end_marker`) and JPEG 2000;
-    pydicom's own plugins if it fails. (No end-marker check for JPEG 2000: a real stream at hand ends otherwise.)"""
+    """`ds.pixel_array`, through this plugin first for JPEG Lossless (after `check_end_marker`), JPEG 2000 and
+    JPEG-LS; pydicom's own plugins if it fails. (No end-marker check for the other two: a real JPEG 2000 stream
+    at hand ends otherwise.)"""
     ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
     if ts in LOSSLESS_JPEG and "PixelData" in ds:
         check_end_marker(ds)
