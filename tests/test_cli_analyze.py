@@ -89,6 +89,12 @@ def test_mixed_folder_rejects_with_reasons(phantom_dir, tmp_path, capsys):
     assert code == 0
     reasons = {Path(r["file"]).name: r["reason"] for o in objs for r in o["rejected"]}
     assert "not a DICOM" in reasons["notes.txt"] and "junk.dcm" in reasons
+    # the table lists the broken slice and sums up the documents beside the series (JSON lists both)
+    (d / "LICENSE").write_text("terms")
+    assert main(["analyze", str(d)]) == 0
+    out = capsys.readouterr().out
+    assert "1 file(s) rejected:" in out and "junk.dcm: " in out and "notes.txt" not in out
+    assert "2 other file(s) skipped, not DICOM: " in out and "txt 1" in out and "LICENSE 1" in out
 
 
 def test_cut_short_copy_of_a_slice_is_rejected_and_the_intact_one_kept(phantom_dir, tmp_path, capsys):

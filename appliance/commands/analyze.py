@@ -19,6 +19,28 @@ from appliance.errors import UsageError
 from appliance.pipeline.anatomy import run_text
 
 
+#: files beside a series that are plainly not slices (annotations, licences, manifests): summed up, not listed
+DOCUMENT_SUFFIXES = {".xml", ".txt", ".csv", ".tsv", ".json", ".md", ".pdf", ".html", ".htm", ".log", ".ini", ".yaml",
+                     ".yml", ".nii", ".gz", ".zip", ".npy", ".py", ".sh"}
+DOCUMENT_NAMES = {"LICENSE", "LICENCE", "README", "NOTICE", "COPYING", "ATTRIBUTION"}
+
+
+def _kind(file: str) -> str:
+    p = Path(file)
+    return p.suffix.lower().lstrip(".") if p.suffix else p.name
+
+
+def split_documents(rejected: list[dict]) -> tuple[list[dict], list[dict]]:
+    """(files that are plainly documents, not DICOM: XML annotations, licences, manifests; every other rejection).
+    A file named like a slice (.dcm, no suffix) that is not DICOM stays a rejection: it may be a broken export."""
+    docs, rest = [], []
+    for r in rejected:
+        p = Path(r["file"])
+        plain = p.suffix.lower() in DOCUMENT_SUFFIXES or p.name.upper() in DOCUMENT_NAMES
+        (docs if plain and r["reason"].startswith("not a DICOM file") else rest).append(r)
+    return docs, rest
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", metavar="PATH", help="folder (or file) of DICOM slices or lung-window crop images")
     p.add_argument("--json", action="store_true", help="JSON Lines: one object per series")
@@ -90,13 +112,17 @@ def run(args: argparse.Namespace) -> int:
         print("\n" + "\n".join(notes))
     print(f"\nbackend {analyzer.backend} ({analyzer.precision}) on {analyzer.device}; models "
           + ", ".join(f"{b['name']} {b['version']}" for b in analyzer.bundles))
-    rejected = [r for rep in reports for r in rep.rejected]
+    documents, rejected = split_documents([r for rep in reports for r in rep.rejected])
     if rejected:
         print(f"\n{len(rejected)} file(s) rejected:")
         for r in rejected[:50]:
             print(f"  {r['file']}: {r['reason']}")
         if len(rejected) > 50:
             print(f"  … and {len(rejected) - 50} more (use --json for all)")
+    if documents:
+        kinds = Counter(_kind(r["file"]) for r in documents)
+        print(f"\n{len(documents)} other file(s) skipped, not DICOM: "
+              + ", ".join(f"{k} {n}" for k, n in kinds.most_common()) + " (--json lists them)")
     if args.overlays:
         print(f"\noverlays written to {args.overlays}", file=sys.stderr)
     return 0
