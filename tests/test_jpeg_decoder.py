@@ -144,6 +144,8 @@ def test_a_stream_cut_short_inside_a_whole_file_is_rejected_not_filled(cut):
     with pytest.raises(Rejected, match=r"^pixel data could not be decoded .*no end-of-image marker"):
         hounsfield(ds)
     assert hounsfield(dataset(stored, stream)).shape == stored.shape  # the whole stream is read
+    # padding after the marker, zeros or FF bytes as some writers add, is still a whole stream
+    np.testing.assert_array_equal(jpeg_decoder.decode_pixels(dataset(stored, stream + b"\xff" * 5 + b"\x00")), stored)
 
 
 def test_two_threads_decode_the_same_pixels():

@@ -105,13 +105,13 @@ def decoder_name(ts: str | None) -> str:
 
 
 def check_end_marker(ds: pydicom.Dataset) -> None:
-    """Raise ValueError when a JPEG Lossless frame does not end with the end-of-image marker (FF D9, then at most
-    the zero padding to an even length). Every JPEG Lossless decoder at hand (libjpeg-turbo, imagecodecs' own,
-    pylibjpeg-libjpeg) silently fills the missing rows of a stream cut short, so a slice with garbage rows would
-    otherwise reach the models."""
+    """Raise ValueError when a JPEG Lossless frame has no end-of-image marker (FF D9) among its last 16 bytes (room
+    for padding). Every JPEG Lossless decoder at hand (libjpeg-turbo, imagecodecs' own, pylibjpeg-libjpeg) silently
+    fills the missing rows of a stream cut short, so a slice with garbage rows would otherwise reach the models.
+    In entropy-coded data an FF byte is followed by 00 or a restart marker (D0–D7), so FF D9 there is the end."""
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     for k, frame in enumerate(generate_frames(ds.PixelData, number_of_frames=frames)):
-        if bytes(frame).rstrip(b"\x00")[-2:] != b"\xff\xd9":
+        if b"\xff\xd9" not in bytes(frame[-16:]):  # after any padding (0x00, or 0xFF from some writers)
             raise ValueError(f"frame {k + 1}'s JPEG stream has no end-of-image marker: cut short or corrupt")
 
 
