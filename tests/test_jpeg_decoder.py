@@ -1,6 +1,10 @@
 """The imagecodecs JPEG Lossless plugin: the same pixels as pydicom's own decoders, used first, with a fallback."""
 import glob
+import os
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import numpy as np
 import pydicom
@@ -195,3 +199,22 @@ def test_real_vendor_jpeg_files_decode_to_the_same_values():
         syntaxes.add(ds.file_meta.TransferSyntaxUID)
     assert {"SIEMENS", "GE MEDICAL SYSTEMS"} <= {m for m, _ in makers} and 1 in {s for _, s in makers}, makers
     assert {JPEGLosslessSV1, JPEG2000Lossless, JPEG2000} <= syntaxes, syntaxes
+
+
+def test_without_imagecodecs_pydicom_s_decoders_read_the_same_file(tmp_path):
+    """A machine where imagecodecs cannot be imported (no wheel for it): the plugin stays out, pixels unchanged."""
+    stored = np.random.default_rng(9).integers(0, 4096, (64, 64)).astype(np.uint16)
+    dataset(stored, encode(stored, 12)).save_as(tmp_path / "slice.dcm", enforce_file_format=True)
+    (tmp_path / "shim").mkdir()
+    (tmp_path / "shim" / "imagecodecs.py").write_text("raise ImportError('no imagecodecs on this machine')\n")
+    code = ("import sys, numpy as np, pydicom; from pydicom.uid import JPEGLosslessSV1;"
+            "from appliance.ingest import jpeg_decoder as j; from appliance.ingest.dicom_reader import read_slice;"
+            "s = read_slice(sys.argv[1]); print(j.decoder_name(JPEGLosslessSV1), j.register(), int(s.hu.sum()))")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "shim")}
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "slice.dcm")], capture_output=True, text=True,
+                         env=env, cwd=Path(__file__).resolve().parents[1], timeout=120)
+    assert out.returncode == 0, out.stderr
+    name, registered, total = out.stdout.split()
+    assert (name, registered) == ("pydicom", "False")
+    ref = hounsfield(dataset(stored, encode(stored, 12)))
+    assert int(total) == int(ref.sum())
