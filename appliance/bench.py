@@ -37,12 +37,13 @@ def peak_rss_mb() -> float:
 
 
 def generate_series(out: Path, slices: int, syntax: str = "explicit") -> Path:
-    from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless
+    from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, JPEGLSLossless
 
     from appliance.jpeg_lossless import JPEG_LOSSLESS_SV1
     from appliance.phantom import PhantomSpec, write_phantom
 
-    ts = {"explicit": ExplicitVRLittleEndian, "jpeg-lossless": JPEG_LOSSLESS_SV1, "jpeg2000": JPEG2000Lossless}[syntax]
+    ts = {"explicit": ExplicitVRLittleEndian, "jpeg-lossless": JPEG_LOSSLESS_SV1, "jpeg2000": JPEG2000Lossless,
+          "jpeg-ls": JPEGLSLossless}[syntax]
     write_phantom(out, PhantomSpec(slices=slices, thickness_mm=1.25, lesion=True), transfer_syntax=ts)
     return out
 

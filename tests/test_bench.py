@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from appliance.cli import main
 from appliance.inference.bundle import default_bundle_dir, find_bundles
 from appliance.inference.factory import available_backends
@@ -39,14 +41,14 @@ def test_bench_json_reports_every_field(capsys):
         assert r["pixels"] == "Explicit VR Little Endian: pydicom"
 
 
-def test_bench_says_which_codec_decodes_jpeg_lossless(capsys):
-    import pytest
-
+@pytest.mark.parametrize("syntax,name", [("jpeg-lossless", "JPEG Lossless, Non-Hierarchical, First-Order Prediction"),
+                                         ("jpeg-ls", "JPEG-LS Lossless Image Compression")])
+def test_bench_says_which_codec_decodes_compressed_series(capsys, syntax, name):
     pytest.importorskip("imagecodecs", reason="imagecodecs is not installed: pydicom's own decoders run")
     backend = available_backends()[0]
-    assert main(["bench", "--slices", "8", "--backend", backend, "--syntax", "jpeg-lossless"]) == 0
+    assert main(["bench", "--slices", "8", "--backend", backend, "--syntax", syntax]) == 0
     out = capsys.readouterr().out
-    assert "pixels: JPEG Lossless, Non-Hierarchical, First-Order Prediction" in out and ": imagecodecs " in out
+    assert f"pixels: {name}" in out and ": imagecodecs " in out
 
 
 def test_bench_workers_and_batch_reach_the_pipeline(capsys):

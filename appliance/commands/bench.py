@@ -21,7 +21,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="backend(s) to run (default: every installed one)")
     p.add_argument("--precision", choices=["int8", "fp32"], default="int8")
     p.add_argument("--slices", type=int, default=120, help="slices in the generated series (default 120)")
-    p.add_argument("--syntax", choices=["explicit", "jpeg-lossless", "jpeg2000"], default="explicit",
+    p.add_argument("--syntax", choices=["explicit", "jpeg-lossless", "jpeg2000", "jpeg-ls"], default="explicit",
                    help="transfer syntax of the generated series")
     p.add_argument("--threads", type=int, help="inference threads (default: all cores)")
     p.add_argument("--workers", type=int, help="batches analysed at once, each on its own inference stream "
