@@ -43,7 +43,7 @@ CODEC = {**{ts: "jpeg8" for ts in LOSSLESS_JPEG}, **{ts: "jpeg2k" for ts in J2K}
 
 
 def is_available(ts: str) -> bool:
-    """True for the syntaxes above when imagecodecs (with its libjpeg-turbo and OpenJPEG codecs) is installed."""
+    """True for the syntaxes above when imagecodecs (with its libjpeg-turbo, OpenJPEG and CharLS codecs) is there."""
     return imagecodecs is not None and ts in CODEC and hasattr(imagecodecs, CODEC[ts] + "_decode")
 
 
