@@ -116,13 +116,14 @@ def check_end_marker(ds: pydicom.Dataset) -> None:
 
 
 def decode_pixels(ds: pydicom.Dataset) -> np.ndarray:
-    """`ds.pixel_array`, through this plugin first for JPEG Lossless (after `check_end_marker`), JPEG 2000 and
-    JPEG-LS; pydicom's own plugins if it fails. (No end-marker check for the other two: a real JPEG 2000 stream
-    at hand ends otherwise.)"""
+    """`ds.pixel_array`, through this plugin first for single-sample JPEG Lossless (after `check_end_marker`),
+    JPEG 2000 and JPEG-LS; pydicom's own plugins for colour data and where the plugin fails. (The end-marker
+    check is measured on JPEG Lossless only.)"""
     ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
     if ts in LOSSLESS_JPEG and "PixelData" in ds:
         check_end_marker(ds)
-    if ts in SYNTAXES and register():
+    # colour goes straight to pydicom's plugins: a refusal inside pydicom is logged as an error with its traceback
+    if ts in SYNTAXES and ds.get("SamplesPerPixel", 1) == 1 and register():
         try:
             ds.pixel_array_options(decoding_plugin=PLUGIN)
             return ds.pixel_array
