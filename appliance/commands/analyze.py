@@ -16,6 +16,7 @@ from pathlib import Path
 from appliance.commands.common import (add_backend_arguments, add_config_argument, load_config, make_analyzer,
                                        progress_bar, table)
 from appliance.errors import UsageError
+from appliance.ingest.dicom_file import NOT_DICOM
 from appliance.pipeline.anatomy import run_text
 
 
@@ -37,7 +38,7 @@ def split_documents(rejected: list[dict]) -> tuple[list[dict], list[dict]]:
     for r in rejected:
         p = Path(r["file"])
         plain = p.suffix.lower() in DOCUMENT_SUFFIXES or p.name.upper() in DOCUMENT_NAMES
-        (docs if plain and r["reason"].startswith("not a DICOM file") else rest).append(r)
+        (docs if plain and r["reason"].startswith(NOT_DICOM) else rest).append(r)
     return docs, rest
 
 

@@ -13,6 +13,9 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 
 
+NOT_DICOM = "not a DICOM file"  # how the reason of a file that is not DICOM at all begins
+
+
 class Rejected(Exception):
     """A file that is not a usable axial CT slice; `reason` says why in one line."""
 
@@ -41,9 +44,9 @@ def read_dataset(src: str | os.PathLike | BinaryIO, defer: bool = False, header_
     try:
         ds = pydicom.dcmread(src, force=True, **kw)
     except Exception as e:
-        raise Rejected(f"not a DICOM file ({type(e).__name__})") from None
+        raise Rejected(f"{NOT_DICOM} ({type(e).__name__})") from None
     if "SOPClassUID" not in ds and "Modality" not in ds and "PixelData" not in ds:
-        raise Rejected("not a DICOM file (no DICOM header or elements found)")
+        raise Rejected(f"{NOT_DICOM} (no DICOM header or elements found)")
     return ds
 
 
