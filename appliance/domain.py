@@ -114,6 +114,26 @@ class Solid:
                    float(d.get("mm", 1.0)), float(d.get("air", 0.0)))
 
 
+@dataclass(frozen=True)
+class Core:
+    """Soft tissue a lesion's halo wraps on one slice (appliance.pipeline.halo_core): the unmarked core of a lesion
+    the model rings, such as a mass broad-based on the chest wall. rect in slice pixels."""
+
+    rect: Rect
+    area_mm2: float
+    thick_mm: float  # largest inscribed diameter
+    mean_hu: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """Compact and JSON-safe: {"r": [y0, x0, y1, x1], "a": mm², "t": mm, "hu"}."""
+        return {"r": self.rect.as_list(), "a": round(self.area_mm2, 1), "t": round(self.thick_mm, 1),
+                "hu": round(self.mean_hu)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Core":
+        return cls(Rect(*d["r"]), float(d["a"]), float(d["t"]), float(d["hu"]))
+
+
 @dataclass
 class SliceMeasures:
     """Lung and lesion pixel counts on one slice for the grade (appliance.pipeline.grading; display orientation; sides are the patient's: right = image left). Counts are
@@ -164,6 +184,7 @@ class SliceFinding:
     prob: np.ndarray | None = None  # lesion probability map at model scale over `crop` (kept only on request)
     crop: Rect | None = None  # the region the lesion model saw: the lung box, grown to a minimum size (None: = lung)
     solids: list[Solid] = field(default_factory=list)  # soft-tissue components in the lung envelope (HU slices)
+    cores: list[Core] = field(default_factory=list)  # soft tissue the lesion halos wrap (HU slices)
     measures: SliceMeasures | None = None  # lung and lesion pixel counts for the grade (HU slices)
     noise: float | None = None  # noise at the lesion model's input (appliance.pipeline.noise; HU slices)
     smoothed: float = 0.0  # Gaussian sigma applied to the crop before the lesion model (0: none)

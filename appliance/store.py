@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from appliance.domain import Box, Evidence, Rect, SeriesVerdict, SliceFinding, SliceMeasures, Solid
+from appliance.domain import Box, Core, Evidence, Rect, SeriesVerdict, SliceFinding, SliceMeasures, Solid
 
 SCHEMA_VERSION = 1
 
@@ -100,7 +100,8 @@ def finding_to_dict(f: SliceFinding) -> dict[str, Any]:
             "boxes": [{"rect": b.rect.as_list(), "area_512": b.area_512, "score": b.score, "quadrant": b.quadrant}
                       for b in f.boxes],
             "max_prob": f.max_prob, "lesion_fraction": f.lesion_fraction, "timings_ms": f.timings_ms,
-            "solids": [x.to_dict() for x in f.solids], "measures": f.measures.to_dict() if f.measures else None,
+            "solids": [x.to_dict() for x in f.solids], "cores": [x.to_dict() for x in f.cores],
+            "measures": f.measures.to_dict() if f.measures else None,
             "noise": f.noise, "smoothed": f.smoothed, "pixel_mm": f.pixel_mm}
 
 
@@ -112,6 +113,7 @@ def finding_from_dict(d: dict[str, Any]) -> SliceFinding:
                         max_prob=float(d.get("max_prob", 0.0)), lesion_fraction=float(d.get("lesion_fraction", 0.0)),
                         timings_ms=dict(d.get("timings_ms", {})),
                         solids=[Solid.from_dict(x) for x in d.get("solids") or []],
+                        cores=[Core.from_dict(x) for x in d.get("cores") or []],
                         measures=SliceMeasures.from_dict(d["measures"]) if d.get("measures") else None,
                         noise=float(d["noise"]) if d.get("noise") is not None else None,
                         smoothed=float(d.get("smoothed") or 0.0),

@@ -228,7 +228,7 @@ def test_boxes_are_the_full_maps_where_a_deferred_graph_is_skipped(analyzer, pha
         where = lambda fi: [(b.rect, b.area_512, b.quadrant) for b in fi.boxes]  # noqa: E731
         assert where(q) == where(f)
         assert [b.score for b in q.boxes] == pytest.approx([b.score for b in f.boxes], abs=1e-6)
-        assert q.measures == f.measures and q.solids == f.solids
+        assert q.measures == f.measures and q.solids == f.solids and q.cores == f.cores
     v_quick, _ = analyzer.verdict(slices, quick)
     v_full, _ = analyzer.verdict(slices, full)
     assert v_quick == v_full

@@ -168,6 +168,42 @@ def test_single_focus_is_negative_with_the_focus_named():
     assert "single focal lesion, about 49 mm across and 8 mm long, patient's left middle zone" in on_dicom.reason
 
 
+def test_a_single_focus_with_a_halo_wrapped_core_is_named_a_mass_without_changing_the_result():
+    """A tumour broad-based on the chest wall: its halo wraps a soft-tissue core (appliance.pipeline.halo_core).
+    The verdict names a solid mass (reason, `others`, grade); the result stays what the foci make it."""
+    from appliance.domain import Core
+
+    fs = [boxed(-i, TUMOUR) if 10 <= i < 18 else boxed(-i) for i in range(40)]
+    fs = [dataclasses.replace(f, pixel_mm=0.7) for f in fs]
+    inside = Core(Rect(320, 340, 350, 380), 450.0, 14.0, 30.0)  # centre inside the tumour's box
+    fs[14] = dataclasses.replace(fs[14], cores=[inside])
+    multifocal = rule(min_slices=20, min_foci=2, other_findings=True)
+    v = decide(fs, multifocal)
+    assert v.result == "negative" and v.focal is not None and v.foci == 1
+    assert v.reason.startswith("a solid mass, about 49 mm across and 8 mm long, patient's left middle zone, posterior")
+    assert "a soft-tissue core about 14 mm thick under a ground-glass halo" in v.reason
+    assert "single focal lesion" not in v.reason and v.reason.count("solid mass") == 1
+    [mass] = v.others
+    assert (mass["kind"], mass["first_slice"], mass["last_slice"], mass["quadrant"]) == ("mass", 10, 17, LR)
+    assert mass["diameter_mm"] == pytest.approx(49.0) and mass["mean_hu"] == 30
+    assert mass["text"] == "solid mass 49 mm, patient's left middle zone — not a COVID-19 pattern"
+    # not named: the seed's rule (no other-findings stage), a core too small, or one outside the focus' boxes
+    assert decide(fs, multifocal.but(other_findings=False)).others == []
+    assert "single focal lesion" in decide(fs, multifocal.but(other_findings=False)).reason
+    for core in (dataclasses.replace(inside, area_mm2=250.0), dataclasses.replace(inside, thick_mm=8.0),
+                 dataclasses.replace(inside, rect=Rect(100, 80, 150, 140))):
+        other = list(fs)
+        other[14] = dataclasses.replace(fs[14], cores=[core])
+        w = decide(other, multifocal)
+        assert w.others == [] and "single focal lesion" in w.reason, core
+    # a second focus makes the series positive whatever the core: naming never removes a focus
+    two = list(fs)
+    for i in range(30, 34):
+        two[i] = dataclasses.replace(boxed(-i, PATCH), pixel_mm=0.7)
+    p = decide(two, multifocal)
+    assert p.result == "positive" and p.foci == 2 and p.others == []
+
+
 def test_zone_is_the_third_of_the_lung_s_height():
     lung = [float(-z) for z in range(0, 91, 3)]  # 0 (head) to -90 mm (feet)
     assert [zone_of(p, lung) for p in (0.0, -29.0, -31.0, -59.0, -61.0, -90.0)] == \

@@ -201,6 +201,9 @@ def test_real_series_a0001(capsys):
     # the lung cancer is not called positive; its single focal lesion is named for people: the patient's side and
     # zone, posterior, and its size from the DICOM pixel size (the tumour and its rim: several centimetres)
     assert o["result"] == "negative" and o["focal"] is not None
-    m = re.search(r"single focal lesion, about (\d+) mm across and (\d+) mm long, patient's left upper zone, "
+    m = re.search(r"a solid mass, about (\d+) mm across and (\d+) mm long, patient's left upper zone, "
                   r"posterior \(image lower-right", o["reason"])
     assert m and 40 <= int(m.group(1)) <= 90 and 30 <= int(m.group(2)) <= 70, o["reason"]
+    # named a mass: the halo wraps the tumour's soft-tissue core (appliance/pipeline/halo_core.py)
+    assert "soft-tissue core" in o["reason"] and [x["kind"] for x in o["others"]] == ["mass"]
+    assert o["others"][0]["text"].startswith("solid mass") and "solid mass" in o["grade"]["reasons"]

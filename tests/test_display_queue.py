@@ -227,6 +227,16 @@ def test_where_line_is_the_rule_finding_in_patient_terms(browser, display, bus):
         assert fits, f"{kind} where-line cut off at 1280×720"
     expect(tile(page, foc).locator(".where")).to_have_class(re.compile(r"\bfocal\b"))
     expect(tile(page, foc).locator(".detail")).to_have_text("single focal lesion · 11 slices")
+    # a focal lesion the appliance named a mass (the same slices in `others`) reads as one; a mass elsewhere does not
+    for name, first, detail in (("mass", 30, "solid mass · 11 slices"),
+                                ("elsewhere", 60, "single focal lesion · 11 slices")):
+        k = key(name)
+        v = verdict("ct-room-1", k, "final", "negative", created=ago(9), focal=Evidence("lower-right", 30, 40, 11))
+        v["others"] = [{"kind": "mass", "diameter_mm": 68.2, "first_slice": first, "last_slice": first + 10,
+                        "quadrant": "lower-right", "zone": "upper", "mean_hu": 24, "z_mm": 45.0,
+                        "text": "solid mass 68 mm, patient's left upper zone — not a COVID-19 pattern"}]
+        bus.publish(f"ctriage/ct-room-1/verdict/{k}", v)
+        expect(tile(page, k).locator(".detail")).to_have_text(detail)
     expect(tile(page, pos).locator(".detail")).to_have_text("lesion on 20 slices in a row")
 
     # too long for the tile: ellipsised by CSS (never cut mid-word without one), the whole text on tap

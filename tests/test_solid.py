@@ -11,7 +11,7 @@ import pytest
 from scipy import ndimage as ndi
 
 from appliance.domain import Box, Rect, SliceFinding
-from appliance.domain import Solid
+from appliance.domain import Core, Solid
 from appliance.pipeline.solid import solid_components
 from appliance.pipeline.solid_lesions import SolidLesion, explain, focus_members, link_solids
 
@@ -216,12 +216,13 @@ def test_findings_round_trip_with_solids_and_measures_and_old_records_load():
 
     f = SliceFinding("k", -5.0, (512, 512), Rect(10, 10, 400, 500), [Box(Rect(1, 2, 3, 4), 50.0, 0.95, "upper-left")],
                      solids=[Solid(Rect(1, 2, 30, 40), 123.4, 14.2, 35.0, False, 0.7031, 0.12)],
+                     cores=[Core(Rect(5, 6, 40, 50), 451.2, 14.1, 28.0)],
                      measures=SliceMeasures(1.9775, 4000, 4100, 120, 0, 100, 20, 90, 30))
     assert finding_from_dict(finding_to_dict(f)) == f
     old = finding_to_dict(f)
-    del old["solids"], old["measures"]
+    del old["solids"], old["measures"], old["cores"]
     g = finding_from_dict(old)
-    assert g.solids == [] and g.measures is None
+    assert g.solids == [] and g.measures is None and g.cores == []
 
 
 def test_solid_components_is_fast():
@@ -358,7 +359,10 @@ def test_real_a0001_tumour_focus_is_not_called_viral(analyzer, series_cache):
     "slices (up to 653 mm2), but nearly as large components elsewhere too (A0001: 565-568 mm2 on 0-based "
     "slices 32 and 41, away from the tumour; P001 99 components up to 851 mm2, 7 beside its COVID-19 boxes; "
     "cap001 173, 63 beside its pneumonia boxes, up to 820 mm2): lung above and below does not single out a mass "
-    "(not located further: no anatomy labels here). The probe is not kept: nothing in the appliance uses it."))
+    "(not located further: no anatomy labels here). The probe is not kept: nothing in the appliance uses it. "
+    "Since 2026-12-07 the verdict names A0001's tumour a solid mass another way, through the soft-tissue core its "
+    "halo wraps (appliance/pipeline/halo_core.py, test_real_halo_cores_name_the_tumour_and_nothing_in_the_"
+    "pneumonias); that names a single focal lesion only and explains no focus, so this test stays as it was."))
 def test_real_a0001_solid_mass_found_and_explains_the_tumour_focus(analyzer, series_cache):
     slices, findings = real_series(analyzer, series_cache, "lung-pet-ct-dx-A0001")
     tumour = a0001_tumour(slices)
@@ -367,6 +371,26 @@ def test_real_a0001_solid_mass_found_and_explains_the_tumour_focus(analyzer, ser
               and any(i in tumour and _overlaps(per[i][k].rect, tumour[i]) for i, k in s.members)]
     assert masses
     assert any(explain(m, lesions, per) in masses for m in foci)
+
+
+def test_real_halo_cores_name_the_tumour_and_nothing_in_the_pneumonias(analyzer, series_cache):
+    """appliance/pipeline/halo_core.py on real series: A0001's halo wraps a mass-sized core on its tumour, inside
+    the focal run; no focus of the COVID-19 series P001 or the pneumonia cap001 wraps one (measured: P001 none of
+    100 mm², cap001 at most 118 mm²; the mass needs 300)."""
+    from appliance.pipeline.case_logic import decide
+    from appliance.pipeline.halo_core import MASS_CORE_MM2, is_mass_core
+
+    slices, findings = real_series(analyzer, series_cache, "lung-pet-ct-dx-A0001")
+    tumour = a0001_tumour(slices)
+    masses = [(i, c) for i, f in enumerate(findings) for c in f.cores if is_mass_core(c)]
+    assert masses and all(i in tumour and _overlaps(c.rect, tumour[i]) for i, c in masses), masses
+    v = decide(findings, analyzer.rule)
+    assert v.result == "negative" and v.focal.first_slice <= masses[0][0] <= v.focal.last_slice
+    assert [o["kind"] for o in v.others] == ["mass"] and v.reason.startswith("a solid mass")
+    for parts in (("covid-ct-md", "P001"), ("covid-ct-md", "cap001")):
+        _, fs = real_series(analyzer, series_cache, *parts)
+        largest = max((c.area_mm2 for f in fs for c in f.cores), default=0.0)
+        assert largest < MASS_CORE_MM2 / 2, (parts, largest)
 
 
 def test_real_covid_p001_foci_stay_unexplained(analyzer, series_cache):

@@ -17,12 +17,13 @@ from appliance.inference.bundle import Bundle, BundleError, default_bundle_dir, 
 from appliance.ingest.series import sort_key
 from appliance.pipeline.case_logic import CaseRule, decide
 from appliance.pipeline.grading import lesion_at_slice, lung_at_slice, measure_slice
+from appliance.pipeline.halo_core import wrapped_cores
 from appliance.pipeline.lesions import LesionDetector
 from appliance.pipeline.noise import crop_noise, smooth_to
 from appliance.pipeline.solid import solid_components
 from appliance.pipeline.valid_area import ValidArea
 
-STAGES = ("valid_area", "lesion_pre", "lesion_infer", "boxes", "measures")  # measures: solid components, grading
+STAGES = ("valid_area", "lesion_pre", "lesion_infer", "boxes", "measures")  # measures: solids, halo cores, grading
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -174,6 +175,7 @@ class Analyzer:
                 lung = lung_at_slice(area.lung, area.offset, area.scale, s.shape)
                 lesion = lesion_at_slice(prob, self.lesion.threshold, crop, [b.rect for b in boxes], s.shape)
                 found[i].solids = solid_components(s.hu, rect, s.pixel_spacing, lung)
+                found[i].cores = wrapped_cores(s.hu, lesion, [b.rect for b in boxes], s.pixel_spacing)
                 found[i].measures = measure_slice(s.hu, lung, lesion, s.pixel_spacing)
                 t["measures"] += time.perf_counter() - tm
         t["boxes"] = time.perf_counter() - t3 - t["measures"]

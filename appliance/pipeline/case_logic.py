@@ -24,13 +24,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from appliance.domain import QUADRANTS, Evidence, SeriesVerdict, SliceFinding
+from appliance.domain import QUADRANTS, Core, Evidence, SeriesVerdict, SliceFinding
 from appliance.geometry import GAP_FACTOR, links, median_spacing
 from appliance.pipeline.anatomy import patient_side, quadrant_of, zone_of  # noqa: F401 - quadrant_of: the rule's quadrants
 from appliance.pipeline.foci import FOCUS_GROW, FOCUS_SKIP, foci  # noqa: F401
 from appliance.pipeline.grading import grade
+from appliance.pipeline.halo_core import is_mass_core
 from appliance.pipeline.noise import NOISY, acquisition
-from appliance.pipeline.solid_lesions import explain_foci
+from appliance.pipeline.solid_lesions import SolidLesion, explain_foci
 
 MIN_RUN = 3
 
@@ -132,12 +133,38 @@ def find_evidence(findings: Sequence[SliceFinding], min_run: int = MIN_RUN,
     return Evidence(quadrant=q, first_slice=start, last_slice=start + length - 1, run=length)  # type: ignore[arg-type]
 
 
-def focal_note(findings: Sequence[SliceFinding], focal: Evidence) -> str:
+def focal_core(findings: Sequence[SliceFinding], focal: Evidence) -> Core | None:
+    """The largest halo-wrapped core (appliance.pipeline.halo_core) inside the focal run's boxes in its quadrant
+    that makes the focal lesion a mass, or None."""
+    best = None
+    for f in findings[focal.first_slice:focal.last_slice + 1]:
+        rects = [b.rect for b in f.boxes if b.quadrant == focal.quadrant]
+        for c in f.cores:
+            cy, cx = c.rect.center
+            if is_mass_core(c) and any(r.y0 <= cy < r.y1 and r.x0 <= cx < r.x1 for r in rects):
+                if best is None or c.area_mm2 > best.area_mm2:
+                    best = c
+    return best
+
+
+def focal_mass(findings: Sequence[SliceFinding], focal: Evidence, core: Core) -> SolidLesion:
+    """The focal lesion as a named mass (its size: the largest box side in the run, halo included)."""
+    run = findings[focal.first_slice:focal.last_slice + 1]
+    sides = [max(b.rect.height, b.rect.width) * f.pixel_mm for f in run for b in f.boxes
+             if b.quadrant == focal.quadrant and f.pixel_mm]
+    spacing = median_spacing([f.position for f in findings]) if len(findings) > 1 else 0.0
+    zone = zone_of(run[len(run) // 2].position, [f.position for f in findings if f.lung is not None])
+    return SolidLesion(kind="mass", diameter_mm=round(max(sides, default=0.0), 1), first_slice=focal.first_slice,
+                       last_slice=focal.last_slice, quadrant=focal.quadrant, zone=zone, mean_hu=core.mean_hu,
+                       z_mm=round(abs(run[-1].position - run[0].position) + spacing, 1))
+
+
+def focal_note(findings: Sequence[SliceFinding], focal: Evidence, core: Core | None = None) -> str:
     """The single focal lesion for people, from its boxes in the run: size (largest box side on DICOM slices,
     whose pixel size is known; the lesion model marks the opacity and its halo), length along z, the patient's
     side and zone (third of the lung's z-extent at the run's middle), the image quadrant and 1-based slices.
-    What it is the appliance cannot tell (a mass with a ground-glass rim and a focal pneumonia look alike to the
-    lesion model and in density): it says so."""
+    What it is the appliance cannot always tell (a mass with a ground-glass rim and a focal pneumonia look alike to
+    the lesion model and in density): it says so. With a halo-wrapped soft-tissue `core` it names a solid mass."""
     run = findings[focal.first_slice:focal.last_slice + 1]
     sides = [max(b.rect.height, b.rect.width) * f.pixel_mm for f in run for b in f.boxes
              if b.quadrant == focal.quadrant and f.pixel_mm]
@@ -148,8 +175,13 @@ def focal_note(findings: Sequence[SliceFinding], focal: Evidence) -> str:
         size = f" about {max(sides):.0f} mm across and {length:.0f} mm long,"
     zone = zone_of(run[len(run) // 2].position, [f.position for f in findings if f.lung is not None])
     side, _, ap = patient_side(focal.quadrant).partition(" ")
-    return (f"a single focal lesion,{size} patient's {side} {zone} zone, {ap} (image {focal.quadrant}, slices "
-            f"{focal.first_slice + 1}–{focal.last_slice + 1}): not the multifocal pattern of COVID-19 pneumonia"
+    where = (f"{size} patient's {side} {zone} zone, {ap} (image {focal.quadrant}, slices "
+             f"{focal.first_slice + 1}–{focal.last_slice + 1})")
+    if core is not None:
+        return (f"a solid mass,{where}: a soft-tissue core about {core.thick_mm:.0f} mm thick under a ground-glass"
+                " halo, not the multifocal pattern of COVID-19 pneumonia — a tumour or a mass-like consolidation,"
+                " for a radiologist")
+    return (f"a single focal lesion,{where}: not the multifocal pattern of COVID-19 pneumonia"
             " — a mass, a focal pneumonia or another focal process, for a radiologist")
 
 
@@ -167,7 +199,7 @@ def decide(findings: Sequence[SliceFinding], rule: CaseRule, *, final: bool = Tr
     ev = find_evidence(counted, min_run, gap_factor, min_run_mm)
     need = slices_needed(findings, min_run, min_run_mm)
     n_foci = sum(1 for lo, hi in foci(counted, gap_factor) if hi - lo + 1 >= need)
-    focal = None
+    focal, mass = None, None
     if ev is not None and n_foci < min_foci:
         focal, ev = ev, None
     n = len(findings)
@@ -184,21 +216,25 @@ def decide(findings: Sequence[SliceFinding], rule: CaseRule, *, final: bool = Tr
     else:
         result = "negative"
     if focal is not None:
-        note = focal_note(findings, focal)
+        core = focal_core(findings, focal) if rule.other_findings else None
+        note = focal_note(findings, focal, core)
         reason = f"{reason}; {note}" if reason else note
+        if core is not None:  # named a mass (it never changes the result: the focus alone is not the pattern)
+            mass = focal_mass(findings, focal, core)
+    named = solids + ([mass] if mass is not None else [])
     if solids and result != "positive":
         note = "lesion seen around " + "; ".join(s.describe() for s in solids)
         reason = f"{reason}; {note}" if reason else note
     graded = None
-    if (ev is not None or focal is not None or solids) and any(f.measures is not None for f in findings):
+    if (ev is not None or focal is not None or named) and any(f.measures is not None for f in findings):
         # a nodule or mass shapes the pattern when it is the finding (no focus left) or a mass; an incidental small
         # one beside many foci is named (others) but does not make the pattern atypical
-        shaping = solids if n_foci == 0 or any(s.kind == "mass" for s in solids) else []
+        shaping = named if n_foci == 0 or any(s.kind == "mass" for s in named) else []
         graded = grade([f.measures for f in findings], n_foci, [f.position for f in findings], shaping).to_dict()
     acq = acquisition([f.noise for f in findings], sum(1 for f in findings if f.smoothed > 0), rule.noise_limit)
     return SeriesVerdict(result=result, state="final" if final else "provisional", evidence=ev, slices=n,
                          lung_slices=lung, lesion_slices=lesion, reason=reason, gaps=gaps, focal=focal,
-                         foci=n_foci, others=[s.to_dict() for s in solids], grade=graded, acquisition=acq)
+                         foci=n_foci, others=[s.to_dict() for s in named], grade=graded, acquisition=acq)
 
 
 # -- the study verdict over its series -----------------------------------------------------------------------------

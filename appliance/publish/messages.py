@@ -85,7 +85,8 @@ def verdict_payload(*, device: str, study_key: str, series_key: str, verdict: Se
         "evidence": verdict.evidence.as_dict() if verdict.evidence else None,
         "focal": verdict.focal.as_dict() if verdict.focal else None,
         "grade": verdict.grade,  # the viral-pneumonia-pattern grade (RSNA category, extent, severity) or None
-        "others": verdict.others,  # solid nodules/masses whose halo explained lesion foci (not the COVID pattern)
+        # solid nodules/masses: whose halo explained lesion foci, or the single focal lesion named a mass
+        "others": verdict.others,
         "acquisition": verdict.acquisition,  # image noise of the series; noisy: outside the validated range
         "counts": {"slices": verdict.slices, "lung_slices": verdict.lung_slices,
                    "lesion_slices": verdict.lesion_slices, "rejected": rejected, "gaps": verdict.gaps,

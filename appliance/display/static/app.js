@@ -309,7 +309,12 @@
     const f = s.finding;
     if (s.flag === "indeterminate" && s.reason) return s.reason;
     if (f && f.kind === "evidence") return "lesion on " + f.run + " slices in a row";
-    if (f) return "single focal lesion · " + f.run + " slices";
+    if (f) {  // a focal lesion the appliance named a mass (the same slices in `others`) reads as one
+      const run = f.first_slice === f.last_slice ? "slice " + (f.first_slice + 1)
+        : "slices " + (f.first_slice + 1) + "–" + (f.last_slice + 1);
+      const mass = (s.others || []).some(o => o.kind === "mass" && o.where && o.where.endsWith(run));
+      return (mass ? "solid mass" : "single focal lesion") + " · " + f.run + " slices";
+    }
     if (c.slices !== undefined) {
       return c.slices + " slices" + (s.state === "provisional" ? " so far" : "") + " · "
         + (c.lesion_slices || 0) + " with lesion";
