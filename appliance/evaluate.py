@@ -121,7 +121,7 @@ class PatientResult:
     seconds: float = 0.0
     focal: dict | None = None  # a negative's single lesion focus (its run), named for a radiologist
     grade: dict | None = None  # the pattern grade of the study verdict (category, reasons, severity, extent)
-    others: list[dict] = field(default_factory=list)  # solid nodules/masses that explained lesion foci
+    others: list[dict] = field(default_factory=list)  # solid nodules/masses named (explained foci, or the focal mass)
     without_others: str | None = None  # the call with the other-findings stage off (every focus counts)
     acquisition: dict | None = None  # the lead series' image noise (appliance.pipeline.noise)
 

@@ -97,7 +97,7 @@ def summary(data: dict) -> str:
                 + ", ".join(f"{k} {cats[k]}" for k in ("typical", "indeterminate", "atypical") if k in cats), ""]
     named = [(p["patient"], o["text"]) for p in data["patients"] for o in p.get("others") or []]
     if named:
-        out += ["solid nodules and masses named (their halo did not count):"]
+        out += ["solid nodules and masses named (not the COVID-19 pattern; a halo around one does not count):"]
         out += [f"  {who}: {text}" for who, text in named] + [""]
     if data["rejected"]:
         out.append(f"{len(data['rejected'])} file(s) rejected:")
