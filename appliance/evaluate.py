@@ -22,6 +22,7 @@ from PIL import Image, UnidentifiedImageError
 
 from appliance.oneshot import analyze_files, discover, walk_files
 from appliance.domain import SliceFinding
+from appliance.ingest.dicom_file import is_document
 from appliance.ingest.image_reader import image_series, natural_key
 from appliance.metrics import (Confusion, auc, bootstrap_mean_ci, component_score, confusion, dice, iou, mean_or_none,
                                predicted_mask, sweep)
@@ -119,6 +120,7 @@ class PatientResult:
     lesion_slices: int
     rejected: list[dict] = field(default_factory=list)
     seconds: float = 0.0
+    skipped: list[dict] = field(default_factory=list)  # documents beside the slices (XML, licence): not rejections
     focal: dict | None = None  # a negative's single lesion focus (its run), named for a radiologist
     grade: dict | None = None  # the pattern grade of the study verdict (category, reasons, severity, extent)
     others: list[dict] = field(default_factory=list)  # solid nodules/masses named (explained foci, or the focal mass)
@@ -129,7 +131,7 @@ class PatientResult:
         return {"patient": self.source.name, "group": self.source.group, "result": self.result,
                 "evidence": self.evidence, "focal": self.focal, "slices": self.slices,
                 "lesion_slices": self.lesion_slices, "series": self.series, "reason": self.reason,
-                "rejected": len(self.rejected), "grade": self.grade, "others": self.others,
+                "rejected": len(self.rejected), "skipped": len(self.skipped), "grade": self.grade, "others": self.others,
                 "result_without_other_findings": self.without_others, "acquisition": self.acquisition}
 
 
@@ -187,6 +189,7 @@ class Evaluation:
             "total_s": round(self.seconds, 3),
             "patients": [p.as_dict() for p in self.patients],
             "rejected": [{"patient": p.source.name, **r} for p in self.patients for r in p.rejected],
+            "skipped": [{"patient": p.source.name, **r} for p in self.patients for r in p.skipped],
         }
 
 
@@ -298,7 +301,9 @@ def _run_patient(src: PatientSource, dicom_files: list[Path], image_groups: dict
         for i, f in enumerate(ordered):
             out.append(_score_image(src, kind, i, f, analyzer))
             f.prob = None  # memory stays flat: only boxes are kept
-    return _patient_verdict(src, runs, rejected, seconds), out
+    result = _patient_verdict(src, runs, [r for r in rejected if not is_document(r["file"], r["reason"])], seconds)
+    result.skipped = [r for r in rejected if is_document(r["file"], r["reason"])]
+    return result, out
 
 
 def _score_image(src: PatientSource, kind: str, index: int, f: SliceFinding, analyzer) -> ImageResult:

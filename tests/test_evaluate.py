@@ -338,6 +338,30 @@ def test_evaluate_generated_dataset_json_and_report(generated, tmp_path, capsys)
     assert "3 consecutive slices with lesion in one quadrant" in page and "at least 2 separate lesion foci" in page
 
 
+def test_documents_beside_the_slices_are_summed_up_apart_from_rejections(phantom_dir, tmp_path, capsys):
+    """A downloaded folder holds XML annotations and a licence beside the slices: they are skipped and summed up,
+    not counted as rejected files; a broken .dcm still is one."""
+    root = tmp_path / "ds"
+    ct = root / "covid" / "ct-1"
+    ct.mkdir(parents=True)
+    for f in sorted(phantom_dir.glob("*.dcm")):
+        (ct / f.name).symlink_to(f)
+    (ct / "annotation.xml").write_text("<annotation><object>nodule</object></annotation>\n")
+    (ct / "LICENSE").write_text("CC BY 4.0\n")
+    (ct / "zz-broken.dcm").write_bytes(b"not a slice\n" * 40)
+    rc, out, err = run_cli(["evaluate", str(root), "--json"], capsys)
+    assert rc == 0, err
+    d = json.loads(out)
+    [p] = d["patients"]
+    assert (p["rejected"], p["skipped"]) == (1, 2)
+    assert [Path(r["file"]).name for r in d["rejected"]] == ["zz-broken.dcm"]
+    assert sorted(Path(r["file"]).name for r in d["skipped"]) == ["LICENSE", "annotation.xml"]
+    rc, out, err = run_cli(["evaluate", str(root)], capsys)
+    assert rc == 0, err
+    assert "1 file(s) rejected:" in out and "zz-broken.dcm" in out and "annotation.xml" not in out
+    assert "2 other file(s) skipped, not DICOM: " in out and "xml 1" in out and "LICENSE 1" in out
+
+
 def test_a_patient_with_several_series_is_called_by_the_study_verdict(generated, tmp_path, capsys):
     """covid/<patient>/<series>/: one run per sub-folder of crops (here linked folders), the patient's call the
     study verdict over them (positive when any series is), as the appliance publishes it."""

@@ -16,29 +16,15 @@ from pathlib import Path
 from appliance.commands.common import (add_backend_arguments, add_config_argument, load_config, make_analyzer,
                                        progress_bar, table)
 from appliance.errors import UsageError
-from appliance.ingest.dicom_file import NOT_DICOM
+from appliance.ingest.dicom_file import document_kinds, is_document
 from appliance.pipeline.anatomy import run_text
 
 
-#: files beside a series that are plainly not slices (annotations, licences, manifests): summed up, not listed
-DOCUMENT_SUFFIXES = {".xml", ".txt", ".csv", ".tsv", ".json", ".md", ".pdf", ".html", ".htm", ".log", ".ini", ".yaml",
-                     ".yml", ".nii", ".gz", ".zip", ".npy", ".py", ".sh"}
-DOCUMENT_NAMES = {"LICENSE", "LICENCE", "README", "NOTICE", "COPYING", "ATTRIBUTION"}
-
-
-def _kind(file: str) -> str:
-    p = Path(file)
-    return p.suffix.lower().lstrip(".") if p.suffix else p.name
-
-
 def split_documents(rejected: list[dict]) -> tuple[list[dict], list[dict]]:
-    """(files that are plainly documents, not DICOM: XML annotations, licences, manifests; every other rejection).
-    A file named like a slice (.dcm, no suffix) that is not DICOM stays a rejection: it may be a broken export."""
+    """(files that are plainly documents, not DICOM: XML annotations, licences, manifests; every other rejection)."""
     docs, rest = [], []
     for r in rejected:
-        p = Path(r["file"])
-        plain = p.suffix.lower() in DOCUMENT_SUFFIXES or p.name.upper() in DOCUMENT_NAMES
-        (docs if plain and r["reason"].startswith(NOT_DICOM) else rest).append(r)
+        (docs if is_document(r["file"], r["reason"]) else rest).append(r)
     return docs, rest
 
 
@@ -121,9 +107,8 @@ def run(args: argparse.Namespace) -> int:
         if len(rejected) > 50:
             print(f"  … and {len(rejected) - 50} more (use --json for all)")
     if documents:
-        kinds = Counter(_kind(r["file"]) for r in documents)
         print(f"\n{len(documents)} other file(s) skipped, not DICOM: "
-              + ", ".join(f"{k} {n}" for k, n in kinds.most_common()) + " (--json lists them)")
+              + document_kinds([r["file"] for r in documents]) + " (--json lists them)")
     if args.overlays:
         print(f"\noverlays written to {args.overlays}", file=sys.stderr)
     return 0

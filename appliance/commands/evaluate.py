@@ -25,6 +25,7 @@ import sys
 from pathlib import Path
 
 from appliance.errors import UsageError
+from appliance.ingest.dicom_file import document_kinds
 from appliance.pipeline.anatomy import run_text
 from appliance.commands.common import (add_backend_arguments, add_config_argument, load_config, make_analyzer,
                                        progress_bar, table)
@@ -105,6 +106,9 @@ def summary(data: dict) -> str:
         if len(data["rejected"]) > 20:
             out.append(f"  … and {len(data['rejected']) - 20} more (use --json for all)")
         out.append("")
+    if data.get("skipped"):
+        out += [f"{len(data['skipped'])} other file(s) skipped, not DICOM: "
+                + document_kinds([r["file"] for r in data["skipped"]]) + " (--json lists them)", ""]
     ms = "-" if data["ms_per_slice"] is None else f"{data['ms_per_slice']:.1f}"
     out.append(f"backend {data['backend']} ({data['precision']}) on {data['device']}; models "
                + ", ".join(f"{b['name']} {b['version']}" for b in data["bundles"])

@@ -15,6 +15,28 @@ from pydicom.errors import InvalidDicomError
 
 NOT_DICOM = "not a DICOM file"  # how the reason of a file that is not DICOM at all begins
 
+#: files beside a series that are plainly not slices (annotations, licences, manifests): summed up, not listed
+DOCUMENT_SUFFIXES = {".xml", ".txt", ".csv", ".tsv", ".json", ".md", ".pdf", ".html", ".htm", ".log", ".ini", ".yaml",
+                     ".yml", ".nii", ".gz", ".zip", ".npy", ".py", ".sh"}
+DOCUMENT_NAMES = {"LICENSE", "LICENCE", "README", "NOTICE", "COPYING", "ATTRIBUTION"}
+
+
+def is_document(file: str, reason: str) -> bool:
+    """A rejected file that is plainly a document beside the slices (XML annotations, a licence, a manifest), not a
+    broken slice: named like one and not DICOM at all. A .dcm or suffix-less file that is not DICOM is not one: it
+    may be a broken export."""
+    p = os.path.basename(file)
+    suffix = os.path.splitext(p)[1].lower()
+    return (suffix in DOCUMENT_SUFFIXES or p.upper() in DOCUMENT_NAMES) and reason.startswith(NOT_DICOM)
+
+
+def document_kinds(files: list[str]) -> str:
+    """'xml 20, LICENSE 1, csv 1': what the skipped documents are, commonest first."""
+    from collections import Counter
+
+    kinds = Counter(os.path.splitext(f)[1].lower().lstrip(".") or os.path.basename(f) for f in files)
+    return ", ".join(f"{k} {n}" for k, n in kinds.most_common())
+
 
 class Rejected(Exception):
     """A file that is not a usable axial CT slice; `reason` says why in one line."""
