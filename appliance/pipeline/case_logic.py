@@ -147,33 +147,35 @@ def focal_core(findings: Sequence[SliceFinding], focal: Evidence) -> Core | None
     return best
 
 
-def focal_mass(findings: Sequence[SliceFinding], focal: Evidence, core: Core) -> SolidLesion:
-    """The focal lesion as a named mass (its size: the largest box side in the run, halo included)."""
+def focal_extent(findings: Sequence[SliceFinding], focal: Evidence) -> tuple[float | None, float | None, str]:
+    """(size, length, zone) of the focal lesion: the largest box side in its quadrant over the run (mm, DICOM
+    slices only: their pixel size is known; the lesion model marks the opacity and its halo), its length along z
+    (mm, with one spacing), and the zone (third of the lung's z-extent at the run's middle)."""
     run = findings[focal.first_slice:focal.last_slice + 1]
     sides = [max(b.rect.height, b.rect.width) * f.pixel_mm for f in run for b in f.boxes
              if b.quadrant == focal.quadrant and f.pixel_mm]
     spacing = median_spacing([f.position for f in findings]) if len(findings) > 1 else 0.0
     zone = zone_of(run[len(run) // 2].position, [f.position for f in findings if f.lung is not None])
-    return SolidLesion(kind="mass", diameter_mm=round(max(sides, default=0.0), 1), first_slice=focal.first_slice,
+    if not sides or spacing <= 0:
+        return None, None, zone
+    return max(sides), abs(run[-1].position - run[0].position) + spacing, zone
+
+
+def focal_mass(findings: Sequence[SliceFinding], focal: Evidence, core: Core) -> SolidLesion:
+    """The focal lesion as a named mass (its size: the largest box side in the run, halo included)."""
+    size, length, zone = focal_extent(findings, focal)
+    return SolidLesion(kind="mass", diameter_mm=round(size or 0.0, 1), first_slice=focal.first_slice,
                        last_slice=focal.last_slice, quadrant=focal.quadrant, zone=zone, mean_hu=core.mean_hu,
-                       z_mm=round(abs(run[-1].position - run[0].position) + spacing, 1))
+                       z_mm=round(length or 0.0, 1))
 
 
 def focal_note(findings: Sequence[SliceFinding], focal: Evidence, core: Core | None = None) -> str:
-    """The single focal lesion for people, from its boxes in the run: size (largest box side on DICOM slices,
-    whose pixel size is known; the lesion model marks the opacity and its halo), length along z, the patient's
-    side and zone (third of the lung's z-extent at the run's middle), the image quadrant and 1-based slices.
-    What it is the appliance cannot always tell (a mass with a ground-glass rim and a focal pneumonia look alike to
-    the lesion model and in density): it says so. With a halo-wrapped soft-tissue `core` it names a solid mass."""
-    run = findings[focal.first_slice:focal.last_slice + 1]
-    sides = [max(b.rect.height, b.rect.width) * f.pixel_mm for f in run for b in f.boxes
-             if b.quadrant == focal.quadrant and f.pixel_mm]
-    spacing = median_spacing([f.position for f in findings]) if len(findings) > 1 else 0.0
-    size = ""
-    if sides and spacing > 0:
-        length = abs(run[-1].position - run[0].position) + spacing
-        size = f" about {max(sides):.0f} mm across and {length:.0f} mm long,"
-    zone = zone_of(run[len(run) // 2].position, [f.position for f in findings if f.lung is not None])
+    """The single focal lesion for people: size and length (`focal_extent`), the patient's side and zone, the image
+    quadrant and 1-based slices. What it is the appliance cannot always tell (a mass with a ground-glass rim and a
+    focal pneumonia look alike to the lesion model and in density): it says so. With a halo-wrapped soft-tissue
+    `core` (appliance.pipeline.halo_core) it names a solid mass."""
+    size_mm, length, zone = focal_extent(findings, focal)
+    size = "" if size_mm is None else f" about {size_mm:.0f} mm across and {length:.0f} mm long,"
     side, _, ap = patient_side(focal.quadrant).partition(" ")
     where = (f"{size} patient's {side} {zone} zone, {ap} (image {focal.quadrant}, slices "
              f"{focal.first_slice + 1}–{focal.last_slice + 1})")
