@@ -126,13 +126,15 @@ class PatientResult:
     others: list[dict] = field(default_factory=list)  # solid nodules/masses named (explained foci, or the focal mass)
     without_others: str | None = None  # the call with the other-findings stage off (every focus counts)
     acquisition: dict | None = None  # the lead series' image noise (appliance.pipeline.noise)
+    deciding: list[dict] = field(default_factory=list)  # the slices that decided the call (`deciding_slices`)
 
     def as_dict(self) -> dict:
         return {"patient": self.source.name, "group": self.source.group, "result": self.result,
                 "evidence": self.evidence, "focal": self.focal, "slices": self.slices,
                 "lesion_slices": self.lesion_slices, "series": self.series, "reason": self.reason,
                 "rejected": len(self.rejected), "skipped": len(self.skipped), "grade": self.grade, "others": self.others,
-                "result_without_other_findings": self.without_others, "acquisition": self.acquisition}
+                "result_without_other_findings": self.without_others, "acquisition": self.acquisition,
+                "deciding": [{"slice": d["index"] + 1, "what": d["what"]} for d in self.deciding]}
 
 
 @dataclass
@@ -340,9 +342,47 @@ def _patient_verdict(src: PatientSource, runs: list, rejected: list[dict], secon
         why = f"no usable slices ({len(rejected)} file(s) rejected)" if rejected else "no slices"
         return PatientResult(src, "indeterminate", why, None, 0, 0, 0, rejected, seconds)
     # the study-level function the appliance publishes from: a patient's call is the study verdict of its runs
-    v, _ = study_verdict([SeriesSummary(str(i), run_v) for i, (_, run_v, _, _) in enumerate(runs)])
+    v, lead = study_verdict([SeriesSummary(str(i), run_v) for i, (_, run_v, _, _) in enumerate(runs)])
     off, _ = study_verdict([SeriesSummary(str(i), run_off) for i, (_, _, _, run_off) in enumerate(runs)])
     return PatientResult(src, v.result, None if v.result == "positive" else v.reason,
                          v.evidence.as_dict() if v.evidence else None, len(runs), slices, lesion, rejected, seconds,
                          focal=v.focal.as_dict() if v.focal else None, grade=v.grade, others=v.others,
-                         without_others=off.result, acquisition=v.acquisition)
+                         without_others=off.result, acquisition=v.acquisition,
+                         deciding=deciding_slices(v, runs[int(lead.series_key)][2]))
+
+
+def _largest_box_slice(ordered: list[SliceFinding], first: int, last: int, quadrant: str | None) -> int:
+    """The slice in [first, last] whose largest box (in `quadrant`, if given) is largest; the middle one if none."""
+    best, best_area = (first + last) // 2, 0
+    for i in range(max(first, 0), min(last, len(ordered) - 1) + 1):
+        for b in ordered[i].boxes:
+            if (quadrant is None or b.quadrant == quadrant) and b.rect.height * b.rect.width > best_area:
+                best, best_area = i, b.rect.height * b.rect.width
+    return best
+
+
+def deciding_slices(v, ordered: list[SliceFinding]) -> list[dict]:
+    """The slices that decided a patient's call, one per finding, for people to look at: the run that fired (a
+    positive) or the single focal lesion (a negative naming one) — each at its slice with the largest box in its
+    quadrant — and every solid nodule or mass named (its slice with the largest box). [{"key", "index", "what"}]."""
+    out: list[dict] = []
+    run_entry = None
+    for run, what in ((v.evidence, "the run that fired"), (v.focal, "the single focal lesion")):
+        if run is not None:
+            i = _largest_box_slice(ordered, run.first_slice, run.last_slice, run.quadrant)
+            run_entry = {"key": ordered[i].key, "index": i,
+                         "what": f"{what}: slices {run.first_slice + 1}–{run.last_slice + 1}, image {run.quadrant}"}
+            out.append(run_entry)
+    for o in v.others:
+        first, last = int(o["first_slice"]), int(o["last_slice"])
+        what = f"{o['text']}: slices {first + 1}–{last + 1}"
+        if run_entry is not None and v.focal is not None and (first, last) == (v.focal.first_slice, v.focal.last_slice):
+            run_entry["what"] = what  # the focal lesion named a mass: one picture, named so
+            continue
+        i = _largest_box_slice(ordered, first, last, None)
+        same = [d for d in out if d["index"] == i]
+        if same:
+            same[0]["what"] += f"; {what}"
+        else:
+            out.append({"key": ordered[i].key, "index": i, "what": what})
+    return out

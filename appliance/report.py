@@ -21,7 +21,7 @@ from scipy import ndimage as ndi
 
 from appliance import __version__
 from appliance.domain import Rect, SliceFinding
-from appliance.evaluate import Evaluation, ImageResult, paired_dice, read_mask, spread_words
+from appliance.evaluate import Evaluation, ImageResult, PatientResult, paired_dice, read_mask, spread_words
 from appliance.metrics import auc
 from appliance.imaging import resize
 from appliance.pipeline.anatomy import run_text
@@ -190,13 +190,29 @@ def false_alarms(images: Sequence[ImageResult], n: int = GALLERY) -> list[ImageR
     return fa[:n]
 
 
-def _gallery(items: list[ImageResult], max_tilt_deg: float, empty: str) -> str:
+def deciding_images(images: Sequence[ImageResult], patients: Sequence[PatientResult]
+                    ) -> list[tuple[ImageResult, str]]:
+    """(image, caption) for every slice that decided a patient's call (`evaluate.deciding_slices`), patient order."""
+    by_key = {(r.patient, r.key): r for r in images}
+    out = []
+    for p in patients:
+        for d in p.deciding:
+            r = by_key.get((p.source.name, d["key"]))
+            if r is not None:
+                out.append((r, f"{p.result.upper()} · slice {d['index'] + 1} · {d['what']}"))
+    return out
+
+
+def _gallery(items: list[ImageResult], max_tilt_deg: float, empty: str,
+             captions: Sequence[str] | None = None) -> str:
     if not items:
         return f"<p class=note>{html.escape(empty)}</p>"
     cells = []
-    for r in items:
+    for k, r in enumerate(items):
         cap = (f"{html.escape(r.patient)} · {html.escape(Path(r.key).name)}<br>score {r.score:.3f} · "
                f"{len(r.finding.boxes)} box(es)" + (f" · Dice {r.dice:.3f}" if r.dice is not None else ""))
+        if captions is not None:
+            cap = f"{html.escape(r.patient)} · {html.escape(captions[k])}"
         try:
             img = _img(key_image(r, max_tilt_deg), Path(r.key).name)
         except Exception as e:  # a file that went away since the run: say so, keep the report
@@ -247,6 +263,7 @@ def build_html(ev: Evaluation, data: dict, max_tilt_deg: float = 10.0, gallery: 
                 [[label, _fmt(pi[k]), _fmt(pp[k])] for k, label in names]
                 + [["TP / FP / TN / FN", f"{pi['tp']} / {pi['fp']} / {pi['tn']} / {pi['fn']}",
                     f"{pp['tp']} / {pp['fp']} / {pp['tn']} / {pp['fn']}"]])
+    deciding = deciding_images(ev.images, ev.patients)
     prow = []
     for p in data["patients"]:
         ev_ = p["evidence"]
@@ -329,6 +346,13 @@ AUC {auc_txt}.</p>
 
 <h2>Patients</h2>
 {ptab}
+
+<h2>Deciding slices</h2>
+<p class=note>For each patient, the slice with the largest box of the run that fired (a positive) or of the single
+focal lesion (a negative naming one), and of each solid nodule or mass named. Red: lesion boxes · blue dashed: lung
+box and quadrant cross.</p>
+{_gallery([r for r, _ in deciding], max_tilt_deg, "no patient with a run, a focal lesion or a named lesion",
+          [c for _, c in deciding])}
 
 <h2>Worst misses (COVID images with lesion: missed, then lowest Dice)</h2>
 <p class=note>Red: lesion boxes · blue dashed: lung box and quadrant cross · green: the mask outline.</p>

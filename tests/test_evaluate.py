@@ -323,12 +323,23 @@ def test_evaluate_generated_dataset_json_and_report(generated, tmp_path, capsys)
             assert pats[name]["result"] == "negative" and "single focal lesion" in pats[name]["reason"]
         if ev:
             assert ev["run"] >= 3 and ev["last_slice"] - ev["first_slice"] + 1 == ev["run"]
+        run = ev or pats[name]["focal"]  # the slice that decided it: inside the run (1-based), named
+        if run:
+            first = pats[name]["deciding"][0]
+            assert run["first_slice"] + 1 <= first["slice"] <= run["last_slice"] + 1 and "slices" in first["what"]
+        else:
+            assert pats[name]["deciding"] == [] or pats[name]["others"]
     assert d["ms_per_slice"] > 0
     # the report: a self-contained page with the plots, the per-patient table and metrics.json = --json
     page = (report / "index.html").read_text()
     imgs = re.findall(r'<img alt="([^"]*)"[^>]*src="data:image/png;base64,', page)
     assert {"ROC curve", "Dice histogram", "sensitivity and specificity over the threshold"} <= set(imgs)
     assert "<h2>Patients</h2>" in page
+    deciding = page.split("<h2>Deciding slices</h2>")[1].split("<h2>")[0]
+    for name in ("crops-a", "crops-b", "ct-1"):  # one picture per patient whose call a run (or focus) decided
+        shown = f"<figcaption>{name} · {pats[name]['result'].upper()} · slice " in deciding
+        assert shown == bool(pats[name]["deciding"]), name
+    assert any(pats[n]["deciding"] for n in pats)
     for name in ("crops-a", "crops-b", "ct-1"):
         assert f"<td>{name}</td>" in page
     assert 'src="http' not in page and "<script" not in page
@@ -336,6 +347,36 @@ def test_evaluate_generated_dataset_json_and_report(generated, tmp_path, capsys)
     # the rules the counts rest on, as configured: the box's peak gate and the whole case rule
     assert f"peaking at ≥ {d['min_score']:g}" in page and d["min_score"] > d["threshold"]
     assert "3 consecutive slices with lesion in one quadrant" in page and "at least 2 separate lesion foci" in page
+
+
+def test_deciding_slices_pick_the_largest_box_and_name_the_focal_mass():
+    from appliance.domain import Box, Evidence, Rect, SeriesVerdict, SliceFinding
+    from appliance.evaluate import deciding_slices
+
+    def f(i, *boxes):
+        return SliceFinding(f"s{i}.dcm", -i, (512, 512), Rect(0, 0, 512, 512),
+                            [Box(Rect(*r), 50.0, 0.9, q) for q, r in boxes])
+    lr, ul = "lower-right", "upper-left"
+    ordered = [f(i) for i in range(30)]
+    ordered[10:14] = [f(10, (lr, (300, 300, 320, 320))), f(11, (lr, (300, 300, 350, 350)), (ul, (10, 10, 200, 200))),
+                      f(12, (lr, (300, 300, 330, 330))), f(13)]
+    focal = Evidence(lr, 10, 12, 3)
+    mass = {"kind": "mass", "first_slice": 10, "last_slice": 12, "quadrant": lr, "zone": "upper",
+            "diameter_mm": 35.0, "text": "solid mass 35 mm, patient's left upper zone — not a COVID-19 pattern"}
+    nodule = dict(mass, kind="nodule", first_slice=20, last_slice=22, text="solid nodule 12 mm")
+    ordered[21] = f(21, (ul, (100, 100, 120, 120)))
+    v = SeriesVerdict("negative", "final", None, 30, 30, 4, focal=focal, others=[mass, nodule])
+    d = deciding_slices(v, ordered)
+    # the focal lesion's largest box in its own quadrant (slice 12, 1-based), named the mass it is; the nodule apart
+    assert [(x["index"], x["key"]) for x in d] == [(11, "s11.dcm"), (21, "s21.dcm")]
+    assert d[0]["what"] == "solid mass 35 mm, patient's left upper zone — not a COVID-19 pattern: slices 11–13"
+    assert d[1]["what"] == "solid nodule 12 mm: slices 21–23"
+    plain = deciding_slices(SeriesVerdict("negative", "final", None, 30, 30, 4, focal=focal), ordered)
+    assert plain == [{"key": "s11.dcm", "index": 11,
+                      "what": "the single focal lesion: slices 11–13, image lower-right"}]
+    pos = deciding_slices(SeriesVerdict("positive", "final", Evidence(lr, 10, 13, 4), 30, 30, 4), ordered)
+    assert pos[0]["index"] == 11 and pos[0]["what"].startswith("the run that fired: slices 11–14")
+    assert deciding_slices(SeriesVerdict("negative", "final", None, 30, 30, 0), ordered) == []
 
 
 def test_documents_beside_the_slices_are_summed_up_apart_from_rejections(phantom_dir, tmp_path, capsys):
