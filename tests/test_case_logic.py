@@ -168,7 +168,7 @@ def test_single_focus_is_negative_with_the_focus_named():
     assert "single focal lesion, about 49 mm across and 8 mm long, patient's left middle zone" in on_dicom.reason
 
 
-def test_a_single_focus_with_a_halo_wrapped_core_is_named_a_mass_without_changing_the_result():
+def test_a_focus_with_a_halo_wrapped_core_is_named_a_mass_without_changing_the_result():
     """A tumour broad-based on the chest wall: its halo wraps a soft-tissue core (appliance.pipeline.halo_core).
     The verdict names a solid mass (reason, `others`, grade); the result stays what the foci make it."""
     from appliance.domain import Core
@@ -196,12 +196,21 @@ def test_a_single_focus_with_a_halo_wrapped_core_is_named_a_mass_without_changin
         other[14] = dataclasses.replace(fs[14], cores=[core])
         w = decide(other, multifocal)
         assert w.others == [] and "single focal lesion" in w.reason, core
-    # a second focus makes the series positive whatever the core: naming never removes a focus
+    # a second focus makes the series positive whatever the core: naming never removes a focus; the positive
+    # still names the mass (a lung cancer beside a second patch is not "typical": the reader sees the mass)
     two = list(fs)
     for i in range(30, 34):
         two[i] = dataclasses.replace(boxed(-i, PATCH), pixel_mm=0.7)
     p = decide(two, multifocal)
-    assert p.result == "positive" and p.foci == 2 and p.others == []
+    assert p.result == "positive" and p.foci == 2 and p.evidence.quadrant == LR and p.reason is None
+    assert [(o["kind"], o["first_slice"], o["last_slice"], o["quadrant"]) for o in p.others] == [("mass", 10, 17, LR)]
+    assert decide(two, multifocal.but(other_findings=False)).others == []
+    two[14] = dataclasses.replace(two[14], cores=[dataclasses.replace(inside, area_mm2=250.0)])
+    assert decide(two, multifocal).others == []  # not mass-sized: nothing named
+    # the core must lie in the focus' own boxes: one under the other patch's slices names nothing
+    two[14] = dataclasses.replace(two[14], cores=[])
+    two[31] = dataclasses.replace(two[31], cores=[dataclasses.replace(inside, rect=Rect(300, 300, 330, 330))])
+    assert decide(two, multifocal).others == []
 
 
 def test_zone_is_the_third_of_the_lung_s_height():

@@ -24,10 +24,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from appliance.domain import QUADRANTS, Core, Evidence, SeriesVerdict, SliceFinding
+from appliance.domain import QUADRANTS, Core, Evidence, Rect, SeriesVerdict, SliceFinding
 from appliance.geometry import GAP_FACTOR, links, median_spacing
 from appliance.pipeline.anatomy import patient_side, quadrant_of, zone_of  # noqa: F401 - quadrant_of: the rule's quadrants
-from appliance.pipeline.foci import FOCUS_GROW, FOCUS_SKIP, foci  # noqa: F401
+from appliance.pipeline.foci import FOCUS_GROW, FOCUS_SKIP, foci, focus_members  # noqa: F401
 from appliance.pipeline.grading import grade
 from appliance.pipeline.halo_core import is_mass_core
 from appliance.pipeline.noise import NOISY, acquisition
@@ -133,18 +133,40 @@ def find_evidence(findings: Sequence[SliceFinding], min_run: int = MIN_RUN,
     return Evidence(quadrant=q, first_slice=start, last_slice=start + length - 1, run=length)  # type: ignore[arg-type]
 
 
-def focal_core(findings: Sequence[SliceFinding], focal: Evidence) -> Core | None:
-    """The largest halo-wrapped core (appliance.pipeline.halo_core) inside the focal run's boxes in its quadrant
-    that makes the focal lesion a mass, or None."""
+def mass_core(findings: Sequence[SliceFinding], boxes: Sequence[tuple[int, Rect]]) -> Core | None:
+    """The largest halo-wrapped core (appliance.pipeline.halo_core) large enough to make a lesion a mass whose
+    centre lies in one of `boxes` ((slice index, box rect)) on its slice, or None."""
     best = None
-    for f in findings[focal.first_slice:focal.last_slice + 1]:
-        rects = [b.rect for b in f.boxes if b.quadrant == focal.quadrant]
-        for c in f.cores:
+    for i, r in boxes:
+        for c in findings[i].cores:
             cy, cx = c.rect.center
-            if is_mass_core(c) and any(r.y0 <= cy < r.y1 and r.x0 <= cx < r.x1 for r in rects):
+            if is_mass_core(c) and r.y0 <= cy < r.y1 and r.x0 <= cx < r.x1:
                 if best is None or c.area_mm2 > best.area_mm2:
                     best = c
     return best
+
+
+def focal_core(findings: Sequence[SliceFinding], focal: Evidence) -> Core | None:
+    """`mass_core` of the focal run's boxes in its quadrant."""
+    return mass_core(findings, [(i, b.rect) for i in range(focal.first_slice, focal.last_slice + 1)
+                                for b in findings[i].boxes if b.quadrant == focal.quadrant])
+
+
+def focus_mass(findings: Sequence[SliceFinding], members: Sequence[tuple[int, int]]) -> SolidLesion | None:
+    """A lesion focus (members: (slice index, box index)) named a mass when its boxes hold a mass core: first to
+    last slice, the quadrant of its largest box, its largest box side (halo included; DICOM slices), or None."""
+    core = mass_core(findings, [(i, findings[i].boxes[j].rect) for i, j in members])
+    if core is None:
+        return None
+    first, last = members[0][0], members[-1][0]
+    boxes = [(findings[i], findings[i].boxes[j]) for i, j in members]
+    _, big = max(boxes, key=lambda fb: fb[1].rect.height * fb[1].rect.width)
+    size = max((max(b.rect.height, b.rect.width) * f.pixel_mm for f, b in boxes if f.pixel_mm), default=0.0)
+    spacing = median_spacing([f.position for f in findings]) if len(findings) > 1 else 0.0
+    zone = zone_of(findings[(first + last) // 2].position, [f.position for f in findings if f.lung is not None])
+    return SolidLesion(kind="mass", diameter_mm=round(size, 1), first_slice=first, last_slice=last,
+                       quadrant=big.quadrant, zone=zone, mean_hu=core.mean_hu,
+                       z_mm=round(abs(findings[last].position - findings[first].position) + spacing, 1))
 
 
 def focal_extent(findings: Sequence[SliceFinding], focal: Evidence) -> tuple[float | None, float | None, str]:
@@ -201,9 +223,13 @@ def decide(findings: Sequence[SliceFinding], rule: CaseRule, *, final: bool = Tr
     ev = find_evidence(counted, min_run, gap_factor, min_run_mm)
     need = slices_needed(findings, min_run, min_run_mm)
     n_foci = sum(1 for lo, hi in foci(counted, gap_factor) if hi - lo + 1 >= need)
-    focal, mass = None, None
+    focal, masses = None, []
     if ev is not None and n_foci < min_foci:
         focal, ev = ev, None
+    elif ev is not None and rule.other_findings:  # a positive's foci with a mass core are named (still counted)
+        for m in focus_members(counted, gap_factor):
+            if m[-1][0] - m[0][0] + 1 >= need and (s := focus_mass(counted, m)) is not None:
+                masses.append(s)
     n = len(findings)
     lung = sum(1 for f in findings if f.lung is not None)
     lesion = sum(1 for f in findings if f.has_lesion)
@@ -222,8 +248,8 @@ def decide(findings: Sequence[SliceFinding], rule: CaseRule, *, final: bool = Tr
         note = focal_note(findings, focal, core)
         reason = f"{reason}; {note}" if reason else note
         if core is not None:  # named a mass (it never changes the result: the focus alone is not the pattern)
-            mass = focal_mass(findings, focal, core)
-    named = solids + ([mass] if mass is not None else [])
+            masses.append(focal_mass(findings, focal, core))
+    named = sorted(solids + masses, key=lambda s: (-s.diameter_mm, s.first_slice))
     if solids and result != "positive":
         note = "lesion seen around " + "; ".join(s.describe() for s in solids)
         reason = f"{reason}; {note}" if reason else note

@@ -14,9 +14,10 @@ when it covers at least `MIN_CORE_MM2` (a few hundred bytes a slice in the store
 Measured on real series (2026-12-07, lesion 2.6.0): the tumour of Lung-PET-CT-Dx A0001 gives a core of 652 mm²,
 20 mm thick (621–692 mm² in each of six rewrites of that series: mirrored, resampled to 2.5 and 10 mm, shifted,
 with noise); no core of the COVID-19 series P001 (and its rewrites) reaches 140 mm², nor of the pneumonia cap001
-120 mm². `appliance.pipeline.case_logic` uses it for one thing only: to name a single focal lesion with such a core
-a mass. It never changes a result: the hull of a ground-glass arc along the heart, the liver dome or the aorta
-holds soft tissue too, so a core is no reason to drop a focus from the count.
+120 mm². `appliance.pipeline.case_logic` uses it for one thing only: to name a lesion focus with such a core a mass
+(a negative's single focal lesion, or a counted focus of a positive, whose grade then turns atypical). It never
+changes a result: the hull of a ground-glass arc along the heart, the liver dome or the aorta holds soft tissue too,
+so a core is no reason to drop a focus from the count.
 """
 from __future__ import annotations
 
