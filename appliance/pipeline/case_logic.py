@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from appliance.domain import QUADRANTS, Core, Evidence, Rect, SeriesVerdict, SliceFinding
+from appliance.domain import QUADRANTS, Core, Evidence, SeriesVerdict, SliceFinding
 from appliance.geometry import GAP_FACTOR, links, median_spacing
 from appliance.pipeline.anatomy import patient_side, quadrant_of, zone_of  # noqa: F401 - quadrant_of: the rule's quadrants
 from appliance.pipeline.foci import FOCUS_GROW, FOCUS_SKIP, foci, focus_members  # noqa: F401
@@ -133,11 +133,12 @@ def find_evidence(findings: Sequence[SliceFinding], min_run: int = MIN_RUN,
     return Evidence(quadrant=q, first_slice=start, last_slice=start + length - 1, run=length)  # type: ignore[arg-type]
 
 
-def mass_core(findings: Sequence[SliceFinding], boxes: Sequence[tuple[int, Rect]]) -> Core | None:
+def mass_core(findings: Sequence[SliceFinding], members: Sequence[tuple[int, int]]) -> Core | None:
     """The largest halo-wrapped core (appliance.pipeline.halo_core) large enough to make a lesion a mass whose
-    centre lies in one of `boxes` ((slice index, box rect)) on its slice, or None."""
+    centre lies in one of the `members`' boxes ((slice index, box index)) on its slice, or None."""
     best = None
-    for i, r in boxes:
+    for i, j in members:
+        r = findings[i].boxes[j].rect
         for c in findings[i].cores:
             cy, cx = c.rect.center
             if is_mass_core(c) and r.y0 <= cy < r.y1 and r.x0 <= cx < r.x1:
@@ -146,24 +147,23 @@ def mass_core(findings: Sequence[SliceFinding], boxes: Sequence[tuple[int, Rect]
     return best
 
 
-def focal_core(findings: Sequence[SliceFinding], focal: Evidence) -> Core | None:
-    """`mass_core` of the focal run's boxes in its quadrant."""
-    return mass_core(findings, [(i, b.rect) for i in range(focal.first_slice, focal.last_slice + 1)
-                                for b in findings[i].boxes if b.quadrant == focal.quadrant])
+def run_members(findings: Sequence[SliceFinding], run: Evidence) -> list[tuple[int, int]]:
+    """A run's boxes in its quadrant as (slice index, box index)."""
+    return [(i, j) for i in range(run.first_slice, run.last_slice + 1)
+            for j, b in enumerate(findings[i].boxes) if b.quadrant == run.quadrant]
 
 
-def focus_mass(findings: Sequence[SliceFinding], members: Sequence[tuple[int, int]]) -> SolidLesion | None:
-    """A lesion focus (members: (slice index, box index)) named a mass when its boxes hold a mass core: first to
-    last slice, the quadrant of its largest box, its largest box side (halo included; DICOM slices), or None."""
-    core = mass_core(findings, [(i, findings[i].boxes[j].rect) for i, j in members])
-    if core is None:
-        return None
+def focus_mass(findings: Sequence[SliceFinding], members: Sequence[tuple[int, int]], core: Core) -> SolidLesion:
+    """A lesion focus or run (members: (slice index, box index), series order) named a mass for its `core`: first
+    to last slice, the quadrant of its largest box, its largest box side (halo included; DICOM slices), the zone
+    at its middle slice."""
     first, last = members[0][0], members[-1][0]
     boxes = [(findings[i], findings[i].boxes[j]) for i, j in members]
     _, big = max(boxes, key=lambda fb: fb[1].rect.height * fb[1].rect.width)
     size = max((max(b.rect.height, b.rect.width) * f.pixel_mm for f, b in boxes if f.pixel_mm), default=0.0)
     spacing = median_spacing([f.position for f in findings]) if len(findings) > 1 else 0.0
-    zone = zone_of(findings[(first + last) // 2].position, [f.position for f in findings if f.lung is not None])
+    middle = findings[first + (last - first + 1) // 2].position
+    zone = zone_of(middle, [f.position for f in findings if f.lung is not None])
     return SolidLesion(kind="mass", diameter_mm=round(size, 1), first_slice=first, last_slice=last,
                        quadrant=big.quadrant, zone=zone, mean_hu=core.mean_hu,
                        z_mm=round(abs(findings[last].position - findings[first].position) + spacing, 1))
@@ -181,14 +181,6 @@ def focal_extent(findings: Sequence[SliceFinding], focal: Evidence) -> tuple[flo
     if not sides or spacing <= 0:
         return None, None, zone
     return max(sides), abs(run[-1].position - run[0].position) + spacing, zone
-
-
-def focal_mass(findings: Sequence[SliceFinding], focal: Evidence, core: Core) -> SolidLesion:
-    """The focal lesion as a named mass (its size: the largest box side in the run, halo included)."""
-    size, length, zone = focal_extent(findings, focal)
-    return SolidLesion(kind="mass", diameter_mm=round(size or 0.0, 1), first_slice=focal.first_slice,
-                       last_slice=focal.last_slice, quadrant=focal.quadrant, zone=zone, mean_hu=core.mean_hu,
-                       z_mm=round(length or 0.0, 1))
 
 
 def focal_note(findings: Sequence[SliceFinding], focal: Evidence, core: Core | None = None) -> str:
@@ -228,8 +220,8 @@ def decide(findings: Sequence[SliceFinding], rule: CaseRule, *, final: bool = Tr
         focal, ev = ev, None
     elif ev is not None and rule.other_findings:  # a positive's foci with a mass core are named (still counted)
         for m in focus_members(counted, gap_factor):
-            if m[-1][0] - m[0][0] + 1 >= need and (s := focus_mass(counted, m)) is not None:
-                masses.append(s)
+            if m[-1][0] - m[0][0] + 1 >= need and (core := mass_core(counted, m)) is not None:
+                masses.append(focus_mass(counted, m, core))
     n = len(findings)
     lung = sum(1 for f in findings if f.lung is not None)
     lesion = sum(1 for f in findings if f.has_lesion)
@@ -244,11 +236,12 @@ def decide(findings: Sequence[SliceFinding], rule: CaseRule, *, final: bool = Tr
     else:
         result = "negative"
     if focal is not None:
-        core = focal_core(findings, focal) if rule.other_findings else None
+        members = run_members(findings, focal)
+        core = mass_core(findings, members) if rule.other_findings else None
         note = focal_note(findings, focal, core)
         reason = f"{reason}; {note}" if reason else note
         if core is not None:  # named a mass (it never changes the result: the focus alone is not the pattern)
-            masses.append(focal_mass(findings, focal, core))
+            masses.append(focus_mass(findings, members, core))
     named = sorted(solids + masses, key=lambda s: (-s.diameter_mm, s.first_slice))
     if solids and result != "positive":
         note = "lesion seen around " + "; ".join(s.describe() for s in solids)
