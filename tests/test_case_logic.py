@@ -168,9 +168,10 @@ def test_single_focus_is_negative_with_the_focus_named():
     assert "single focal lesion, about 49 mm across and 8 mm long, patient's left middle zone" in on_dicom.reason
 
 
-def test_a_focus_with_a_halo_wrapped_core_is_named_a_mass_without_changing_the_result():
+def test_a_focus_that_wraps_a_mass_core_is_a_mass_not_a_focus_and_is_named():
     """A tumour broad-based on the chest wall: its halo wraps a soft-tissue core (appliance.pipeline.halo_core).
-    The verdict names a solid mass (reason, `others`, grade); the result stays what the foci make it."""
+    That focus is the mass: it does not count (like a nodule's halo) and the verdict names it (reason, `others`,
+    `focal`); a lung cancer beside one stray patch is then not the multifocal pattern."""
     from appliance.domain import Core
 
     fs = [boxed(-i, TUMOUR) if 10 <= i < 18 else boxed(-i) for i in range(40)]
@@ -179,7 +180,8 @@ def test_a_focus_with_a_halo_wrapped_core_is_named_a_mass_without_changing_the_r
     fs[14] = dataclasses.replace(fs[14], cores=[inside])
     multifocal = rule(min_slices=20, min_foci=2, other_findings=True)
     v = decide(fs, multifocal)
-    assert v.result == "negative" and v.focal is not None and v.foci == 1
+    assert v.result == "negative" and v.foci == 0, "the mass' halo is not a lesion focus"
+    assert (v.focal.quadrant, v.focal.first_slice, v.focal.last_slice) == (LR, 10, 17)
     assert v.reason.startswith("a solid mass, about 49 mm across and 8 mm long, patient's left middle zone, posterior")
     assert "a soft-tissue core about 14 mm thick under a ground-glass halo" in v.reason
     assert "single focal lesion" not in v.reason and v.reason.count("solid mass") == 1
@@ -187,30 +189,42 @@ def test_a_focus_with_a_halo_wrapped_core_is_named_a_mass_without_changing_the_r
     assert (mass["kind"], mass["first_slice"], mass["last_slice"], mass["quadrant"]) == ("mass", 10, 17, LR)
     assert mass["diameter_mm"] == pytest.approx(49.0) and mass["mean_hu"] == 30
     assert mass["text"] == "solid mass 49 mm, patient's left middle zone — not a COVID-19 pattern"
-    # not named: the seed's rule (no other-findings stage), a core too small, or one outside the focus' boxes
-    assert decide(fs, multifocal.but(other_findings=False)).others == []
-    assert "single focal lesion" in decide(fs, multifocal.but(other_findings=False)).reason
-    for core in (dataclasses.replace(inside, area_mm2=250.0), dataclasses.replace(inside, thick_mm=8.0),
-                 dataclasses.replace(inside, rect=Rect(100, 80, 150, 140))):
-        other = list(fs)
-        other[14] = dataclasses.replace(fs[14], cores=[core])
+    # not a mass: the seed's rule (no other-findings stage), a core too small or too thin, one outside the focus'
+    # boxes, or a focus much longer along z than it is wide (a confluent consolidation, not a round mass)
+    seed = decide(fs, multifocal.but(other_findings=False))
+    assert seed.others == [] and seed.foci == 1 and "single focal lesion" in seed.reason
+    long_focus = [dataclasses.replace(f, position=f.position * 10) for f in fs]  # 8 slices of 10 mm: 80 mm > 1.5 × 49
+    for other in ([dataclasses.replace(f, cores=[dataclasses.replace(inside, area_mm2=250.0)]) if f.cores else f
+                   for f in fs],
+                  [dataclasses.replace(f, cores=[dataclasses.replace(inside, thick_mm=8.0)]) if f.cores else f
+                   for f in fs],
+                  [dataclasses.replace(f, cores=[dataclasses.replace(inside, rect=Rect(100, 80, 150, 140))])
+                   if f.cores else f for f in fs],
+                  long_focus):
         w = decide(other, multifocal)
-        assert w.others == [] and "single focal lesion" in w.reason, core
-    # a second focus makes the series positive whatever the core: naming never removes a focus; the positive
-    # still names the mass (a lung cancer beside a second patch is not "typical": the reader sees the mass)
+        assert w.others == [] and w.foci == 1 and "single focal lesion" in w.reason
+    # beside one other patch: two foci by the seed's count (positive), one focus and a mass with the mass named
     two = list(fs)
     for i in range(30, 34):
         two[i] = dataclasses.replace(boxed(-i, PATCH), pixel_mm=0.7)
+    assert decide(two, multifocal.but(other_findings=False)).result == "positive"
     p = decide(two, multifocal)
-    assert p.result == "positive" and p.foci == 2 and p.evidence.quadrant == LR and p.reason is None
+    assert p.result == "negative" and p.foci == 1 and p.evidence is None
+    assert (p.focal.quadrant, p.focal.first_slice) == (LR, 10), "the mass is the finding named first"
+    assert p.reason.startswith("a solid mass, about 49 mm across") and "; a single focal lesion," in p.reason
+    assert "image upper-left, slices 31–34" in p.reason
     assert [(o["kind"], o["first_slice"], o["last_slice"], o["quadrant"]) for o in p.others] == [("mass", 10, 17, LR)]
-    assert decide(two, multifocal.but(other_findings=False)).others == []
-    two[14] = dataclasses.replace(two[14], cores=[dataclasses.replace(inside, area_mm2=250.0)])
-    assert decide(two, multifocal).others == []  # not mass-sized: nothing named
-    # the core must lie in the focus' own boxes: one under the other patch's slices names nothing
+    # with two other patches the lesions are multifocal without the mass: positive, the mass still named
+    three = list(two)
+    for i in range(22, 26):
+        three[i] = dataclasses.replace(boxed(-i, (100, 380, 150, 440)), pixel_mm=0.7)  # upper-right
+    q = decide(three, multifocal)
+    assert q.result == "positive" and q.foci == 2 and q.evidence.quadrant != LR and q.reason is None
+    assert [(o["kind"], o["first_slice"]) for o in q.others] == [("mass", 10)]
+    # a core under the other patch's slices, outside the tumour's boxes, names nothing
     two[14] = dataclasses.replace(two[14], cores=[])
     two[31] = dataclasses.replace(two[31], cores=[dataclasses.replace(inside, rect=Rect(300, 300, 330, 330))])
-    assert decide(two, multifocal).others == []
+    assert decide(two, multifocal).result == "positive" and decide(two, multifocal).others == []
 
 
 def test_zone_is_the_third_of_the_lung_s_height():

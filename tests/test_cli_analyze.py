@@ -207,3 +207,53 @@ def test_real_series_a0001(capsys):
     # named a mass: the halo wraps the tumour's soft-tissue core (appliance/pipeline/halo_core.py)
     assert "soft-tissue core" in o["reason"] and [x["kind"] for x in o["others"]] == ["mass"]
     assert o["others"][0]["text"].startswith("solid mass") and "solid mass" in o["grade"]["reasons"]
+
+
+def _paste_ground_glass(src: Path, dst: Path, first: int, count: int) -> None:
+    """The series of `src` rewritten to `dst` with a ground-glass patch (−620 HU blended into aerated lung, 17–28 mm,
+    textured) on `count` slices from z-sorted index `first`, in the lung on the image's left (the patient's right)."""
+    import pydicom
+    from scipy import ndimage
+
+    from appliance.phantom import ct_slice_dataset
+
+    ds = sorted((pydicom.dcmread(f) for f in src.rglob("*.dcm")), key=lambda d: float(d.ImagePositionPatient[2]))
+    vol = np.stack([d.pixel_array * float(d.RescaleSlope) + float(d.RescaleIntercept) for d in ds]).astype(np.float32)
+    px = float(ds[0].PixelSpacing[0])
+    mid = vol[first + count // 2]
+    lab, n = ndimage.label(ndimage.binary_opening((mid > -1000) & (mid < -500), iterations=3))
+    sizes = ndimage.sum(lab > 0, lab, range(1, n + 1))
+    lungs = [lab == i + 1 for i in np.argsort(sizes)[::-1][:2]]
+    lung = min(lungs, key=lambda m: np.nonzero(m)[1].mean())  # the image's left one
+    ys, xs = np.nonzero(ndimage.distance_transform_edt(lung) > 8 / px)
+    cy, cx = ys[np.argmax(ys)], xs[np.argmax(ys)]  # posterior, at least 8 mm inside the lung
+    rng = np.random.default_rng(1)
+    yy, xx = np.mgrid[:mid.shape[0], :mid.shape[1]]
+    for k in range(first, first + count):
+        f = 1 - abs(k - (first + (count - 1) / 2)) / (count / 2 + 0.5)
+        tex = ndimage.gaussian_filter(rng.normal(0, 1, mid.shape), 2.0)
+        a = np.clip(1.2 - np.hypot(yy - cy, xx - cx) / (14.0 * (0.6 + 0.4 * f) / px) + 0.25 * tex / tex.std(), 0, 1)
+        a = ndimage.gaussian_filter(a, 1.5)
+        vol[k] = np.where(vol[k] < -500, vol[k] * (1 - a) - 620.0 * a, vol[k])
+    for k, d in enumerate(ds):
+        ct_slice_dataset(vol[k], study_uid="2.25.1", series_uid="2.25.2", instance=k + 1,
+                         z_mm=float(d.ImagePositionPatient[2]), spacing_mm=(px, px), thickness_mm=5.0,
+                         description="patch").save_as(dst / f"IM{k + 1:04d}.dcm", enforce_file_format=True)
+
+
+def test_real_series_a0001_beside_a_ground_glass_patch_is_a_mass_and_one_focal_lesion(capsys, tmp_path):
+    """A lung cancer beside one stray ground-glass patch (pasted into the other lung of A0001 on 4 slices): two foci
+    by the count, so the foci rule alone called it positive. The tumour's focus wraps a mass-sized soft-tissue core
+    (appliance/pipeline/mass_foci.py): it is the mass, named, and the patch is one focal lesion — negative."""
+    _paste_ground_glass(shared_data("lung-pet-ct-dx-A0001"), tmp_path, 40, 4)
+    code, objs = run_json(capsys, tmp_path)
+    assert code == 0 and len(objs) == 1
+    o = objs[0]
+    assert o["result"] == "negative" and o["foci"] == 1 and o["evidence"] is None, o["reason"]
+    assert o["reason"].startswith("a solid mass, about") and "patient's left upper zone" in o["reason"]
+    assert "; a single focal lesion, about" in o["reason"] and "patient's right" in o["reason"].split(";")[1]
+    assert [x["kind"] for x in o["others"]] == ["mass"] and o["focal"]["quadrant"] == "lower-right"
+    cfg = tmp_path.parent / "seed-stage-off.toml"  # the other-findings stage off: every focus counts
+    cfg.write_text("[analysis]\nother_findings = false\n")
+    code, objs = run_json(capsys, tmp_path, "--config", cfg)
+    assert code == 0 and objs[0]["result"] == "positive" and objs[0]["foci"] == 2 and objs[0]["others"] == []

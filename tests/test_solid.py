@@ -362,7 +362,7 @@ def test_real_a0001_tumour_focus_is_not_called_viral(analyzer, series_cache):
     "(not located further: no anatomy labels here). The probe is not kept: nothing in the appliance uses it. "
     "Since 2026-12-07 the verdict names A0001's tumour a solid mass another way, through the soft-tissue core its "
     "halo wraps (appliance/pipeline/halo_core.py, test_real_halo_cores_name_the_tumour_and_nothing_in_the_"
-    "pneumonias); that names a single focal lesion only and explains no focus, so this test stays as it was."))
+    "pneumonias); and a focus that wraps such a core is since taken out of the count (appliance/pipeline/mass_foci.py), but the solid stage itself still does not report this tumour, so this test stays as it was."))
 def test_real_a0001_solid_mass_found_and_explains_the_tumour_focus(analyzer, series_cache):
     slices, findings = real_series(analyzer, series_cache, "lung-pet-ct-dx-A0001")
     tumour = a0001_tumour(slices)

@@ -14,7 +14,9 @@ it spans as many slices as a qualifying run. COVID-19 pneumonia is multifocal (b
 the "typical" pattern of the RSNA consensus), while a lung tumour — with its ground-glass halo the lesion model
 cannot tell from COVID ground glass — is one focus on many consecutive slices in one quadrant, which Chen et al.'s
 rule alone calls positive. Such a series is negative for COVID-19 with the single focus reported (`focal`) for a
-radiologist.
+radiologist. With the other-findings stage on (`other_findings`), foci that are the halo of a solid nodule or mass
+(appliance.pipeline.solid_lesions) or that wrap a mass-sized soft-tissue core (appliance.pipeline.mass_foci) are
+named in `others` and not counted: a lung cancer beside one stray patch is one mass and one focal lesion.
 """
 from __future__ import annotations
 
@@ -29,9 +31,9 @@ from appliance.geometry import GAP_FACTOR, links, median_spacing
 from appliance.pipeline.anatomy import patient_side, quadrant_of, zone_of  # noqa: F401 - quadrant_of: the rule's quadrants
 from appliance.pipeline.foci import FOCUS_GROW, FOCUS_SKIP, foci, focus_members  # noqa: F401
 from appliance.pipeline.grading import grade
-from appliance.pipeline.halo_core import is_mass_core
+from appliance.pipeline.mass_foci import explain_masses
 from appliance.pipeline.noise import NOISY, acquisition
-from appliance.pipeline.solid_lesions import SolidLesion, explain_foci
+from appliance.pipeline.solid_lesions import explain_foci
 
 MIN_RUN = 3
 
@@ -133,42 +135,6 @@ def find_evidence(findings: Sequence[SliceFinding], min_run: int = MIN_RUN,
     return Evidence(quadrant=q, first_slice=start, last_slice=start + length - 1, run=length)  # type: ignore[arg-type]
 
 
-def mass_core(findings: Sequence[SliceFinding], members: Sequence[tuple[int, int]]) -> Core | None:
-    """The largest halo-wrapped core (appliance.pipeline.halo_core) large enough to make a lesion a mass whose
-    centre lies in one of the `members`' boxes ((slice index, box index)) on its slice, or None."""
-    best = None
-    for i, j in members:
-        r = findings[i].boxes[j].rect
-        for c in findings[i].cores:
-            cy, cx = c.rect.center
-            if is_mass_core(c) and r.y0 <= cy < r.y1 and r.x0 <= cx < r.x1:
-                if best is None or c.area_mm2 > best.area_mm2:
-                    best = c
-    return best
-
-
-def run_members(findings: Sequence[SliceFinding], run: Evidence) -> list[tuple[int, int]]:
-    """A run's boxes in its quadrant as (slice index, box index)."""
-    return [(i, j) for i in range(run.first_slice, run.last_slice + 1)
-            for j, b in enumerate(findings[i].boxes) if b.quadrant == run.quadrant]
-
-
-def focus_mass(findings: Sequence[SliceFinding], members: Sequence[tuple[int, int]], core: Core) -> SolidLesion:
-    """A lesion focus or run (members: (slice index, box index), series order) named a mass for its `core`: first
-    to last slice, the quadrant of its largest box, its largest box side (halo included; DICOM slices), the zone
-    at its middle slice."""
-    first, last = members[0][0], members[-1][0]
-    boxes = [(findings[i], findings[i].boxes[j]) for i, j in members]
-    _, big = max(boxes, key=lambda fb: fb[1].rect.height * fb[1].rect.width)
-    size = max((max(b.rect.height, b.rect.width) * f.pixel_mm for f, b in boxes if f.pixel_mm), default=0.0)
-    spacing = median_spacing([f.position for f in findings]) if len(findings) > 1 else 0.0
-    middle = findings[first + (last - first + 1) // 2].position
-    zone = zone_of(middle, [f.position for f in findings if f.lung is not None])
-    return SolidLesion(kind="mass", diameter_mm=round(size, 1), first_slice=first, last_slice=last,
-                       quadrant=big.quadrant, zone=zone, mean_hu=core.mean_hu,
-                       z_mm=round(abs(findings[last].position - findings[first].position) + spacing, 1))
-
-
 def focal_extent(findings: Sequence[SliceFinding], focal: Evidence) -> tuple[float | None, float | None, str]:
     """(size, length, zone) of the focal lesion: the largest box side in its quadrant over the run (mm, DICOM
     slices only: their pixel size is known; the lesion model marks the opacity and its halo), its length along z
@@ -204,24 +170,22 @@ def focal_note(findings: Sequence[SliceFinding], focal: Evidence, core: Core | N
 def decide(findings: Sequence[SliceFinding], rule: CaseRule, *, final: bool = True) -> SeriesVerdict:
     """Verdict for findings sorted in series order, under `rule`.
 
-    positive: a run fired and the lesions form ≥ `min_foci` foci that each span a qualifying run. A run with
-    fewer foci: negative, the run reported as `focal` with a reason (a focal lesion for a radiologist, not the
-    COVID-19 pattern). negative: no run, at least `min_slices` slices and some lung seen. Otherwise
-    indeterminate, with the reason. A verdict before the series is complete is `provisional`.
+    positive: a run fired and the lesions form ≥ `min_foci` foci that each span a qualifying run (foci a solid
+    lesion or a mass explains left out). A run with fewer foci: negative, the run reported as `focal` with a reason
+    (a focal lesion for a radiologist, not the COVID-19 pattern; a mass, when one was left out, is `focal` and named
+    first). negative: no run, at least `min_slices` slices and some lung seen. Otherwise indeterminate, with the
+    reason. A verdict before the series is complete is `provisional`.
     """
     min_run, min_slices, gap_factor = rule.min_run, rule.min_slices, rule.gap_factor
     min_run_mm, min_foci = rule.min_run_mm, rule.min_foci
-    counted, solids = explain_foci(findings, gap_factor) if rule.other_findings else (list(findings), [])
-    ev = find_evidence(counted, min_run, gap_factor, min_run_mm)
     need = slices_needed(findings, min_run, min_run_mm)
+    counted, solids = explain_foci(findings, gap_factor) if rule.other_findings else (list(findings), [])
+    counted, mass_foci = explain_masses(counted, need, gap_factor) if rule.other_findings else (counted, [])
+    ev = find_evidence(counted, min_run, gap_factor, min_run_mm)
     n_foci = sum(1 for lo, hi in foci(counted, gap_factor) if hi - lo + 1 >= need)
-    focal, masses = None, []
+    focal = None
     if ev is not None and n_foci < min_foci:
         focal, ev = ev, None
-    elif ev is not None and rule.other_findings:  # a positive's foci with a mass core are named (still counted)
-        for m in focus_members(counted, gap_factor):
-            if m[-1][0] - m[0][0] + 1 >= need and (core := mass_core(counted, m)) is not None:
-                masses.append(focus_mass(counted, m, core))
     n = len(findings)
     lung = sum(1 for f in findings if f.lung is not None)
     lesion = sum(1 for f in findings if f.has_lesion)
@@ -235,13 +199,14 @@ def decide(findings: Sequence[SliceFinding], rule: CaseRule, *, final: bool = Tr
         result, reason = "indeterminate", "no lung found on any slice (not a chest series?)"
     else:
         result = "negative"
+    notes = [focal_note(findings, mf.run, mf.core) for mf in mass_foci] if result != "positive" else []
     if focal is not None:
-        members = run_members(findings, focal)
-        core = mass_core(findings, members) if rule.other_findings else None
-        note = focal_note(findings, focal, core)
-        reason = f"{reason}; {note}" if reason else note
-        if core is not None:  # named a mass (it never changes the result: the focus alone is not the pattern)
-            masses.append(focus_mass(findings, members, core))
+        notes.append(focal_note(findings, focal))
+    if notes:
+        reason = "; ".join([reason, *notes] if reason else notes)
+    if mass_foci and result != "positive":  # the mass is the finding a negative names first
+        focal = mass_foci[0].run
+    masses = [mf.mass for mf in mass_foci]
     named = sorted(solids + masses, key=lambda s: (-s.diameter_mm, s.first_slice))
     if solids and result != "positive":
         note = "lesion seen around " + "; ".join(s.describe() for s in solids)

@@ -6,6 +6,7 @@ marked on slices 13–15 and 17–18 is one focus, not two.
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 from appliance.domain import Rect, SliceFinding
@@ -60,3 +61,11 @@ def foci(findings: Sequence[SliceFinding], gap_factor: float = GAP_FACTOR, grow:
 def member_boxes(findings: Sequence[SliceFinding], members: Sequence[tuple[int, int]]) -> list[tuple[int, Rect]]:
     """A focus's members as (slice index, box rect)."""
     return [(i, findings[i].boxes[j].rect) for i, j in members]
+
+
+def without_boxes(findings: Sequence[SliceFinding], drop: dict[int, set[int]]) -> list[SliceFinding]:
+    """The findings with the boxes `drop` names ({slice index: box indices}) taken out (the foci a solid lesion or a
+    mass explains, which the case rule does not count)."""
+    return [f if i not in drop else dataclasses.replace(f, boxes=[b for j, b in enumerate(f.boxes)
+                                                                  if j not in drop[i]])
+            for i, f in enumerate(findings)]

@@ -8,7 +8,6 @@ around one of them; `explain_foci` applies that to a whole series for the case r
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,7 +18,7 @@ import numpy as np
 from appliance.domain import Rect, Solid, SliceFinding
 from appliance.geometry import GAP_FACTOR, links, median_spacing
 from appliance.pipeline.anatomy import patient_side, quadrant_of, zone_of
-from appliance.pipeline.foci import FOCUS_GROW, FOCUS_SKIP, focus_members as _members, member_boxes
+from appliance.pipeline.foci import FOCUS_GROW, FOCUS_SKIP, focus_members as _members, member_boxes, without_boxes
 from appliance.pipeline.solid import MIN_DIAMETER_MM, SECTION_MM
 
 MAX_RIM_AIR = 0.3  # a lesion's sections have (median) at most this share of aerated rim: a halo or spicules
@@ -241,7 +240,4 @@ def explain_foci(findings: Sequence[SliceFinding],
             drop.setdefault(i, set()).add(j)
     if not named:
         return list(findings), []
-    kept = [f if i not in drop else dataclasses.replace(f, boxes=[b for j, b in enumerate(f.boxes)
-                                                                    if j not in drop[i]])
-            for i, f in enumerate(findings)]
-    return kept, sorted(named, key=lambda s: (-s.diameter_mm, s.first_slice))
+    return without_boxes(findings, drop), sorted(named, key=lambda s: (-s.diameter_mm, s.first_slice))
