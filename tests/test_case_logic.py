@@ -270,6 +270,23 @@ def test_a_short_series_with_one_focus_stays_indeterminate_and_names_it():
     assert v.reason.startswith("only 5 slice(s)") and "single focal lesion" in v.reason
 
 
+def test_a_short_series_names_the_lesion_it_shows_even_without_a_run():
+    """An excerpt around a nodule: boxes on its last two slices are no run, but the reader learns they are there."""
+    fs = [dataclasses.replace(f, pixel_mm=0.7) for f in [boxed(-i) for i in range(10)] + [boxed(-i, TUMOUR)
+                                                                                           for i in (10, 11)]]
+    v = decide(fs, rule(min_slices=20, min_foci=2))
+    assert v.result == "indeterminate" and v.focal is None and v.evidence is None
+    assert v.reason == ("only 12 slice(s), fewer than the 20 needed for a negative; lesion seen on slices 11–12, "
+                        "about 49 mm across (patient's left, posterior, image lower-right): too few slices "
+                        "here to call a pattern — a nodule or a patch that may continue beyond this series, for a "
+                        "radiologist")
+    # one boxed slice is not followed through the series: nothing named; nor on a series long enough for a negative
+    one = fs[:11] + [boxed(-11)]
+    assert decide(one, rule(min_slices=20, min_foci=2)).reason == (
+        "only 12 slice(s), fewer than the 20 needed for a negative")
+    assert decide(fs, rule(min_slices=10, min_foci=2)).reason is None
+
+
 def test_case_rule_is_built_once_from_the_config_and_the_seed_rule_stays_available():
     import dataclasses
 

@@ -310,6 +310,16 @@ def test_real_lidc_0002_ground_glass_pole_is_not_a_solid_lesion(analyzer, series
     _, findings = real_series(analyzer, series_cache, "lidc-idri-samples", "small", "LIDC-IDRI-0002")
     _, lesions, _ = solid_view(analyzer, findings)
     assert lesions == []
+    # what the verdict says instead: too short to call, and the lesion it shows (the nodule's pole, on the last
+    # slices of the run: the nodule goes on below it)
+    from appliance.pipeline.case_logic import decide
+
+    v = decide(findings, analyzer.rule)
+    assert v.result == "indeterminate" and v.others == [] and v.focal is None
+    m = re.search(r"; lesion seen on slices (\d+)–(\d+), about (\d+) mm across \(patient's left, posterior, image "
+                  r"lower-right\)", v.reason)  # the annotated nodule: image x 331-365, y 352-370 on those slices
+    assert m and int(m.group(2)) == len(findings) and 10 <= int(m.group(3)) <= 40, v.reason
+    assert "may continue beyond this series" in v.reason
 
 
 def a0001_tumour(slices) -> dict[int, Rect]:

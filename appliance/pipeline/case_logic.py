@@ -29,7 +29,7 @@ from typing import Any
 from appliance.domain import QUADRANTS, Core, Evidence, SeriesVerdict, SliceFinding
 from appliance.geometry import GAP_FACTOR, links, median_spacing
 from appliance.pipeline.anatomy import patient_side, quadrant_of, zone_of  # noqa: F401 - quadrant_of: the rule's quadrants
-from appliance.pipeline.foci import FOCUS_GROW, FOCUS_SKIP, foci, focus_members  # noqa: F401
+from appliance.pipeline.foci import FOCUS_GROW, FOCUS_SKIP, foci, focus_members, focus_size  # noqa: F401
 from appliance.pipeline.grading import grade
 from appliance.pipeline.mass_foci import explain_masses
 from appliance.pipeline.noise import NOISY, acquisition
@@ -167,6 +167,23 @@ def focal_note(findings: Sequence[SliceFinding], focal: Evidence, core: Core | N
             " — a mass, a focal pneumonia or another focal process, for a radiologist")
 
 
+def partial_note(findings: Sequence[SliceFinding], gap_factor: float = GAP_FACTOR) -> str | None:
+    """What a series too short to call shows, for people: its longest lesion focus on two or more slices (1-based
+    slices, image quadrant of its largest box, the patient's side, its largest box side on DICOM), or None. No zone:
+    an excerpt's thirds are not the lung's. An excerpt around a nodule shows part of it; the rest may lie beyond."""
+    longest = next((m for m in focus_members(findings, gap_factor) if len({i for i, _ in m}) >= 2), None)
+    if longest is None:
+        return None
+    first, last = longest[0][0], longest[-1][0]
+    big = max((findings[i].boxes[j] for i, j in longest), key=lambda b: b.rect.height * b.rect.width)
+    size, _ = focus_size(findings, longest)
+    side, _, ap = patient_side(big.quadrant).partition(" ")
+    across = f", about {size:.0f} mm across" if size else ""
+    return (f"lesion seen on slices {first + 1}–{last + 1}{across} (patient's {side}, {ap}, image "
+            f"{big.quadrant}): too few slices here to call a pattern — a nodule or a patch that may continue beyond "
+            "this series, for a radiologist")
+
+
 def decide(findings: Sequence[SliceFinding], rule: CaseRule, *, final: bool = True) -> SeriesVerdict:
     """Verdict for findings sorted in series order, under `rule`.
 
@@ -211,6 +228,8 @@ def decide(findings: Sequence[SliceFinding], rule: CaseRule, *, final: bool = Tr
     if solids and result != "positive":
         note = "lesion seen around " + "; ".join(s.describe() for s in solids)
         reason = f"{reason}; {note}" if reason else note
+    if result == "indeterminate" and focal is None and not named and (note := partial_note(counted, gap_factor)):
+        reason = f"{reason}; {note}"
     graded = None
     if (ev is not None or focal is not None or named) and any(f.measures is not None for f in findings):
         # a nodule or mass shapes the pattern when it is the finding (no focus left) or a mass; an incidental small

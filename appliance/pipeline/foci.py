@@ -10,7 +10,7 @@ import dataclasses
 from collections.abc import Sequence
 
 from appliance.domain import Rect, SliceFinding
-from appliance.geometry import GAP_FACTOR, links
+from appliance.geometry import GAP_FACTOR, links, median_spacing
 
 FOCUS_GROW = 0.02  # boxes on neighbouring slices within 2 % of the slice size of each other: the same focus
 FOCUS_SKIP = 1  # ... also across this many slices without that box (present slices, not missing ones)
@@ -69,3 +69,14 @@ def without_boxes(findings: Sequence[SliceFinding], drop: dict[int, set[int]]) -
     return [f if i not in drop else dataclasses.replace(f, boxes=[b for j, b in enumerate(f.boxes)
                                                                   if j not in drop[i]])
             for i, f in enumerate(findings)]
+
+
+def focus_size(findings: Sequence[SliceFinding], members: Sequence[tuple[int, int]]) -> tuple[float, float]:
+    """(largest box side, length along z with one spacing) of a focus in mm; (0, 0) without a pixel size."""
+    sides = [max(findings[i].boxes[j].rect.height, findings[i].boxes[j].rect.width) * findings[i].pixel_mm
+             for i, j in members if findings[i].pixel_mm]
+    if not sides:
+        return 0.0, 0.0
+    spacing = median_spacing([f.position for f in findings]) if len(findings) > 1 else 0.0
+    first, last = members[0][0], members[-1][0]
+    return max(sides), abs(findings[last].position - findings[first].position) + spacing

@@ -13,9 +13,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from appliance.domain import Core, Evidence, SliceFinding
-from appliance.geometry import GAP_FACTOR, median_spacing
+from appliance.geometry import GAP_FACTOR
 from appliance.pipeline.anatomy import zone_of
-from appliance.pipeline.foci import focus_members, without_boxes
+from appliance.pipeline.foci import focus_members, focus_size, without_boxes
 from appliance.pipeline.halo_core import is_mass_core
 from appliance.pipeline.solid_lesions import SolidLesion
 
@@ -43,17 +43,6 @@ def mass_core(findings: Sequence[SliceFinding], members: Sequence[tuple[int, int
                 if best is None or c.area_mm2 > best.area_mm2:
                     best = c
     return best
-
-
-def focus_size(findings: Sequence[SliceFinding], members: Sequence[tuple[int, int]]) -> tuple[float, float]:
-    """(largest box side, length along z with one spacing) of a focus in mm; (0, 0) without a pixel size."""
-    sides = [max(findings[i].boxes[j].rect.height, findings[i].boxes[j].rect.width) * findings[i].pixel_mm
-             for i, j in members if findings[i].pixel_mm]
-    if not sides:
-        return 0.0, 0.0
-    spacing = median_spacing([f.position for f in findings]) if len(findings) > 1 else 0.0
-    first, last = members[0][0], members[-1][0]
-    return max(sides), abs(findings[last].position - findings[first].position) + spacing
 
 
 def focus_mass(findings: Sequence[SliceFinding], members: Sequence[tuple[int, int]], core: Core) -> SolidLesion:
