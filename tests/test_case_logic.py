@@ -172,10 +172,11 @@ def test_a_focus_that_wraps_a_mass_core_is_a_mass_not_a_focus_and_is_named():
     """A tumour broad-based on the chest wall: its halo wraps a soft-tissue core (appliance.pipeline.halo_core).
     That focus is the mass: it does not count (like a nodule's halo) and the verdict names it (reason, `others`,
     `focal`); a lung cancer beside one stray patch is then not the multifocal pattern."""
-    from appliance.domain import Core
+    from appliance.domain import Core, SliceMeasures
 
+    focal = SliceMeasures(0.49, lung_right=20000, lung_left=20000, lesion_left=4000)  # 10 % of the lungs
     fs = [boxed(-i, TUMOUR) if 10 <= i < 18 else boxed(-i) for i in range(40)]
-    fs = [dataclasses.replace(f, pixel_mm=0.7) for f in fs]
+    fs = [dataclasses.replace(f, pixel_mm=0.7, measures=focal) for f in fs]
     inside = Core(Rect(320, 340, 350, 380), 450.0, 14.0, 30.0)  # centre inside the tumour's box
     fs[14] = dataclasses.replace(fs[14], cores=[inside])
     multifocal = rule(min_slices=20, min_foci=2, other_findings=True)
@@ -206,7 +207,7 @@ def test_a_focus_that_wraps_a_mass_core_is_a_mass_not_a_focus_and_is_named():
     # beside one other patch: two foci by the seed's count (positive), one focus and a mass with the mass named
     two = list(fs)
     for i in range(30, 34):
-        two[i] = dataclasses.replace(boxed(-i, PATCH), pixel_mm=0.7)
+        two[i] = dataclasses.replace(boxed(-i, PATCH), pixel_mm=0.7, measures=focal)
     assert decide(two, multifocal.but(other_findings=False)).result == "positive"
     p = decide(two, multifocal)
     assert p.result == "negative" and p.foci == 1 and p.evidence is None
@@ -217,7 +218,7 @@ def test_a_focus_that_wraps_a_mass_core_is_a_mass_not_a_focus_and_is_named():
     # with two other patches the lesions are multifocal without the mass: positive, the mass still named
     three = list(two)
     for i in range(22, 26):
-        three[i] = dataclasses.replace(boxed(-i, (100, 380, 150, 440)), pixel_mm=0.7)  # upper-right
+        three[i] = dataclasses.replace(boxed(-i, (100, 380, 150, 440)), pixel_mm=0.7, measures=focal)  # upper-right
     q = decide(three, multifocal)
     assert q.result == "positive" and q.foci == 2 and q.evidence.quadrant != LR and q.reason is None
     assert [(o["kind"], o["first_slice"]) for o in q.others] == [("mass", 10)]

@@ -14,10 +14,10 @@ when it covers at least `MIN_CORE_MM2` (a few hundred bytes a slice in the store
 Measured on real series (2026-12-07, lesion 2.6.0): the tumour of Lung-PET-CT-Dx A0001 gives a core of 652 mm²,
 20 mm thick (621–692 mm² in each of six rewrites of that series: mirrored, resampled to 2.5 and 10 mm, shifted,
 with noise); no core of the COVID-19 series P001 (and its rewrites) reaches 140 mm², nor of the pneumonia cap001
-120 mm², of TB Portals volume 1 270 mm². `appliance.pipeline.mass_foci` uses it: a lesion focus that wraps a
-mass-sized core and is about as long along z as it is wide is a mass, named and not counted as a COVID-19 focus.
-The hull of a ground-glass arc along the heart, the liver dome or the aorta can hold soft tissue too; a long
-confluent focus there is kept by that size check, and a COVID-19 pneumonia has other foci besides.
+120 mm², of TB Portals volume 1 270 mm². But the hull of bilateral COVID-19 lesions that surround the hila holds a
+hilum: 390–1,440 mm² on COVID-19-NY-SBU slices (where lesion covers 40–100 % of the lungs). So a core alone is not a
+mass: `appliance.pipeline.mass_foci` names a focus a mass (and takes it out of the count) only where the core's
+slice is mostly clear lung and the focus is about as long along z as it is wide.
 """
 from __future__ import annotations
 

@@ -3,9 +3,10 @@
 
 The case rule (appliance.pipeline.case_logic) takes such foci out of the count, as it does the halo of a solid nodule
 or mass (appliance.pipeline.solid_lesions), and names each a solid mass: a lung cancer beside one stray patch of
-ground glass is then one focal lesion and a mass, not the multifocal pattern. The size check keeps long confluent
-foci (a consolidation lining the heart or the liver dome over many slices, whose hull also holds soft tissue)
-counted: a mass is round, its halo reaches about as far along z as across.
+ground glass is then one focal lesion and a mass, not the multifocal pattern. Two checks keep COVID-19
+foci counted where their hull holds soft tissue too: the core's slice must be mostly clear lung (diffuse disease
+wraps the hila: `focal_slice`), and the focus about as long along z as it is wide (a consolidation lining the heart
+or the liver dome runs over many slices; a mass is round, its halo reaches about as far along z as across).
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from appliance.pipeline.foci import focus_members, focus_size, without_boxes
 from appliance.pipeline.halo_core import is_mass_core
 from appliance.pipeline.solid_lesions import SolidLesion
 
+MAX_SLICE_LESION = 0.2  # a mass lies in a mostly clear lung: lesion ≤ this share of both lungs on its core's slice
 MASS_Z_RATIO = 1.5  # a mass' focus is at most this × its largest box side long along z (A0001: 0.63–1.19 in its rewrites)
 
 
@@ -31,11 +33,22 @@ class MassFocus:
     core: Core
 
 
+def focal_slice(finding: SliceFinding) -> bool:
+    """Whether the slice's lesion is focal enough for a core on it to be a mass: lesion covers at most
+    `MAX_SLICE_LESION` of both lungs. Diffuse disease wraps the hila and the heart border too: on COVID-19-NY-SBU
+    slices with bilateral COVID-19 the hull of a lesion holds mass-sized soft tissue (the hilum, 390–1,440 mm²)
+    where lesion covers 40–100 % of the lungs; on A0001's tumour slices 11 %."""
+    m = finding.measures
+    return m is not None and m.lung > 0 and m.lesion <= MAX_SLICE_LESION * m.lung
+
+
 def mass_core(findings: Sequence[SliceFinding], members: Sequence[tuple[int, int]]) -> Core | None:
     """The largest halo-wrapped core large enough to make a lesion a mass whose centre lies in one of the
-    `members`' boxes ((slice index, box index)) on its slice, or None."""
+    `members`' boxes ((slice index, box index)) on a `focal_slice`, or None."""
     best = None
     for i, j in members:
+        if not focal_slice(findings[i]):
+            continue
         r = findings[i].boxes[j].rect
         for c in findings[i].cores:
             cy, cx = c.rect.center
