@@ -24,6 +24,7 @@ from appliance.oneshot import analyze_files, discover, walk_files
 from appliance.domain import SliceFinding
 from appliance.ingest.dicom_file import is_document
 from appliance.ingest.image_reader import image_series, natural_key
+from appliance.publish.key_slices import largest_box_slice
 from appliance.metrics import (Confusion, auc, bootstrap_mean_ci, component_score, confusion, dice, iou, mean_or_none,
                                predicted_mask, sweep)
 from appliance.pipeline.case_logic import SeriesSummary, decide, study_verdict
@@ -351,16 +352,6 @@ def _patient_verdict(src: PatientSource, runs: list, rejected: list[dict], secon
                          deciding=deciding_slices(v, runs[int(lead.series_key)][2]))
 
 
-def _largest_box_slice(ordered: list[SliceFinding], first: int, last: int, quadrant: str | None) -> int:
-    """The slice in [first, last] whose largest box (in `quadrant`, if given) is largest; the middle one if none."""
-    best, best_area = (first + last) // 2, 0
-    for i in range(max(first, 0), min(last, len(ordered) - 1) + 1):
-        for b in ordered[i].boxes:
-            if (quadrant is None or b.quadrant == quadrant) and b.rect.height * b.rect.width > best_area:
-                best, best_area = i, b.rect.height * b.rect.width
-    return best
-
-
 def deciding_slices(v, ordered: list[SliceFinding]) -> list[dict]:
     """The slices that decided a patient's call, one per finding, for people to look at: the run that fired (a
     positive) or the single focal lesion (a negative naming one) — each at its slice with the largest box in its
@@ -369,7 +360,7 @@ def deciding_slices(v, ordered: list[SliceFinding]) -> list[dict]:
     run_entry = None
     for run, what in ((v.evidence, "the run that fired"), (v.focal, "the single focal lesion")):
         if run is not None:
-            i = _largest_box_slice(ordered, run.first_slice, run.last_slice, run.quadrant)
+            i = largest_box_slice(ordered, run.first_slice, run.last_slice, run.quadrant)
             run_entry = {"key": ordered[i].key, "index": i,
                          "what": f"{what}: slices {run.first_slice + 1}–{run.last_slice + 1}, image {run.quadrant}"}
             out.append(run_entry)
@@ -379,7 +370,7 @@ def deciding_slices(v, ordered: list[SliceFinding]) -> list[dict]:
         if run_entry is not None and v.focal is not None and (first, last) == (v.focal.first_slice, v.focal.last_slice):
             run_entry["what"] = what  # the focal lesion named a mass: one picture, named so
             continue
-        i = _largest_box_slice(ordered, first, last, None)
+        i = largest_box_slice(ordered, first, last, None)
         same = [d for d in out if d["index"] == i]
         if same:
             same[0]["what"] += f"; {what}"

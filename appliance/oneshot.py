@@ -21,7 +21,7 @@ from appliance.ingest.image_reader import image_series, is_image_file, natural_k
 from appliance.ingest.series import Series, sort_key
 from appliance.pipeline.analyzer import Analyzer, stage_summary
 from appliance.privacy import pseudonym
-from appliance.publish.key_slices import key_slices
+from appliance.publish.key_slices import key_slices, lead_run
 from appliance.publish.overlays import render, slice_grey
 
 
@@ -65,7 +65,7 @@ class SeriesReport:
             "gaps": v.gaps,
             "spacing_mm": round(self.spacing_mm, 3),
             "thickness_mm": self.thickness_mm,
-            "key_slices": key_slices(self.findings),
+            "key_slices": key_slices(self.findings, lead=lead_run(v)),
             "rejected": self.rejected,
             "bundles": analyzer.bundles,
             "backend": analyzer.backend,

@@ -253,6 +253,9 @@ def test_real_series_a0001_beside_a_ground_glass_patch_is_a_mass_and_one_focal_l
     assert o["reason"].startswith("a solid mass, about") and "patient's left upper zone" in o["reason"]
     assert "; a single focal lesion, about" in o["reason"] and "patient's right" in o["reason"].split(";")[1]
     assert [x["kind"] for x in o["others"]] == ["mass"] and o["focal"]["quadrant"] == "lower-right"
+    # the key image is the mass the verdict names first, not the (brighter) patch
+    assert o["focal"]["first_slice"] <= o["key_slices"][0]["index"] <= o["focal"]["last_slice"]
+    assert "lower-right" in o["key_slices"][0]["quadrants"]
     cfg = tmp_path.parent / "seed-stage-off.toml"  # the other-findings stage off: every focus counts
     cfg.write_text("[analysis]\nother_findings = false\n")
     code, objs = run_json(capsys, tmp_path, "--config", cfg)

@@ -13,7 +13,7 @@ import logging
 import time
 from typing import Any
 
-from appliance.publish.key_slices import key_slices
+from appliance.publish.key_slices import key_slices, lead_run
 from appliance.service.key_image import SourceImages
 
 log = logging.getLogger("ctriage.daemon")
@@ -138,7 +138,7 @@ class PacsHandover:
             raise Unsendable(f"{gone} of {len(paths)} source file(s) are no longer on disk "
                              "(pruned after watch.keep_processed_days?)")
         source = SourceSeries.from_files(paths)  # headers only
-        ks = key_slices(findings)
+        ks = key_slices(findings, lead=lead_run(verdict))
         key_image = None
         if ks and self.sender.send_key_images:
             index = int(ks[0]["index"])

@@ -12,11 +12,11 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from appliance.domain import SliceFinding
+from appliance.domain import Evidence, SliceFinding
 from appliance.pipeline.case_logic import SeriesSummary, study_verdict
 from appliance.pipeline.tracker import Update
 from appliance.publish import messages as msg
-from appliance.publish.key_slices import key_slices
+from appliance.publish.key_slices import key_slices, lead_run
 from appliance.service import compact_json
 from appliance.service.key_image import SourceImages
 from appliance.service.pacs_handover import PacsHandover, pacs_fingerprint
@@ -85,7 +85,7 @@ class Verdicts:
             rejected=self.store.rejected_count(lead_row["series_uid"]), labels=labels, correction=correction)
         fp = fingerprint(payload)
         changed = publish and (prev is None or prev["fingerprint"] != fp)
-        overlay = self.overlay_payload(lead_row, payload["state"], sv.result, findings) if changed else None
+        overlay = self.overlay_payload(lead_row, payload["state"], sv.result, findings, lead_run(sv)) if changed else None
         study_key = lead_row["study_key"]
         expiry = self.cfg.mqtt.verdict_expiry_seconds or None
         pacs_fp = pacs_fingerprint(payload) if changed and sv.state == "final" and self.pacs.enabled else None
@@ -133,8 +133,9 @@ class Verdicts:
         last = published[-1] if published else {"result": prev["result"], "state": prev["state"], "created": None}
         return True, msg.correction(last, sv.result)
 
-    def overlay_payload(self, row: Any, state: str, result: str, findings: list[SliceFinding]) -> dict[str, Any]:
-        ks = key_slices(findings)
+    def overlay_payload(self, row: Any, state: str, result: str, findings: list[SliceFinding],
+                        lead: Evidence | None = None) -> dict[str, Any]:
+        ks = key_slices(findings, lead=lead)
         png = index = size = None
         if ks and self.cfg.mqtt.key_images:
             index = int(ks[0]["index"])
