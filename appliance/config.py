@@ -39,6 +39,7 @@ class AnalysisConfig:
     min_run_mm: float = 5.0  # ... and the run must cover at least this many mm along z (DICOM series)
     min_foci: int = 2  # separate lesion foci, each spanning such a run, for a positive (1: Chen et al. 2020's rule)
     other_findings: bool = True  # lesion foci that are the halo of a solid nodule or mass do not count (named)
+    min_focus_peak: float = 0.8  # a positive needs one counted focus the lesion model is this sure of (0: off)
     gap_factor: float = 1.5  # a gap > factor × median spacing breaks a run
     max_tilt_deg: float = 10.0  # slices tilted more than this from axial are rejected
     denoise: bool = True  # DICOM crops noisier than noise_target are smoothed down to it (appliance.pipeline.noise)
@@ -57,6 +58,7 @@ class AnalysisConfig:
         _range(where, "gap_factor", self.gap_factor, 1.0, 10.0)
         _range(where, "min_run_mm", self.min_run_mm, 0.0, 100.0)
         _range(where, "min_foci", self.min_foci, 1, 20)
+        _range(where, "min_focus_peak", self.min_focus_peak, 0.0, 1.0)
         _range(where, "max_tilt_deg", self.max_tilt_deg, 0.0, 45.0)
         _range(where, "noise_target", self.noise_target, 0.001, 0.2)
         _range(where, "noise_limit", self.noise_limit, 0.001, 0.2)

@@ -295,6 +295,7 @@ def test_case_rule_is_built_once_from_the_config_and_the_seed_rule_stays_availab
 
     r = CaseRule.from_config(AnalysisConfig())
     assert (r.min_run, r.min_run_mm, r.min_foci, r.min_slices, r.gap_factor) == (3, 5.0, 2, 20, 1.5)
+    assert r.min_peak == 0.8 and r.other_findings and CaseRule.chen2020().min_peak == 0.0
     assert r.for_images() == r.but(min_run_mm=0.0) and r.min_run_mm == 5.0, "a copy; the rule itself is unchanged"
     with pytest.raises(dataclasses.FrozenInstanceError):
         r.min_foci = 1  # type: ignore[misc]
@@ -306,6 +307,29 @@ def test_case_rule_is_built_once_from_the_config_and_the_seed_rule_stays_availab
     assert decide(fs, seed).result == "positive"
     v = decide(fs, r)
     assert v.result == "negative" and v.focal is not None and v.focal.quadrant == UL
+
+
+def test_foci_that_are_all_faint_make_no_positive():
+    """Strays on vessels or noise: two foci whose boxes the lesion model scores 0.55-0.65. With `min_peak` a positive
+    needs one focus the model is sure of; one confident focus beside faint ones is enough."""
+    def scored(pos: float, *rects_scores):
+        f = boxed(pos, *(r for r, _ in rects_scores))
+        return dataclasses.replace(f, boxes=[dataclasses.replace(b, score=s) for b, (_, s) in zip(f.boxes,
+                                                                                                 rects_scores)])
+
+    def study(patch_score: float):
+        return [scored(-i, (TUMOUR, 0.65)) if 5 <= i < 9 else scored(-i, (PATCH, patch_score)) if 20 <= i < 24
+                else boxed(-i) for i in range(40)]
+
+    multifocal = rule(min_slices=20, min_foci=2)
+    assert decide(study(0.55), multifocal).result == "positive", "without min_peak every focus counts as it is"
+    v = decide(study(0.55), multifocal.but(min_peak=0.8))
+    assert v.result == "negative" and v.evidence is None and v.focal is None and v.foci == 2
+    assert v.reason == ("2 lesion foci, all faint (the most confident peaks at 0.65, below 0.8): not a confident "
+                        "COVID-19 pattern — for a radiologist")
+    p = decide(study(0.93), multifocal.but(min_peak=0.8))
+    assert p.result == "positive" and p.evidence is not None and p.reason is None
+    assert "one of them peaking at ≥ 0.8" in multifocal.but(min_peak=0.8).describe()
 
 
 def test_a_focus_that_is_the_halo_of_a_solid_nodule_does_not_count_and_the_nodule_is_named():

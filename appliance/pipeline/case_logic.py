@@ -55,6 +55,7 @@ class CaseRule:
     min_slices: int
     gap_factor: float
     other_findings: bool = False  # foci a solid nodule or mass explains do not count (see appliance.pipeline.solid)
+    min_peak: float = 0.0  # the most confident counted focus must peak at least this for a positive (0: off)
     noise_limit: float = NOISY  # a series noisier than this is reported as a noisy acquisition (not a result change)
 
     @classmethod
@@ -63,6 +64,7 @@ class CaseRule:
         return cls(min_run=int(analysis.min_run), min_run_mm=float(analysis.min_run_mm),
                    min_foci=int(analysis.min_foci), min_slices=int(analysis.min_slices),
                    gap_factor=float(analysis.gap_factor), other_findings=bool(analysis.other_findings),
+                   min_peak=float(getattr(analysis, "min_focus_peak", 0.0)),
                    noise_limit=float(getattr(analysis, "noise_limit", NOISY)))
 
     @classmethod
@@ -81,6 +83,8 @@ class CaseRule:
     def describe(self) -> str:
         """The rule in one phrase (reports)."""
         text = describe_rule(self.min_run, self.min_run_mm, self.min_foci)
+        if self.min_peak > 0:
+            text += f", one of them peaking at ≥ {self.min_peak:g}"
         return text + ("; foci that are the halo of a solid nodule or mass do not count" if self.other_findings
                        else "")
 
@@ -188,7 +192,7 @@ def decide(findings: Sequence[SliceFinding], rule: CaseRule, *, final: bool = Tr
     """Verdict for findings sorted in series order, under `rule`.
 
     positive: a run fired and the lesions form ≥ `min_foci` foci that each span a qualifying run (foci a solid
-    lesion or a mass explains left out). A run with fewer foci: negative, the run reported as `focal` with a reason
+    lesion or a mass explains left out), one of them peaking at ≥ `min_peak`. A run with fewer foci: negative, the run reported as `focal` with a reason
     (a focal lesion for a radiologist, not the COVID-19 pattern; a mass, when one was left out, is `focal` and named
     first). negative: no run, at least `min_slices` slices and some lung seen. Otherwise indeterminate, with the
     reason. A verdict before the series is complete is `provisional`.
@@ -199,10 +203,15 @@ def decide(findings: Sequence[SliceFinding], rule: CaseRule, *, final: bool = Tr
     counted, solids = explain_foci(findings, gap_factor) if rule.other_findings else (list(findings), [])
     counted, mass_foci = explain_masses(counted, need, gap_factor) if rule.other_findings else (counted, [])
     ev = find_evidence(counted, min_run, gap_factor, min_run_mm)
-    n_foci = sum(1 for lo, hi in foci(counted, gap_factor) if hi - lo + 1 >= need)
-    focal = None
+    spanning = [m for m in focus_members(counted, gap_factor) if m[-1][0] - m[0][0] + 1 >= need]
+    n_foci = len(spanning)
+    peak = max((counted[i].boxes[j].score for m in spanning for i, j in m), default=0.0)
+    focal, faint = None, None
     if ev is not None and n_foci < min_foci:
         focal, ev = ev, None
+    elif ev is not None and peak < rule.min_peak:  # only faint foci: strays on vessels or noise, not a pattern
+        faint, ev = (f"{n_foci} lesion foci, all faint (the most confident peaks at {peak:.2f}, below "
+                     f"{rule.min_peak:g}): not a confident COVID-19 pattern — for a radiologist"), None
     n = len(findings)
     lung = sum(1 for f in findings if f.lung is not None)
     lesion = sum(1 for f in findings if f.has_lesion)
@@ -219,6 +228,8 @@ def decide(findings: Sequence[SliceFinding], rule: CaseRule, *, final: bool = Tr
     notes = [focal_note(findings, mf.run, mf.core) for mf in mass_foci] if result != "positive" else []
     if focal is not None:
         notes.append(focal_note(findings, focal))
+    if faint is not None:
+        notes.append(faint)
     if notes:
         reason = "; ".join([reason, *notes] if reason else notes)
     if mass_foci and result != "positive":  # the mass is the finding a negative names first
