@@ -9,15 +9,13 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
+import numpy as np
+
 from appliance.domain import Rect, SliceFinding
-from appliance.geometry import GAP_FACTOR, links, median_spacing
+from appliance.geometry import GAP_FACTOR, links, median_spacing, rect_array, slice_pairs
 
 FOCUS_GROW = 0.02  # boxes on neighbouring slices within 2 % of the slice size of each other: the same focus
 FOCUS_SKIP = 1  # ... also across this many slices without that box (present slices, not missing ones)
-
-
-def _touch(a: Rect, b: Rect, grow: float) -> bool:
-    return a.y0 - grow < b.y1 and b.y0 - grow < a.y1 and a.x0 - grow < b.x1 and b.x0 - grow < a.x1
 
 
 def focus_members(findings: Sequence[SliceFinding], gap_factor: float = GAP_FACTOR, grow: float = FOCUS_GROW,
@@ -34,16 +32,15 @@ def focus_members(findings: Sequence[SliceFinding], gap_factor: float = GAP_FACT
             k = parent[k]
         return k
 
-    for i in range(1, len(findings)):
-        cur = findings[i]
-        g = grow * max(cur.shape)
-        for d in range(1, skip + 2):
-            if i - d < 0 or not link[i - d:i].all():
-                break
-            for j, b in enumerate(cur.boxes):
-                for k, c in enumerate(findings[i - d].boxes):
-                    if _touch(b.rect, c.rect, g):
-                        parent[root((i, j))] = root((i - d, k))
+    if ids:
+        slice_of = np.array([i for i, _ in ids])
+        r = rect_array(findings[i].boxes[j].rect for i, j in ids)
+        a, b = slice_pairs(slice_of, link, skip + 1)
+        g = grow * np.array([max(f.shape) for f in findings], dtype=float)[slice_of[a]]  # the later slice's size
+        touch = ((r[a, 0] - g < r[b, 2]) & (r[b, 0] - g < r[a, 2]) & (r[a, 1] - g < r[b, 3])
+                 & (r[b, 1] - g < r[a, 3]))
+        for x, y in zip(a[touch].tolist(), b[touch].tolist()):
+            parent[root(ids[x])] = root(ids[y])
     groups: dict[tuple[int, int], list[tuple[int, int]]] = {}
     for k in ids:
         groups.setdefault(root(k), []).append(k)

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from appliance.domain import Rect, Solid, SliceFinding
-from appliance.geometry import GAP_FACTOR, links, median_spacing
+from appliance.geometry import GAP_FACTOR, links, median_spacing, rect_array, slice_pairs
 from appliance.pipeline.anatomy import patient_side, quadrant_of, zone_of
 from appliance.pipeline.foci import FOCUS_GROW, FOCUS_SKIP, focus_members as _members, member_boxes, without_boxes
 from appliance.pipeline.solid import MIN_DIAMETER_MM, SECTION_MM
@@ -68,13 +68,13 @@ class SolidLesion:
 # --- per slice -----------------------------------------------------------------------------------------------
 
 
-def _overlap(a: Rect, b: Rect) -> float:
-    """Intersection over the smaller rect's area."""
-    h = min(a.y1, b.y1) - max(a.y0, b.y0)
-    w = min(a.x1, b.x1) - max(a.x0, b.x0)
-    if h <= 0 or w <= 0:
-        return 0.0
-    return h * w / max(1, min(a.height * a.width, b.height * b.width))
+def overlap_share(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Intersection over the smaller rect's area, pairwise for rects as equal-length `rect_array`s."""
+    h = np.minimum(a[:, 2], b[:, 2]) - np.maximum(a[:, 0], b[:, 0])
+    w = np.minimum(a[:, 3], b[:, 3]) - np.maximum(a[:, 1], b[:, 1])
+    smaller = np.maximum(1.0, np.minimum((a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1]),
+                                         (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])))
+    return np.where((h > 0) & (w > 0), h * w / smaller, 0.0)
 
 
 def link_solids(per_slice: Sequence[Sequence[Solid]], positions: Sequence[float],
@@ -109,14 +109,12 @@ def link_solids(per_slice: Sequence[Sequence[Solid]], positions: Sequence[float]
             x = parent[x]
         return x
 
-    for i in range(1, n):
-        for dz in range(1, skip + 2):  # the previous slice, or across `skip` slice(s) without the section
-            if i - dz < 0 or not link[i - dz:i].all():
-                break
-            for k, a in enumerate(per_slice[i]):
-                for j, c in enumerate(per_slice[i - dz]):
-                    if _overlap(a.rect, c.rect) >= min_overlap:
-                        parent[root((i, k))] = root((i - dz, j))
+    if ids:  # the previous slice, or across `skip` slice(s) without the section
+        r = rect_array(per_slice[i][k].rect for i, k in ids)
+        a, b = slice_pairs(np.array([i for i, _ in ids]), link, skip + 1)
+        hit = overlap_share(r[a], r[b]) >= min_overlap
+        for x, y in zip(a[hit].tolist(), b[hit].tolist()):
+            parent[root(ids[x])] = root(ids[y])
     groups: dict[tuple[int, int], list[tuple[int, int]]] = {}
     for x in ids:
         groups.setdefault(root(x), []).append(x)
@@ -182,8 +180,17 @@ def _inside(box: Rect, region: Rect) -> float:
     return max(h, 0) * max(w, 0) / max(1, box.height * box.width)
 
 
+def halos(lesion: SolidLesion, per_slice: Sequence[Sequence[Solid]]) -> dict[int, list[Rect]]:
+    """A solid lesion's sections grown by their halo margin (`_grown`), per slice index."""
+    sections: dict[int, list[Rect]] = {}
+    for i, k in lesion.members:
+        sections.setdefault(i, []).append(_grown(per_slice[i][k]))
+    return sections
+
+
 def explain(focus_members: Sequence[tuple[int, Rect]], solids: Sequence[SolidLesion],
-            per_slice: Sequence[Sequence[Solid]]) -> SolidLesion | None:
+            per_slice: Sequence[Sequence[Solid]],
+            cache: dict[int, dict[int, list[Rect]]] | None = None) -> SolidLesion | None:
     """The solid lesion whose halo a lesion focus is, or None.
 
     Geometry: a focus box (slice i, rect) lies on/around a solid lesion when at least half of the box's area
@@ -192,15 +199,20 @@ def explain(focus_members: Sequence[tuple[int, Rect]], solids: Sequence[SolidLes
     nodule or mass reach about that far, and the lesion model marks them one slice beyond the solid core too.
     The focus is explained when at least `EXPLAIN_SHARE` of its boxes lie on/around the lesion (the one with
     the most, on ties the larger). A wide patch of ground glass that merely contains a small nodule is not
-    explained: most of its box lies outside the nodule's halo.
+    explained: most of its box lies outside the nodule's halo. `cache` ({} to start): the halos of `solids` by
+    position, kept between calls for the foci of one series.
     """
     if not focus_members:
         return None
     best, best_n = None, 0
-    for lesion in solids:
-        sections: dict[int, list[Rect]] = {}
-        for i, k in lesion.members:
-            sections.setdefault(i, []).append(_grown(per_slice[i][k]))
+    lo, hi = min(i for i, _ in focus_members) - 1, max(i for i, _ in focus_members) + 1
+    cache = {} if cache is None else cache
+    for n, lesion in enumerate(solids):
+        if lesion.last_slice < lo or lesion.first_slice > hi:
+            continue  # no section on or beside the focus' slices: no hit
+        sections = cache.get(n)
+        if sections is None:
+            sections = cache[n] = halos(lesion, per_slice)
         hits = sum(1 for i, box in focus_members
                    if any(_inside(box, g) >= 0.5 for j in (i - 1, i, i + 1) for g in sections.get(j, ())))
         if hits > best_n or (hits == best_n and best is not None and lesion.diameter_mm > best.diameter_mm):
@@ -230,8 +242,9 @@ def explain_foci(findings: Sequence[SliceFinding],
         return list(findings), []
     drop: dict[int, set[int]] = {}
     named: list[SolidLesion] = []
+    cache: dict[int, dict[int, list[Rect]]] = {}
     for members in _members(findings, gap_factor):
-        lesion = explain(member_boxes(findings, members), lesions, per_slice)
+        lesion = explain(member_boxes(findings, members), lesions, per_slice, cache)
         if lesion is None:
             continue
         if lesion not in named:
