@@ -106,9 +106,16 @@ def bench_backend(path: Path, backend: str, precision: str, threads: int | None,
     analysed = sum(len(a.kept) + len(a.rejected) for a in done.series)  # every series found is analysed
     rejected, bad, decode_s = done.rejected, largest.rejected, largest.decode_s
     t_case = time.perf_counter()
-    verdict, _ = analyzer.verdict(kept, findings)  # the rule the daemon and analyze apply
+    verdict, ordered = analyzer.verdict(kept, findings)  # the rule the daemon and analyze apply
     case_ms = (time.perf_counter() - t_case) * 1000.0
     wall = time.perf_counter() - t0
+    # the daemon re-applies the rule to the series so far after every take of batch x workers slices: its summed
+    # cost over the series (slices arriving in series order, as a console exports them)
+    take = analyzer.config.batch * analyzer.workers
+    t_rule = time.perf_counter()
+    for k in range(take, len(ordered) + take, take):
+        decide(ordered[:k], analyzer.rule, final=False)
+    rule_stream_s = time.perf_counter() - t_rule
     # the lesion bundle's second graph: on how many of the slices the lesion model saw it had to run
     deferred_share = round(lesion_ad.deferred_runs / max(1, lesion_ad.slices), 3) if deferred else None
     pixels = pixel_codec(series.slices[0].key)
@@ -144,6 +151,8 @@ def bench_backend(path: Path, backend: str, precision: str, threads: int | None,
         "deferred_share": deferred_share,
         "pixels": pixels,
         "streaming_latency_s": round(lat, 3),
+        "rule_stream_s": round(rule_stream_s, 3),
+        "rule_take": take,
         "model_load_s": round(load_s, 3),
         "peak_rss_mb": round(peak_rss_mb(), 1),
         "result": verdict.result,

@@ -29,6 +29,9 @@ def test_bench_json_reports_every_field(capsys):
                                                         "measures"))
         assert 0 < analysis <= 3 * r["workers"] * 1000.0 / r["slices_per_s"], (r["stage_ms_mean"], r)
         assert r["streaming_latency_s"] > 0
+        # the rule re-applied after every take: at least once, and far less than the whole run (a unit slip: ms)
+        assert r["rule_take"] == r["workers"] * r["batch"]
+        assert 0 < r["rule_stream_s"] < r["wall_s"], (r["rule_stream_s"], r["wall_s"])
         assert 50 < r["peak_rss_mb"] < 4096
         assert r["result"] in ("positive", "negative", "indeterminate")
         assert {b["name"] for b in r["bundles"]} == {"valid-area", "lesion"}

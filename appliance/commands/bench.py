@@ -82,6 +82,10 @@ def run(args: argparse.Namespace) -> int:
     if ok and ok[0].get("pixels"):
         print(f"pixels: {ok[0]['pixels']}")
     for name, r in res["backends"].items():
+        if r.get("rule_stream_s") is not None and "error" not in r:
+            print(f"{name}: the case rule re-applied after every {r['rule_take']} slices, as the daemon does: "
+                  f"{r['rule_stream_s']:.2f} s summed over the series ({r['rule_stream_s'] / r['wall_s']:.0%} of its "
+                  "end-to-end time)")
         if r.get("deferred_share") is not None:
             print(f"{name}: the lesion bundle's deferred graph ran on {r['deferred_share']:.0%} of the slices the "
                   "lesion model saw (elsewhere no box could be made with it)")
