@@ -25,6 +25,7 @@ from appliance.evaluate import Evaluation, ImageResult, PatientResult, paired_di
 from appliance.metrics import auc
 from appliance.imaging import resize
 from appliance.pipeline.anatomy import run_text
+from appliance.pipeline.grading import pattern_text
 from appliance.publish.overlays import png_bytes, render
 
 MASK = (64, 230, 90)
@@ -270,9 +271,7 @@ def build_html(ev: Evaluation, data: dict, max_tilt_deg: float = 10.0, gallery: 
         run = (html.escape(run_text(ev_["quadrant"], ev_["first_slice"], ev_["last_slice"], ev_["run"]))
                if ev_ else html.escape(p.get("reason") or "–"))
         right = (p["result"] == "positive") == (p["group"] == "covid")
-        g = p.get("grade")
-        pattern = (html.escape(f"{g['category']} ({', '.join(g.get('reasons', []))}); severity {g['severity']}/25")
-                   if g and p["result"] == "positive" else "–")
+        pattern = html.escape(pattern_text(p.get("grade"), p["result"], reasons=True) or "–")
         named = "<br>".join(html.escape(o["text"]) for o in p.get("others") or []) or "–"
         acq = p.get("acquisition") or {}
         noise = (f"{acq['noise']:.3f}" + (f" <b>noisy</b> (&gt; {acq.get('limit', 0):.3f})" if acq.get("noisy") else "")

@@ -558,3 +558,16 @@ def test_evaluate_real_doctor_labels(tmp_path, capsys):
     assert d["dice"]["lesion_n"] == 5 - d["per_image"]["excluded"]
     pi = d["per_image"]
     assert pi["tp"] + pi["fn"] + pi["excluded"] == 5 and pi["tn"] + pi["fp"] == 3
+
+
+def test_a_positive_from_crop_images_says_it_is_not_graded(generated, capsys):
+    """Crop images carry no HU: a positive among them has no grade, and the table says why instead of a dash."""
+    root, _ = generated
+    rc, out, err = run_cli(["evaluate", str(root), "--json"], capsys)
+    assert rc == 0, err
+    crops = next(p for p in json.loads(out)["patients"] if p["patient"] == "crops-a")
+    assert crops["result"] == "positive" and crops["grade"] is None  # the phantom's patches make a run on crops
+    rc, out, err = run_cli(["evaluate", str(root)], capsys)
+    row = next(line for line in out.splitlines() if line.startswith("crops-a"))
+    assert "POSITIVE" in row and "not graded (no HU)" in row
+    assert "not graded (no HU: crop images) 1" in out

@@ -18,6 +18,7 @@ from appliance.commands.common import (add_backend_arguments, add_config_argumen
 from appliance.errors import UsageError
 from appliance.ingest.dicom_file import document_kinds, is_document
 from appliance.pipeline.anatomy import run_text
+from appliance.pipeline.grading import UNGRADED, pattern_text
 
 
 def split_documents(rejected: list[dict]) -> tuple[list[dict], list[dict]]:
@@ -42,6 +43,8 @@ def finding_lines(name: str, v) -> list[str]:
     scan."""
     out = []
     g = v.grade
+    if not g and v.result == "positive":
+        out.append(f"{name}: COVID-19 pattern (a viral pneumonia pattern: isolate pending PCR) — {UNGRADED}")
     if g and v.result == "positive":
         ext = g.get("extent", {})
         out.append(f"{name}: COVID-19 pattern (a viral pneumonia pattern: isolate pending PCR) — {g['category']} "
@@ -89,8 +92,7 @@ def run(args: argparse.Namespace) -> int:
         v = rep.verdict
         ev = v.evidence
         evtxt = run_text(ev.quadrant, ev.first_slice, ev.last_slice, ev.run) if ev else (v.reason or "-")
-        g = v.grade
-        pattern = f"{g['category']} {g['severity']}/25" if g and v.result == "positive" else "-"
+        pattern = pattern_text(v.grade, v.result) or "-"
         rows.append([rep.series_key[:10], (rep.description or Path(rep.source).name)[:28], str(v.slices),
                      str(v.lung_slices), str(v.lesion_slices), v.result.upper(), pattern, evtxt])
     print(table(rows, ["series", "description", "slices", "lung", "lesion", "result", "pattern", "evidence"]))

@@ -27,6 +27,7 @@ from pathlib import Path
 from appliance.errors import UsageError
 from appliance.ingest.dicom_file import document_kinds
 from appliance.pipeline.anatomy import run_text
+from appliance.pipeline.grading import pattern_text
 from appliance.commands.common import (add_backend_arguments, add_config_argument, load_config, make_analyzer,
                                        progress_bar, table)
 
@@ -82,8 +83,7 @@ def summary(data: dict) -> str:
     for p in data["patients"]:
         ev = p["evidence"]
         run = run_text(ev["quadrant"], ev["first_slice"], ev["last_slice"], ev["run"]) if ev else (p["reason"] or "-")
-        g = p.get("grade")
-        pattern = f"{g['category']} {g['severity']}/25" if g and p["result"] == "positive" else "-"
+        pattern = pattern_text(p.get("grade"), p["result"]) or "-"
         off = (p.get("result_without_other_findings") or p["result"]).upper()
         prow.append([p["patient"], p["group"], p["result"].upper(), off, pattern, str(p["slices"]),
                      str(p["lesion_slices"]), run])
@@ -93,9 +93,11 @@ def summary(data: dict) -> str:
     for p in data["patients"]:
         if p["result"] == "positive" and p.get("grade"):
             cats[p["grade"]["category"]] = cats.get(p["grade"]["category"], 0) + 1
-    if cats:
+    ungraded = sum(1 for p in data["patients"] if p["result"] == "positive" and not p.get("grade"))
+    if cats or ungraded:
         out += ["positives by pattern (RSNA consensus categories): "
-                + ", ".join(f"{k} {cats[k]}" for k in ("typical", "indeterminate", "atypical") if k in cats), ""]
+                + ", ".join([f"{k} {cats[k]}" for k in ("typical", "indeterminate", "atypical") if k in cats]
+                            + ([f"not graded (no HU: crop images) {ungraded}"] if ungraded else [])), ""]
     named = [(p["patient"], o["text"]) for p in data["patients"] for o in p.get("others") or []]
     if named:
         out += ["solid nodules and masses named (not the COVID-19 pattern; a halo around one does not count):"]
