@@ -410,3 +410,54 @@ def test_real_covid_p001_foci_stay_unexplained(analyzer, series_cache):
     explained = [m for m in foci if explain(m, lesions, per) is not None]
     assert len(explained) <= 1 and len(foci) - len(explained) >= 2
     assert all(s.diameter_mm < 20 for s in lesions)
+
+
+def test_link_solids_groups_sections_as_the_section_by_section_definition():
+    """The vectorised linking against the definition: sections on slices ≤ skip + 1 apart, linked all the way,
+    overlapping by ≥ min_overlap of the smaller one, are one object (then filtered as link_solids does)."""
+    from appliance.geometry import links, median_spacing
+    from appliance.pipeline.solid_lesions import _lesion
+
+    rng = np.random.default_rng(11)
+    kept = 0
+    for trial in range(40):
+        n = int(rng.integers(2, 20))
+        positions = (50.0 - np.cumsum(rng.choice([3.0, 3.0, 3.0, 10.0], size=n))).tolist()
+        per = []
+        for _ in range(n):
+            row = []
+            for _ in range(int(rng.choice([0, 1, 2, 3]))):
+                y, x = (int(v) for v in rng.integers(100, 140, size=2))
+                h, w = (int(v) for v in rng.integers(8, 30, size=2))
+                row.append(Solid(Rect(y, x, y + h, x + w), h * w * 0.49, 0.7 * max(h, w), 20.0, False, 0.7, 0.1))
+            per.append(row)
+        for skip, min_overlap in ((2, 0.2), (0, 0.5)):
+            link = links(positions)
+            ids = [(i, k) for i in range(n) for k in range(len(per[i]))]
+            group = {x: {x} for x in ids}
+            for a in ids:
+                for b in ids:
+                    d = a[0] - b[0]
+                    if 1 <= d <= skip + 1 and link[b[0]:a[0]].all():
+                        r, s = per[a[0]][a[1]].rect, per[b[0]][b[1]].rect
+                        h = min(r.y1, s.y1) - max(r.y0, s.y0)
+                        w = min(r.x1, s.x1) - max(r.x0, s.x0)
+                        share = h * w / max(1, min(r.height * r.width, s.height * s.width)) if h > 0 and w > 0 else 0
+                        if share >= min_overlap:
+                            merged = group[a] | group[b]
+                            for x in merged:
+                                group[x] = merged
+            groups, seen = [], set()
+            for x in ids:
+                if x not in seen:
+                    seen |= group[x]
+                    groups.append(sorted(group[x]))
+            lungs = [LUNG_BOX] * n
+            spacing = median_spacing(positions)
+            want = [les for g in groups
+                    if (les := _lesion(g, per, positions, lungs, positions, spacing)) is not None]
+            want.sort(key=lambda s: (-s.diameter_mm, s.first_slice))
+            got = link_solids(per, positions, lungs, skip=skip, min_overlap=min_overlap)
+            assert got == want, (trial, skip, min_overlap)
+            kept += len(want)
+    assert kept >= 10  # the random series make real objects (15 with this seed), not only ones the filters drop
