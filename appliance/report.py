@@ -25,7 +25,7 @@ from appliance.evaluate import Evaluation, ImageResult, PatientResult, paired_di
 from appliance.metrics import auc
 from appliance.imaging import resize
 from appliance.pipeline.anatomy import run_text
-from appliance.pipeline.grading import pattern_text
+from appliance.pipeline.grade_text import pattern_text
 from appliance.publish.overlays import png_bytes, render
 
 MASK = (64, 230, 90)

@@ -201,13 +201,3 @@ def test_real_cap001_is_graded_with_reasons(analyzer, series_cache):
     assert g.category in ("typical", "indeterminate", "atypical") and len(g.reasons) >= 4
     assert g.regions["LLL"] >= 1 and 0.5 <= g.extent["total"] <= 40  # labels: both lower lobes
 
-
-def test_pattern_text_names_the_grade_or_why_there_is_none():
-    from appliance.pipeline.grading import UNGRADED, pattern_text
-
-    g = {"category": "typical", "reasons": ["bilateral", "peripheral 81 %"], "severity": 7}
-    assert pattern_text(g, "positive") == "typical 7/25"
-    assert pattern_text(g, "positive", reasons=True) == "typical (bilateral, peripheral 81 %); severity 7/25"
-    assert pattern_text(None, "positive") == "not graded (no HU)"
-    assert pattern_text(None, "positive", reasons=True) == UNGRADED and "no HU" in UNGRADED
-    assert pattern_text(g, "negative") is None and pattern_text(None, "indeterminate") is None

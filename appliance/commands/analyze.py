@@ -18,7 +18,7 @@ from appliance.commands.common import (add_backend_arguments, add_config_argumen
 from appliance.errors import UsageError
 from appliance.ingest.dicom_file import document_kinds, is_document
 from appliance.pipeline.anatomy import run_text
-from appliance.pipeline.grading import UNGRADED, pattern_text
+from appliance.pipeline.grade_text import UNGRADED, pattern_text
 
 
 def split_documents(rejected: list[dict]) -> tuple[list[dict], list[dict]]:

@@ -27,7 +27,7 @@ from pathlib import Path
 from appliance.errors import UsageError
 from appliance.ingest.dicom_file import document_kinds
 from appliance.pipeline.anatomy import run_text
-from appliance.pipeline.grading import pattern_text
+from appliance.pipeline.grade_text import pattern_text
 from appliance.commands.common import (add_backend_arguments, add_config_argument, load_config, make_analyzer,
                                        progress_bar, table)
 
