@@ -7,28 +7,19 @@ from appliance.domain import Box, Rect, SliceFinding
 from appliance.geometry import links
 from appliance.pipeline.foci import FOCUS_GROW, FOCUS_SKIP, foci, focus_members
 
+from .reference import slice_groups
+
 
 def reference_members(findings, gap_factor=1.5, grow=FOCUS_GROW, skip=FOCUS_SKIP):
     """The definition, box by box: boxes on slices ≤ skip + 1 apart, linked all the way, that touch once grown by
     grow × the later slice's size, are one focus; longest first, ties the most superior."""
-    link = links([f.position for f in findings], gap_factor)
     ids = [(i, j) for i, f in enumerate(findings) for j in range(len(f.boxes))]
-    group = {k: {k} for k in ids}
-    for (i, j) in ids:
-        for (k, m) in ids:
-            d = i - k
-            if not (1 <= d <= skip + 1) or not link[k:i].all():
-                continue
-            a, b, g = findings[i].boxes[j].rect, findings[k].boxes[m].rect, grow * max(findings[i].shape)
-            if a.y0 - g < b.y1 and b.y0 - g < a.y1 and a.x0 - g < b.x1 and b.x0 - g < a.x1:
-                merged = group[(i, j)] | group[(k, m)]
-                for x in merged:
-                    group[x] = merged
-    out, seen = [], set()
-    for k in ids:
-        if k not in seen:
-            seen |= group[k]
-            out.append(sorted(group[k]))
+
+    def touch(x: tuple[int, int], y: tuple[int, int]) -> bool:
+        a, b, g = findings[x[0]].boxes[x[1]].rect, findings[y[0]].boxes[y[1]].rect, grow * max(findings[x[0]].shape)
+        return a.y0 - g < b.y1 and b.y0 - g < a.y1 and a.x0 - g < b.x1 and b.x0 - g < a.x1
+
+    out = slice_groups(ids, links([f.position for f in findings], gap_factor), skip + 1, touch)
     out.sort(key=lambda m: (m[0][0] - m[-1][0], m[0][0]))
     return out
 

@@ -16,6 +16,7 @@ from appliance.pipeline.solid import solid_components
 from appliance.pipeline.solid_lesions import SolidLesion, explain, focus_members, link_solids
 
 from .conftest import shared_data
+from .reference import slice_groups
 
 PX = 0.7  # mm per pixel
 N = 512
@@ -432,26 +433,16 @@ def test_link_solids_groups_sections_as_the_section_by_section_definition():
                 row.append(Solid(Rect(y, x, y + h, x + w), h * w * 0.49, 0.7 * max(h, w), 20.0, False, 0.7, 0.1))
             per.append(row)
         for skip, min_overlap in ((2, 0.2), (0, 0.5)):
-            link = links(positions)
             ids = [(i, k) for i in range(n) for k in range(len(per[i]))]
-            group = {x: {x} for x in ids}
-            for a in ids:
-                for b in ids:
-                    d = a[0] - b[0]
-                    if 1 <= d <= skip + 1 and link[b[0]:a[0]].all():
-                        r, s = per[a[0]][a[1]].rect, per[b[0]][b[1]].rect
-                        h = min(r.y1, s.y1) - max(r.y0, s.y0)
-                        w = min(r.x1, s.x1) - max(r.x0, s.x0)
-                        share = h * w / max(1, min(r.height * r.width, s.height * s.width)) if h > 0 and w > 0 else 0
-                        if share >= min_overlap:
-                            merged = group[a] | group[b]
-                            for x in merged:
-                                group[x] = merged
-            groups, seen = [], set()
-            for x in ids:
-                if x not in seen:
-                    seen |= group[x]
-                    groups.append(sorted(group[x]))
+
+            def overlaps(x: tuple[int, int], y: tuple[int, int]) -> bool:
+                r, s = per[x[0]][x[1]].rect, per[y[0]][y[1]].rect
+                h = min(r.y1, s.y1) - max(r.y0, s.y0)
+                w = min(r.x1, s.x1) - max(r.x0, s.x0)
+                share = h * w / max(1, min(r.height * r.width, s.height * s.width)) if h > 0 and w > 0 else 0
+                return share >= min_overlap
+
+            groups = slice_groups(ids, links(positions), skip + 1, overlaps)
             lungs = [LUNG_BOX] * n
             spacing = median_spacing(positions)
             want = [les for g in groups
