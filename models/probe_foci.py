@@ -1,6 +1,7 @@
 """Probe: a bundle set's lesion foci per series — what a second, stray focus would do to the case rule.
 
-    .venv/bin/python -m models.probe_foci [--bundles DIR] [--only phantom,dicom,pseudo] [--seeds 1-10] [--json]
+    .venv/bin/python -m models.probe_foci [--bundles DIR] [--only phantom,dicom,pseudo,dependent] [--seeds 1-10]
+                                          [--amplitudes 0,150,300,450] [--json]
 
 For each series: the shipped case rule's verdict and, for every focus spanning a qualifying run (after solid
 lesions explained theirs), its span, boxed slices, peak score and largest box side (px at 512). The foci tables of
@@ -11,6 +12,9 @@ models/LESION2.md come from here.
 - dicom: the real HU series — COVID-CT-MD P001 and cap001, Lung-PET-CT-Dx A0001, the TB Portals volumes and the
   TotalSegmentator chest crop (NIfTI volumes written as DICOM to a temporary folder; needs nibabel).
 - pseudo: the pseudo-labelled COVID-19 patients of COVID-SemiSeg as image series (per-image rule).
+- dependent: A0001 (lung cancer) and P001 (COVID-19) with a dependent band of ground-glass density added along the
+  posterior pleura of both lungs (models.dependent_density; `--amplitudes` HU at the pleura, 0 = as read through
+  the same writer): what gravity-dependent lung on a supine scan does to the case rule.
 
 Research data is read in place from ../shared/data (or $CTRIAGE_DATA); what is absent is skipped with a reason.
 """
@@ -37,7 +41,7 @@ TS_CHEST = DATA / "totalsegmentator-ct-nifti/tests/reference_files/pulmonary_rep
 PSEUDO = DATA / "covid-semiseg/TrainingSet/LungInfection-Train/Pseudo-label/Imgs"
 
 
-KINDS = ("phantom", "dicom", "pseudo")
+KINDS = ("phantom", "dicom", "pseudo", "dependent")
 
 
 def _kinds(text: str) -> set[str]:
@@ -76,7 +80,17 @@ def foci(findings: list[SliceFinding], rule: CaseRule) -> dict:
     return {"result": v.result, "foci": v.foci, "rows": rows}
 
 
-def series(only: set[str], seeds: list[int]):
+def _amplitudes(text: str) -> list[float]:
+    try:
+        out = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        out = []
+    if not out or any(v < 0 for v in out):
+        raise argparse.ArgumentTypeError(f"{text!r}: give HU amplitudes ≥ 0, comma-separated (e.g. 0,150,300)")
+    return out
+
+
+def series(only: set[str], seeds: list[int], amplitudes: tuple[float, ...] = (0.0, 150.0, 300.0, 450.0)):
     """(name, kind, files or folder) of every series to probe (a written one lives until the next is asked for);
     prints why one is skipped."""
     if "phantom" in only:
@@ -115,6 +129,17 @@ def series(only: set[str], seeds: list[int]):
             print(f"SKIP pseudo-labelled patients: {PSEUDO} is absent", file=sys.stderr)
         for g, files in sorted(groups.items()):
             yield g, "images", files
+    if "dependent" in only:
+        from models.dependent_density import write_dependent
+
+        for name in ("A0001", "P001"):
+            if not (DATA / DICOM[name]).exists():
+                print(f"SKIP {name} with a dependent band: {DATA / DICOM[name]} is absent", file=sys.stderr)
+                continue
+            for amp in amplitudes:
+                with tempfile.TemporaryDirectory(prefix="ctriage-probe-") as d:
+                    write_dependent(DATA / DICOM[name], Path(d), amp)
+                    yield f"{name} + dependent band {amp:g} HU", "dicom", Path(d)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -122,6 +147,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--bundles", type=Path, help="folder holding the valid-area and lesion bundles (default: shipped)")
     ap.add_argument("--only", type=_kinds, default="phantom,dicom,pseudo", help="comma-separated: " + ", ".join(KINDS))
     ap.add_argument("--seeds", type=_seeds, default="1-10", help="phantom seeds, FIRST-LAST (default 1-10)")
+    ap.add_argument("--amplitudes", type=_amplitudes, default="0,150,300,450",
+                    help="dependent band: HU added at the pleura, comma-separated (default 0,150,300,450)")
     ap.add_argument("--json", action="store_true", help="one JSON object per series")
     a = ap.parse_args(argv)
     from appliance.ingest.image_reader import image_series
@@ -130,7 +157,7 @@ def main(argv: list[str] | None = None) -> None:
     analyzer = Analyzer.load(AnalysisConfig(backend="openvino", workers=1), bundle_dir=a.bundles)
     rule = analyzer.rule  # the case rule the daemon, analyze and evaluate share
     print("# " + " · ".join(f"{b['name']} {b['version']}" for b in analyzer.bundles), file=sys.stderr)
-    for name, kind, src in series(a.only, a.seeds):
+    for name, kind, src in series(a.only, a.seeds, tuple(a.amplitudes)):
         if kind == "images":
             slices, _ = image_series(src[0].parent, src)
             r = foci(analyzer.findings(slices), rule.for_images())
