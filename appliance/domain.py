@@ -148,6 +148,7 @@ class SliceMeasures:
     consolidation: int = 0  # lesion pixels of consolidation density
     peripheral: int = 0  # lesion pixels in the outer third
     central: int = 0
+    posterior: int = 0  # lesion pixels in the posterior (dependent, supine) third of their side's lung
 
     @property
     def lung(self) -> int:
@@ -166,7 +167,7 @@ class SliceMeasures:
     def from_dict(cls, d: dict[str, Any]) -> "SliceMeasures":
         return cls(float(d["pixel_mm2"]), *(int(d.get(k, 0)) for k in (
             "lung_right", "lung_left", "lesion_right", "lesion_left", "ggo", "consolidation", "peripheral",
-            "central")))
+            "central", "posterior")))
 
 
 @dataclass

@@ -58,6 +58,36 @@ def test_bilateral_peripheral_ground_glass_is_typical():
     assert 2 <= g.severity <= 10 and g.regions["RLL"] >= 1 and g.regions["LLL"] >= 1
 
 
+def test_a_mild_posterior_pattern_gets_the_prone_images_advice_and_keeps_its_category():
+    def posterior(k, hu):  # small subpleural patches at the back of both lungs (display: bottom of the image)
+        return None if not 2 <= k <= 9 else ggo_patch(hu, 390, 150, 20, k) | ggo_patch(hu, 390, 362, 20, k + 50)
+
+    def anterior(k, hu):  # the same patches at the front
+        return None if not 2 <= k <= 9 else ggo_patch(hu, 122, 150, 20, k) | ggo_patch(hu, 122, 362, 20, k + 50)
+
+    def wide(k, hu):  # the whole posterior third of both lungs, every slice: not mild
+        m = LUNGS & (YY > 300)
+        hu[m] = -600.0
+        return m
+
+    back = grade(measured(*series(posterior)[:2]), 2, series(posterior)[2])
+    front = grade(measured(*series(anterior)[:2]), 2, series(anterior)[2])
+    assert back.posterior_pct > 90 and front.posterior_pct < 10
+    assert back.extent["total"] < 5
+    advice = [r for r in back.reasons if r.startswith("posterior")]
+    assert advice == [f"posterior {back.posterior_pct:.0f} % (dependent density looks alike: prone images tell them "
+                      "apart)"], back.reasons
+    assert not any(r.startswith("posterior") for r in front.reasons)
+    assert back.category == front.category  # advice, not a category change
+    broad = grade(measured(*series(wide)[:2]), 2, series(wide)[2])
+    assert broad.posterior_pct > 90 and broad.extent["total"] > 5
+    assert not any(r.startswith("posterior") for r in broad.reasons)
+    again = Grade.from_dict(back.to_dict())  # the store and the display read it back
+    assert again.posterior_pct == back.posterior_pct and again.reasons == back.reasons
+    m = measured(*series(posterior)[:2])[5]
+    assert SliceMeasures.from_dict(m.to_dict()) == m and 0 < m.posterior <= m.lesion
+
+
 def test_unilateral_central_nodular_consolidation_is_atypical_with_reasons():
     def paint(k, hu):
         if not 4 <= k <= 7:

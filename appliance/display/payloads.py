@@ -99,7 +99,8 @@ GRADE_SCHEMA: dict[str, Any] = {
                                                                           "maximum": 5}},
                    "extent": {"type": "object", "additionalProperties": _PCT},
                    "zones": {"type": "object", "additionalProperties": _PCT},
-                   "lesion_ml": {"type": "number", "minimum": 0}, "ground_glass_pct": _PCT, "peripheral_pct": _PCT}}
+                   "lesion_ml": {"type": "number", "minimum": 0}, "ground_glass_pct": _PCT, "peripheral_pct": _PCT,
+                   "posterior_pct": _PCT}}
 
 #: solid nodules and masses whose halo explained lesion runs (ctriage.verdict/2), as far as this screen reads them
 OTHERS_SCHEMA: dict[str, Any] = {

@@ -8,7 +8,11 @@ glass vs consolidation) and by distribution (peripheral vs central). `grade` tur
   "ground glass 78 %", "multifocal (5 foci)");
 - the extent: % of each lung involved, and per zone (upper/middle/lower third of the lung's z-range × side);
 - a 25-point severity score (Pan et al. 2020 style): 5 regions — right upper, right middle, right lower, left
-  upper, left lower — each 0–5 by % involved (0 none, 1 < 5 %, 2 5–25 %, 3 26–49 %, 4 50–75 %, 5 > 75 %).
+  upper, left lower — each 0–5 by % involved (0 none, 1 < 5 %, 2 5–25 %, 3 26–49 %, 4 50–75 %, 5 > 75 %);
+- the share of lesion in the posterior (dependent, supine) third of each lung. A mild pattern (< `DEPENDENT_MAX_PCT`
+  of the lungs) that is mostly posterior (≥ `DEPENDENT_SHARE`) gets a reason that says prone images would tell it
+  from dependent density (gravity-dependent atelectasis, common on normal supine scans, which the lesion model reads
+  as ground glass: models/LESION2.md). It changes no category: early COVID-19 is posterior too (P001: 82 %).
 
 What it is and is not: a grade of the *viral pneumonia pattern*. Other viral pneumonias (influenza, RSV,
 adenovirus), organising pneumonia, drug reactions and some bacterial (atypical) pneumonias share the "typical"
@@ -46,6 +50,10 @@ SIDE_MIN_ML = 1.0  # a side is involved with at least this ...
 SIDE_MIN_SHARE = 0.1  # ... and this share of the lesion volume (a stray box on one slice is not a side)
 PREDOMINANT = 0.6  # a density or distribution that holds ≥ this share predominates
 NODULAR_ML = 4.2  # mean lesion volume per focus below this (a 2 cm sphere), consolidation-predominant: nodular
+POSTERIOR_THIRD = 1.0 / 3.0  # posterior: within this share of the side's lung height from its back
+DEPENDENT_SHARE = 0.75  # a positive with at least this share of its lesion in the posterior thirds ...
+DEPENDENT_MAX_PCT = 5.0  # ... and less than this % of the lungs involved gets the prone-images advice
+DEPENDENT_ADVICE = "dependent density looks alike: prone images tell them apart"  # the reason's detail
 REGIONS = ("RUL", "RML", "RLL", "LUL", "LLL")
 ZONES = ("upper", "middle", "lower")
 
@@ -162,6 +170,12 @@ def measure_slice(hu: np.ndarray, lung_mask: np.ndarray, lesion_mask: np.ndarray
             peripheral[side] = d <= PERIPHERAL_THIRD * d[lung[side]].max()
     out.peripheral = int((les & peripheral).sum())
     out.central = int((les & ~peripheral).sum())
+    posterior = np.zeros_like(les)
+    for side in (np.s_[:, :mid], np.s_[:, mid:]):
+        rows = np.flatnonzero(lung[side].any(axis=1))
+        if rows.size:  # display orientation: the patient's back is at the bottom of the image
+            posterior[side][int(math.ceil(rows[-1] - POSTERIOR_THIRD * (rows[-1] - rows[0]))):] = True
+    out.posterior = int((les & posterior).sum())
     return out
 
 
@@ -178,6 +192,7 @@ class Grade:
     lesion_ml: float = 0.0
     ground_glass_pct: float = 0.0  # of lesion pixels of ground-glass or consolidation density
     peripheral_pct: float = 0.0  # of lesion pixels
+    posterior_pct: float = 0.0  # of lesion pixels: in the posterior third of their side's lung
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -189,7 +204,8 @@ class Grade:
                    extent={k: float(v) for k, v in d.get("extent", {}).items()},
                    zones={k: float(v) for k, v in d.get("zones", {}).items()},
                    lesion_ml=float(d.get("lesion_ml", 0.0)), ground_glass_pct=float(d.get("ground_glass_pct", 0.0)),
-                   peripheral_pct=float(d.get("peripheral_pct", 0.0)))
+                   peripheral_pct=float(d.get("peripheral_pct", 0.0)),
+                   posterior_pct=float(d.get("posterior_pct", 0.0)))
 
     def describe(self) -> str:
         """'typical (bilateral, peripheral 81 %, ground glass 78 %, multifocal (5 foci)); severity 7/25'."""
@@ -234,7 +250,7 @@ def grade(measures: Sequence[SliceMeasures | None], foci_count: int, positions: 
         return Grade("negative", ["no lung measured"])
     top, bottom = max(lung_pos), min(lung_pos)
     vol = {f"{side} {z}": [0.0, 0.0] for side in ("right", "left") for z in ZONES}  # [lung, lesion] mm³
-    ggo = cons = periph = central = 0.0
+    ggo = cons = periph = central = post = 0.0
     for p, m in zip(positions, measures):
         if m is None or m.lung == 0:
             continue
@@ -246,6 +262,7 @@ def grade(measures: Sequence[SliceMeasures | None], foci_count: int, positions: 
         vol[f"left {z}"][1] += m.lesion_left * v
         ggo, cons = ggo + m.ggo * v, cons + m.consolidation * v
         periph, central = periph + m.peripheral * v, central + m.central * v
+        post += m.posterior * v
     side = {s: [sum(vol[f"{s} {z}"][k] for z in ZONES) for k in (0, 1)] for s in ("right", "left")}
     lesion = side["right"][1] + side["left"][1]
     lung = side["right"][0] + side["left"][0]
@@ -256,12 +273,15 @@ def grade(measures: Sequence[SliceMeasures | None], foci_count: int, positions: 
               extent={"right": _pct(side["right"][1], side["right"][0]), "left": _pct(side["left"][1], side["left"][0]),
                       "total": _pct(lesion, lung)},
               zones={k: _pct(v[1], v[0]) for k, v in vol.items()}, lesion_ml=round(lesion / 1000.0, 2),
-              ground_glass_pct=_pct(ggo, ggo + cons), peripheral_pct=_pct(periph, periph + central))
+              ground_glass_pct=_pct(ggo, ggo + cons), peripheral_pct=_pct(periph, periph + central),
+              posterior_pct=_pct(post, periph + central))
     if lesion / 1000.0 < MIN_LESION_ML or (foci_count == 0 and not solids):
         g.reasons = ["no lesion" if lesion / 1000.0 < MIN_LESION_ML else "no lesion focus spanning a run"]
         g.severity, g.regions = 0, {r: 0 for r in REGIONS}  # the extent still shows what was measured
         return g
     g.category, g.reasons = _category(side, lesion, ggo, cons, periph, central, foci_count, solids)
+    if g.posterior_pct >= 100 * DEPENDENT_SHARE and g.extent["total"] < DEPENDENT_MAX_PCT:
+        g.reasons.append(f"posterior {g.posterior_pct:.0f} % ({DEPENDENT_ADVICE})")
     return g
 
 
