@@ -290,3 +290,23 @@ def test_real_series_a0001_on_thin_slices_is_a_mass_and_faint_foci(capsys, tmp_p
     assert o["reason"].startswith("a solid mass, about") and [x["kind"] for x in o["others"]] == ["mass"]
     m = re.search(r"; (\d+) lesion foci, all faint \(the most confident peaks at (0\.\d+), below 0\.8\)", o["reason"])
     assert m and int(m.group(1)) == o["foci"] >= 2 and float(m.group(2)) < 0.8, o["reason"]
+
+
+def test_real_series_a0001_with_dependent_density_is_never_a_plain_covid_positive(capsys, tmp_path):
+    """A0001 (lung cancer) with a band of dependent density along the posterior pleura of both lower lungs
+    (models.dependent_density, 300 HU at the pleura): the lesion model reads the band as ground glass, so the
+    series may come out positive (a measured risk: models/LESION2.md). What must hold: the tumour is still named a
+    mass, and a positive is graded atypical with the prone-images advice — never a plain typical COVID-19 flag."""
+    from models.dependent_density import write_dependent
+
+    write_dependent(shared_data("lung-pet-ct-dx-A0001"), tmp_path, 300.0)
+    code, objs = run_json(capsys, tmp_path)
+    assert code == 0 and len(objs) == 1
+    o = objs[0]
+    assert [x["kind"] for x in o["others"]] == ["mass"], o["others"]
+    if o["result"] == "positive":
+        g = o["grade"]
+        assert g["category"] == "atypical" and "solid mass" in g["reasons"], g
+        assert g["posterior_pct"] >= 75 and any("prone images" in r for r in g["reasons"]), g
+    else:
+        assert o["result"] == "negative" and o["reason"].startswith("a solid mass, about"), o["reason"]

@@ -116,6 +116,9 @@ def test_views_take_what_older_or_partial_payloads_have():
     assert short_reason("unilateral (right)") == "unilateral"
     assert short_reason("peripheral and central (52 % peripheral)") == "peripheral and central"
     assert short_reason("consolidation 81 %") == "consolidation"
+    # the prone-images advice (appliance.pipeline.grading) reads "posterior" on the tile, whole on tap
+    from appliance.pipeline.grading import DEPENDENT_ADVICE
+    assert short_reason(f"posterior 82 % ({DEPENDENT_ADVICE})") == "posterior"
 
 
 # ---- in the browser ------------------------------------------------------------------------------------------------
