@@ -63,6 +63,7 @@ class SliceImage:
     manufacturer: str = ""
     transfer_syntax: str = ""
     expected_count: int | None = None  # from ImagesInAcquisition / NumberOfSlices when present
+    patient_position: str = ""  # DICOM PatientPosition: HFS (head first, supine), HFP (prone), …; "" unknown
     # the parsed header of a header-only read, kept until its pixels are decoded (so the file is parsed once)
     source: object | None = field(default=None, repr=False, compare=False)
 
@@ -190,6 +191,7 @@ class SliceFinding:
     noise: float | None = None  # noise at the lesion model's input (appliance.pipeline.noise; HU slices)
     smoothed: float = 0.0  # Gaussian sigma applied to the crop before the lesion model (0: none)
     pixel_mm: float | None = None  # in-plane pixel size (mm) of a DICOM slice; None for crop images
+    patient_position: str = ""  # the slice's DICOM PatientPosition (prone: ends in P); "" unknown or an image
 
     @property
     def prob_rect(self) -> Rect | None:
@@ -234,3 +236,4 @@ class SeriesVerdict:
     others: list[dict] = field(default_factory=list)  # solid nodules/masses that explained lesion foci (to_dict)
     grade: dict | None = None  # the viral-pneumonia-pattern grade of a positive (appliance.pipeline.grading)
     acquisition: dict | None = None  # the series' image noise, and whether it is outside the validated range
+    patient_position: str = ""  # the series' DICOM PatientPosition (most slices'); "" unknown

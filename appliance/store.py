@@ -102,7 +102,7 @@ def finding_to_dict(f: SliceFinding) -> dict[str, Any]:
             "max_prob": f.max_prob, "lesion_fraction": f.lesion_fraction, "timings_ms": f.timings_ms,
             "solids": [x.to_dict() for x in f.solids], "cores": [x.to_dict() for x in f.cores],
             "measures": f.measures.to_dict() if f.measures else None,
-            "noise": f.noise, "smoothed": f.smoothed, "pixel_mm": f.pixel_mm}
+            "noise": f.noise, "smoothed": f.smoothed, "pixel_mm": f.pixel_mm, "patient_position": f.patient_position}
 
 
 def finding_from_dict(d: dict[str, Any]) -> SliceFinding:
@@ -117,14 +117,15 @@ def finding_from_dict(d: dict[str, Any]) -> SliceFinding:
                         measures=SliceMeasures.from_dict(d["measures"]) if d.get("measures") else None,
                         noise=float(d["noise"]) if d.get("noise") is not None else None,
                         smoothed=float(d.get("smoothed") or 0.0),
-                        pixel_mm=float(d["pixel_mm"]) if d.get("pixel_mm") else None)
+                        pixel_mm=float(d["pixel_mm"]) if d.get("pixel_mm") else None,
+                        patient_position=str(d.get("patient_position") or ""))
 
 
 def verdict_to_dict(v: SeriesVerdict) -> dict[str, Any]:
     return {"result": v.result, "state": v.state, "evidence": v.evidence.as_dict() if v.evidence else None,
             "slices": v.slices, "lung_slices": v.lung_slices, "lesion_slices": v.lesion_slices, "reason": v.reason,
             "gaps": v.gaps, "focal": v.focal.as_dict() if v.focal else None, "foci": v.foci, "others": v.others,
-            "grade": v.grade, "acquisition": v.acquisition}
+            "grade": v.grade, "acquisition": v.acquisition, "patient_position": v.patient_position}
 
 
 def verdict_from_dict(d: dict[str, Any]) -> SeriesVerdict:
@@ -133,7 +134,8 @@ def verdict_from_dict(d: dict[str, Any]) -> SeriesVerdict:
                          slices=int(d["slices"]), lung_slices=int(d["lung_slices"]),
                          lesion_slices=int(d["lesion_slices"]), reason=d.get("reason"), gaps=int(d.get("gaps", 0)),
                          focal=Evidence(**fo) if fo else None, foci=int(d.get("foci", 0)),
-                         others=list(d.get("others") or []), grade=d.get("grade"), acquisition=d.get("acquisition"))
+                         others=list(d.get("others") or []), grade=d.get("grade"), acquisition=d.get("acquisition"),
+                         patient_position=str(d.get("patient_position") or ""))
 
 
 def _tuple(x: Any) -> Any:

@@ -363,3 +363,11 @@ def test_a_focus_that_is_the_halo_of_a_solid_nodule_does_not_count_and_the_nodul
     p = decide(plain, appliance)
     assert p.result == "positive" and p.others == [] and p.grade["category"] in ("typical", "indeterminate")
     assert 0 <= p.grade["severity"] <= 25 and set(p.grade["extent"]) == {"right", "left", "total"}
+
+
+def test_the_verdict_carries_the_series_patient_position():
+    fs = series([(), (UL,), (UL,), (UL,), ()] + [()] * 20)
+    assert decide(fs, rule()).patient_position == ""  # images, or DICOM without the tag
+    for k, f in enumerate(fs):
+        f.patient_position = "HFS" if k == 3 else "HFP"
+    assert decide(fs, rule()).patient_position == "HFP"  # most slices'

@@ -95,6 +95,13 @@ def test_display_orientation_from_flipped_and_transposed_storage():
     assert np.array_equal(to_display(a.T, [0, 1, 0, 1, 0, 0]), a)  # rows and columns swapped
 
 
+def test_patient_position_is_read_and_absent_is_unknown(one, tmp_path):
+    path, _ = one
+    assert read_slice(path, with_pixels=False).patient_position == ""  # the generator writes none
+    prone = _variant(path, tmp_path / "prone.dcm", PatientPosition="hfp ")
+    assert read_slice(prone, with_pixels=False).patient_position == "HFP"
+
+
 def test_mirrored_file_reads_back_in_display_orientation(one, tmp_path):
     path, _ = one
     ds = pydicom.dcmread(path)

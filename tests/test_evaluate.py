@@ -571,3 +571,40 @@ def test_a_positive_from_crop_images_says_it_is_not_graded(generated, capsys):
     row = next(line for line in out.splitlines() if line.startswith("crops-a"))
     assert "POSITIVE" in row and "not graded (no HU)" in row
     assert "not graded (no HU: crop images) 1" in out
+
+
+@pytest.mark.shared_data
+def test_prone_images_beside_a_mild_posterior_positive_are_reported_not_obeyed(tmp_path, capsys):
+    """COVID-CT-MD P001 (supine, mild, 82 % posterior: its grade advises prone images) with a prone series of the
+    same patient: a clear one (a generated lesion-free chest, PatientPosition HFP) adds "prone images: no lesion
+    run" to the study's grade; P001's own slices written as prone add "prone images: lesion persists". The study
+    stays positive either way: the prone series informs the reader, it does not overrule the flag."""
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    from appliance.phantom import PhantomSpec, write_phantom
+    from appliance.pipeline.case_logic import PRONE_CLEAR, PRONE_PERSISTS
+
+    p001 = shared_data("covid-ct-md", "P001")
+    for patient in ("clear", "persists"):
+        (tmp_path / "covid" / patient).mkdir(parents=True)
+        (tmp_path / "covid" / patient / "supine").symlink_to(p001, target_is_directory=True)
+    for path in write_phantom(tmp_path / "covid" / "clear" / "prone", PhantomSpec(slices=12, lesion=False, seed=4)):
+        ds = pydicom.dcmread(path)
+        ds.PatientPosition = "HFP"
+        ds.save_as(path)
+    out_dir, series_uid = tmp_path / "covid" / "persists" / "prone", generate_uid()
+    out_dir.mkdir()
+    for k, f in enumerate(sorted(p001.glob("*.dcm"))):
+        ds = pydicom.dcmread(f)
+        ds.PatientPosition, ds.SeriesInstanceUID, ds.SOPInstanceUID = "HFP", series_uid, generate_uid()
+        ds.save_as(out_dir / f"{k:04d}.dcm")
+    rc, out, err = run_cli(["evaluate", str(tmp_path), "--json"], capsys)
+    assert rc == 0, err
+    pats = {p["patient"]: p for p in json.loads(out)["patients"]}
+    for patient, note in (("clear", PRONE_CLEAR), ("persists", PRONE_PERSISTS)):
+        p = pats[patient]
+        assert p["result"] == "positive" and p["series"] == 2, p
+        reasons = p["grade"]["reasons"]
+        assert any(r.startswith("posterior ") and "prone images" in r for r in reasons), reasons
+        assert reasons[-1] == note, reasons

@@ -44,6 +44,12 @@ def test_finding_and_verdict_round_trip():
     acq = SeriesVerdict("negative", "final", None, 60, 50, 0, acquisition={"noise": 0.0213, "noisy": True,
                         "limit": 0.016, "smoothed_slices": 50, "slices_measured": 50})
     assert verdict_from_dict(verdict_to_dict(acq)) == acq
+    # the patient position (prone images) survives a restart; older rows read as unknown
+    prone = SliceFinding("p", 2.5, (512, 512), Rect(60, 40, 420, 470), pixel_mm=0.7, patient_position="HFP")
+    assert finding_from_dict(finding_to_dict(prone)) == prone
+    pv = SeriesVerdict("negative", "final", None, 12, 12, 0, patient_position="HFP")
+    assert verdict_from_dict(verdict_to_dict(pv)) == pv
+    assert verdict_from_dict(verdict_to_dict(v)).patient_position == ""
 
 
 def test_wal_mode_and_slices_survive_reopen(tmp_path):

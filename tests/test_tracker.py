@@ -248,3 +248,40 @@ def test_an_end_marker_completes_even_a_partial_looking_series():
     t.hint("S", "sender: association released", weak=True)
     assert t.tick(now=0.1) == [] and "S" in t.open, "weak, and the lung goes on: the quiet time decides"
     assert [u.kind for u in t.tick(now=61.0, idle_since=1.0)] == ["final"]
+
+
+def _graded(key: str, result: str, run: int, position: str, reasons: list[str], lung: int = 25,
+            focal: bool = False) -> SeriesSummary:
+    from appliance.domain import Evidence, SeriesVerdict
+
+    ev = Evidence("lower-left", 0, run - 1, run) if run else None  # type: ignore[arg-type]
+    v = SeriesVerdict(result, "final", ev, 30, lung, run, grade={"category": "typical", "reasons": reasons},  # type: ignore[arg-type]
+                      focal=Evidence("lower-left", 2, 5, 4) if focal else None, patient_position=position)
+    return SeriesSummary(key, v, "desc", 0.0)
+
+
+def test_a_supine_positive_advising_prone_images_says_what_the_prone_series_shows():
+    from appliance.pipeline.case_logic import PRONE_CLEAR, PRONE_PERSISTS
+    from appliance.pipeline.grading import DEPENDENT_ADVICE
+
+    advice = f"posterior 84 % ({DEPENDENT_ADVICE})"
+    supine = _graded("s", "positive", 6, "HFS", ["bilateral", advice])
+    clear = _graded("p", "indeterminate", 0, "HFP", [])  # a short, limited prone series with no lesion run
+    v, lead = study_verdict([supine, clear])
+    assert v.result == "positive" and lead.series_key == "s", "information, never a change of result"
+    assert v.grade["reasons"] == ["bilateral", advice, PRONE_CLEAR]
+    assert supine.verdict.grade["reasons"] == ["bilateral", advice], "the series' own verdict is left alone"
+    assert v.patient_position == "HFS"
+    for persists in (_graded("p", "positive", 5, "FFP", ["bilateral"]),
+                     _graded("p", "negative", 0, "HFP", [], focal=True)):  # one focal lesion is a run too
+        v, _ = study_verdict([supine, persists])
+        assert v.grade["reasons"][-1] == PRONE_PERSISTS
+    # the prone series may lead (a longer run): the note is the study's, whichever series leads
+    v, lead = study_verdict([supine, _graded("p", "positive", 9, "HFP", ["bilateral"])])
+    assert lead.series_key == "p" and v.grade["reasons"] == ["bilateral", PRONE_PERSISTS]
+    # no note: no advice, no prone series, or a prone series that saw no lung
+    plain = _graded("s", "positive", 6, "HFS", ["bilateral", "peripheral 80 %"])
+    for series in ([plain, clear], [supine, _graded("p", "negative", 0, "HFS", [])],
+                   [supine, _graded("p", "indeterminate", 0, "HFP", [], lung=0)], [supine]):
+        v, _ = study_verdict(series)
+        assert not any(r.startswith("prone images") for r in v.grade["reasons"]), series

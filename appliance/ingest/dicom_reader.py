@@ -254,6 +254,7 @@ def from_dataset(ds: pydicom.Dataset, key: str, max_tilt_deg: float = 10.0, with
         manufacturer=str(ds.get("Manufacturer", "") or ""),
         transfer_syntax=getattr(ts, "name", "") if ts else "",
         expected_count=int(expected) if expected not in (None, "") and str(expected).isdigit() else None,
+        patient_position=str(ds.get("PatientPosition", "") or "").strip().upper()[:8],
     )
     if with_pixels:
         img.hu = _display_hu(ds)

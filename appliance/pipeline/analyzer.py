@@ -170,6 +170,7 @@ class Analyzer:
                 found[i].noise, found[i].smoothed = noise[i]
             if s.hu is not None:
                 found[i].pixel_mm = round(math.sqrt(s.pixel_spacing[0] * s.pixel_spacing[1]), 4)
+                found[i].patient_position = s.patient_position
             if s.hu is not None and area is not None:
                 tm = time.perf_counter()
                 lung = lung_at_slice(area.lung, area.offset, area.scale, s.shape)

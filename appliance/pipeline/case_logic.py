@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -30,7 +31,7 @@ from appliance.domain import QUADRANTS, Core, Evidence, SeriesVerdict, SliceFind
 from appliance.geometry import GAP_FACTOR, links, median_spacing
 from appliance.pipeline.anatomy import patient_side, quadrant_of, zone_of  # noqa: F401 - quadrant_of: the rule's quadrants
 from appliance.pipeline.foci import FOCUS_GROW, FOCUS_SKIP, foci, focus_members, focus_size  # noqa: F401
-from appliance.pipeline.grading import grade
+from appliance.pipeline.grading import DEPENDENT_ADVICE, grade
 from appliance.pipeline.mass_foci import explain_masses
 from appliance.pipeline.noise import NOISY, acquisition
 from appliance.pipeline.solid_lesions import explain_foci
@@ -248,9 +249,11 @@ def decide(findings: Sequence[SliceFinding], rule: CaseRule, *, final: bool = Tr
         shaping = named if n_foci == 0 or any(s.kind == "mass" for s in named) else []
         graded = grade([f.measures for f in findings], n_foci, [f.position for f in findings], shaping).to_dict()
     acq = acquisition([f.noise for f in findings], sum(1 for f in findings if f.smoothed > 0), rule.noise_limit)
+    positions = Counter(f.patient_position for f in findings if f.patient_position)
     return SeriesVerdict(result=result, state="final" if final else "provisional", evidence=ev, slices=n,
                          lung_slices=lung, lesion_slices=lesion, reason=reason, gaps=gaps, focal=focal,
-                         foci=n_foci, others=[s.to_dict() for s in named], grade=graded, acquisition=acq)
+                         foci=n_foci, others=[s.to_dict() for s in named], grade=graded, acquisition=acq,
+                         patient_position=positions.most_common(1)[0][0] if positions else "")
 
 
 # -- the study verdict over its series -----------------------------------------------------------------------------
@@ -269,13 +272,37 @@ class SeriesSummary:
 
 
 RESULT_RANK = {"positive": 2, "negative": 1, "indeterminate": 0}
+PRONE_CLEAR = "prone images: no lesion run (the posterior finding may be dependent density — for a radiologist)"
+PRONE_PERSISTS = "prone images: lesion persists"
+
+
+def prone(position: str) -> bool:
+    """Whether a DICOM PatientPosition is prone (HFP, FFP, and the rarer LFP / RFP ...: it ends in P)."""
+    return position.endswith("P")
+
+
+def prone_note(series: Sequence["SeriesSummary"]) -> str | None:
+    """What a study's prone series say when one of its supine positives carries the prone-images advice
+    (appliance.pipeline.grading: a mild, mostly posterior pattern, which dependent density on a supine scan looks
+    like): `PRONE_PERSISTS` when a prone series shows a lesion run too (positive, or one focal lesion), `PRONE_CLEAR`
+    when no prone series that saw lung does (a short, limited prone series counts); None without such a positive
+    or without such a series. Information for the reader, never a change of result: the flag stays (a prone
+    series may also miss a faint lesion)."""
+    advised = any(s.verdict.result == "positive" and not prone(s.verdict.patient_position)
+                  and any(DEPENDENT_ADVICE in r for r in (s.verdict.grade or {}).get("reasons") or [])
+                  for s in series)
+    looked = [s.verdict for s in series if prone(s.verdict.patient_position) and s.verdict.lung_slices > 0]
+    if not advised or not looked:
+        return None
+    return PRONE_PERSISTS if any(v.evidence is not None or v.focal is not None for v in looked) else PRONE_CLEAR
 
 
 def study_verdict(series: Sequence[SeriesSummary]) -> tuple[SeriesVerdict, SeriesSummary]:
     """(study verdict, lead series): what the appliance publishes and `evaluate` counts per patient.
 
     Positive when any series is; negative when none is and at least one is negative; else indeterminate. Final
-    when every series is final. The lead series (whose evidence, counts and key are reported) is the positive one
+    when every series is final. A positive whose grade advises prone images also says what the study's prone
+    series show (`prone_note`), as one more reason of its grade. The lead series (whose evidence, counts and key are reported) is the positive one
     with the longest run; for a negative, the one naming the longest single focal lesion, else the most recently
     updated one with the study's result."""
     if not series:
@@ -288,7 +315,11 @@ def study_verdict(series: Sequence[SeriesSummary]) -> tuple[SeriesVerdict, Serie
     else:
         lead = max(same, key=lambda s: (s.verdict.focal.run if s.verdict.focal else 0, s.updated))
     lv = lead.verdict
+    graded = lv.grade
+    if graded and result == "positive" and (note := prone_note(series)):
+        graded = {**graded, "reasons": [*graded.get("reasons", []), note]}
     v = SeriesVerdict(result=result, state=state, evidence=lv.evidence, slices=lv.slices,  # type: ignore[arg-type]
                       lung_slices=lv.lung_slices, lesion_slices=lv.lesion_slices, reason=lv.reason, gaps=lv.gaps,
-                      focal=lv.focal, foci=lv.foci, others=lv.others, grade=lv.grade, acquisition=lv.acquisition)
+                      focal=lv.focal, foci=lv.foci, others=lv.others, grade=graded, acquisition=lv.acquisition,
+                      patient_position=lv.patient_position)
     return v, lead
