@@ -231,3 +231,19 @@ def test_real_cap001_is_graded_with_reasons(analyzer, series_cache):
     assert g.category in ("typical", "indeterminate", "atypical") and len(g.reasons) >= 4
     assert g.regions["LLL"] >= 1 and 0.5 <= g.extent["total"] <= 40  # labels: both lower lobes
 
+
+
+def test_foci_too_small_to_measure_are_indeterminate_not_ungraded():
+    """A positive always carries a category: foci whose measured lesion is below 0.1 ml in all get
+    'indeterminate (minimal lesion)'; the same measures without a focus are no lesion (negative)."""
+    def speck(k, hu):  # a 3 mm speck in each lung on one slice: under 0.1 ml
+        return None if k != 5 else ggo_patch(hu, 385, 150, 2.2, k) | ggo_patch(hu, 385, 362, 2.2, k + 9)
+
+    hus, masks, positions = series(speck)
+    ms = measured(hus, masks)
+    g = grade(ms, 2, positions)
+    assert g.category == "indeterminate" and 0 < g.lesion_ml < 0.1, g
+    assert g.reasons[0].startswith("minimal lesion (0.0") and g.reasons[1] == "multifocal (2 foci)"
+    assert g.severity == sum(g.regions.values()) <= 5  # measured as ever: a speck scores 0-1 per region
+    none = grade(ms, 0, positions)
+    assert none.category == "negative" and none.reasons == ["no lesion"] and none.severity == 0

@@ -241,7 +241,9 @@ def grade(measures: Sequence[SliceMeasures | None], foci_count: int, positions: 
     atypical: a solid nodule or mass explains foci; or consolidation-predominant (ground glass < 40 %) that is
     unilateral, single-focus or nodular (small foci: < `NODULAR_ML` on average).
     indeterminate: lesion present, neither (unilateral or central ground glass, mixed patterns).
-    negative: less than `MIN_LESION_ML` of lesion, or no focus and no solid lesion (the case rule's view).
+    negative: less than `MIN_LESION_ML` of lesion and no focus, or no focus and no solid lesion (the case rule's
+    view). Foci with less than `MIN_LESION_ML` measured in all (small boxes on thin slices) are indeterminate,
+    "minimal lesion": a positive always carries a category.
     """
     spacing = median_spacing(list(positions)) if len(positions) > 1 else 1.0
     spacing = spacing or 1.0
@@ -275,6 +277,11 @@ def grade(measures: Sequence[SliceMeasures | None], foci_count: int, positions: 
               zones={k: _pct(v[1], v[0]) for k, v in vol.items()}, lesion_ml=round(lesion / 1000.0, 2),
               ground_glass_pct=_pct(ggo, ggo + cons), peripheral_pct=_pct(periph, periph + central),
               posterior_pct=_pct(post, periph + central))
+    if foci_count > 0 and lesion / 1000.0 < MIN_LESION_ML:  # foci too small to measure a pattern on
+        g.category = "indeterminate"
+        g.reasons = [f"minimal lesion ({lesion / 1000.0:.2f} ml measured): too little to grade a pattern",
+                     f"multifocal ({foci_count} foci)" if foci_count >= 2 else "single focus"]
+        return g
     if lesion / 1000.0 < MIN_LESION_ML or (foci_count == 0 and not solids):
         g.reasons = ["no lesion" if lesion / 1000.0 < MIN_LESION_ML else "no lesion focus spanning a run"]
         g.severity, g.regions = 0, {r: 0 for r in REGIONS}  # the extent still shows what was measured
