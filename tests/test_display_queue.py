@@ -347,3 +347,27 @@ def test_a_corrected_verdict_shows_as_a_correction_and_asks_to_be_seen_again(bro
     expect(page.locator("#unseen")).to_be_hidden()
     page.screenshot(path=str(ART / "corrected-1280.png"))
     page.close()
+
+
+def test_an_update_of_the_same_result_says_so_and_keeps_its_seen_mark(browser, display, bus):  # noqa: F811
+    """Prone images after a positive's final go out as a correction with the same result (appliance.service.verdicts):
+    the tile reads FINAL · UPDATED with what the prone images showed, and the flag did not change, so its SEEN mark
+    stays."""
+    from playwright.sync_api import expect
+
+    from appliance.pipeline.case_logic import PRONE_CLEAR
+
+    page = open_at(browser, display.url, HD)
+    k = key("prone")
+    bus.publish(f"ctriage/ct-room-2/verdict/{k}", verdict("ct-room-2", k, "final", "positive", created=ago(9)))
+    bus.publish(f"ctriage/ct-room-2/ack/{k}", ack_payload(k))
+    t = tile(page, k)
+    expect(t).to_have_attribute("data-acked", "true")
+    what = f"prone images arrived after the final verdict — {PRONE_CLEAR}"
+    bus.publish(f"ctriage/ct-room-2/verdict/{k}", corrected("ct-room-2", k, "positive", "positive", what=what))
+    expect(t.locator(".strip-text")).to_have_text("FINAL · UPDATED", timeout=3000)
+    expect(t.locator(".flag-word")).to_have_text("POSITIVE")
+    expect(t.locator(".corr-note")).to_contain_text("prone images arrived after the final verdict")
+    expect(t).to_have_attribute("data-acked", "true")  # the same flag: seen stays seen
+    expect(page.locator("#unseen")).to_be_hidden()
+    page.close()

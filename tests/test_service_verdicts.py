@@ -180,3 +180,40 @@ def test_a_final_verdict_is_queued_for_pacs_in_its_transaction_once(parts):
     store_series(store, "B", 10, now=1003.0)
     v.on_update(Update("B", "final", verdict("negative", "final"), "quiet"), 1004.0)
     assert len(pacs.pending()) == 1 and flushed == [1]
+
+
+def test_prone_images_after_a_positive_final_go_out_once_as_an_update_of_the_same_result(parts, caplog):
+    """A supine positive advising prone images is final; the prone series arrives later (repositioning takes
+    minutes): what it shows is published once, as a correction with the same result saying so; a repeat is not."""
+    from appliance.pipeline.case_logic import PRONE_CLEAR
+    from appliance.pipeline.grading import DEPENDENT_ADVICE
+
+    store, v, pacs = parts.store, parts.verdicts, parts.pacs
+    pacs.sender = SimpleNamespace(destinations=["PACS@host:104"], send_key_images=False)  # enabled
+    pacs.flush = lambda: None
+    caplog.set_level(logging.INFO, logger="ctriage")
+    advice = f"posterior 84 % ({DEPENDENT_ADVICE})"
+
+    def graded(result: str, n: int, run: int, position: str, reasons: list[str]) -> SeriesVerdict:
+        sv = verdict(result, "final", n, run)
+        sv.grade, sv.patient_position = {"category": "typical", "reasons": reasons}, position
+        return sv
+
+    store_series(store, "S", 10, range(3, 7))
+    v.on_update(Update("S", "final", graded("positive", 10, 4, "HFS", ["bilateral", advice]), "quiet"), 1001.0)
+    (final,) = parts.published()
+    assert final["state"] == "final" and final["grade"]["reasons"] == ["bilateral", advice]
+
+    store_series(store, "P", 8, now=1100.0)  # prone images, no lesion run
+    v.on_update(Update("P", "final", graded("indeterminate", 8, 0, "HFP", []), "quiet"), 1101.0)
+    upd = parts.published()[-1]
+    assert (upd["state"], upd["result"], upd["series_key"]) == ("corrected", "positive", "key-S")
+    assert upd["grade"]["reasons"] == ["bilateral", advice, PRONE_CLEAR]
+    c = upd["correction"]
+    assert c["previous_result"] == "positive" and c["previous_created"] == final["created"]
+    assert c["what"] == f"prone images arrived after the final verdict — {PRONE_CLEAR}"
+    assert len(pacs.pending()) == 1  # the final's SR only: the SR carries no reasons, the update adds nothing there
+    # the same again (a late prone slice): nothing new to say
+    v.on_update(Update("P", "final", graded("indeterminate", 9, 0, "HFP", []), "quiet"), 1102.0)
+    assert len(parts.published()) == 2
+    assert "not published: the study's final verdict (positive) stands" in caplog.text

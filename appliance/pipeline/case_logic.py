@@ -274,6 +274,7 @@ class SeriesSummary:
 RESULT_RANK = {"positive": 2, "negative": 1, "indeterminate": 0}
 PRONE_CLEAR = "prone images: no lesion run (the posterior finding may be dependent density — for a radiologist)"
 PRONE_PERSISTS = "prone images: lesion persists"
+PRONE_NOTES = (PRONE_CLEAR, PRONE_PERSISTS)
 
 
 def prone(position: str) -> bool:

@@ -108,12 +108,13 @@ def verdict_payload(*, device: str, study_key: str, series_key: str, verdict: Se
     return p
 
 
-def correction(previous: dict[str, Any], result: str) -> dict[str, Any]:
-    """What a corrected verdict says of the final it replaces (`previous`: that verdict's payload)."""
+def correction(previous: dict[str, Any], result: str, what: str | None = None) -> dict[str, Any]:
+    """What a corrected verdict says of the final it replaces (`previous`: that verdict's payload); `what`: why,
+    where it is not a changed result (the same result with something the reader must see: prone images)."""
     was = str(previous.get("result"))
     return {"previous_result": was, "previous_state": str(previous.get("state")),
             "previous_created": previous.get("created"),
-            "what": f"slices that arrived after the final verdict changed the result from {was} to {result}"}
+            "what": what or f"slices that arrived after the final verdict changed the result from {was} to {result}"}
 
 
 def overlay_payload(*, device: str, study_key: str, series_key: str, state: str, slices: int,

@@ -2,7 +2,9 @@
 (with its key image) → the durable outbox, and final verdicts on to the PACS hand-over, all in one store transaction.
 
 A study's final verdict is published once; after it only a final result that differs goes out, as a correction
-(`after_final`). A verdict identical to the last published one (fingerprint, times excluded) is not re-published.
+(`after_final`), and one update of the same result when prone images arrive after a positive's final (what they
+show is the reader's to see). A verdict identical to the last published one (fingerprint, times excluded) is not
+re-published.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from appliance.domain import Evidence, SliceFinding
-from appliance.pipeline.case_logic import SeriesSummary, study_verdict
+from appliance.pipeline.case_logic import PRONE_NOTES, SeriesSummary, study_verdict
 from appliance.pipeline.tracker import Update
 from appliance.publish import messages as msg
 from appliance.publish.key_slices import key_slices, lead_run
@@ -88,7 +90,9 @@ class Verdicts:
         overlay = self.overlay_payload(lead_row, payload["state"], sv.result, findings, lead_run(sv)) if changed else None
         study_key = lead_row["study_key"]
         expiry = self.cfg.mqtt.verdict_expiry_seconds or None
-        pacs_fp = pacs_fingerprint(payload) if changed and sv.state == "final" and self.pacs.enabled else None
+        same = correction is not None and correction["previous_result"] == sv.result  # news, not a new result
+        pacs_fp = pacs_fingerprint(payload) if changed and sv.state == "final" and self.pacs.enabled and not same \
+            else None  # the SR carries no reasons: a same-result update has nothing new for PACS
         if pacs_fp is not None and self.pacs.already_sent(study_key, pacs_fp):
             pacs_fp = None  # PACS has this result already (the study changed elsewhere)
         with self.store.transaction():
@@ -123,15 +127,32 @@ class Verdicts:
     def after_final(self, prev: Any, sv: Any, study_key: str) -> tuple[bool, dict[str, Any] | None]:
         """(publish?, correction) for a study verdict. A study's final verdict is published once. After it, the
         study's verdicts (late slices, another series) go out only when a final result differs from the one
-        published: as a correction naming what it replaces. Provisional states after a final, and finals that
-        agree with it, are stored and not published (no provisional after a final, no second final)."""
+        published: as a correction naming what it replaces; or, with the same result, once when its grade gains
+        what prone images show (`prone_news`), as a correction saying so. Provisional states after a final, and
+        finals that agree with it, are stored and not published (no provisional after a final, no second final)."""
         if prev is None or prev["state"] not in ("final", "corrected"):
             return True, None
-        if sv.state != "final" or sv.result == prev["result"]:
+        if sv.state != "final" or (sv.result == prev["result"] and self.prone_news(sv) is None):
             return False, None
         published = self.store.verdicts(study_key)
         last = published[-1] if published else {"result": prev["result"], "state": prev["state"], "created": None}
-        return True, msg.correction(last, sv.result)
+        if sv.result != prev["result"]:
+            return True, msg.correction(last, sv.result)
+        note = self.prone_news(sv, last)  # the same result: published again only with news from prone images
+        if note is None:
+            return False, None
+        return True, msg.correction(last, sv.result, f"prone images arrived after the final verdict — {note}")
+
+    @staticmethod
+    def prone_news(sv: Any, last: dict[str, Any] | None = None) -> str | None:
+        """The study verdict's note on prone images (case_logic.prone_note) when the last published verdict
+        (`last`; None: any note) did not say it: prone images taken after a positive's final — as its grade advises
+        — reach the reader as an update of the same result."""
+        notes = [r for r in (sv.grade or {}).get("reasons") or [] if r in PRONE_NOTES]
+        if not notes:
+            return None
+        said = ((last or {}).get("grade") or {}).get("reasons") or []
+        return None if notes[-1] in said else notes[-1]
 
     def overlay_payload(self, row: Any, state: str, result: str, findings: list[SliceFinding],
                         lead: Evidence | None = None) -> dict[str, Any]:

@@ -280,6 +280,7 @@
   function stripText(s) {
     if (s.state === "corrected") {
       const was = s.correction && s.correction.previous_result;
+      if (was && was === s.result) return "FINAL · UPDATED";  // the same result, with news (prone images)
       return "CORRECTED" + (was ? " — was " + String(was).toUpperCase() : "");
     }
     if (s.state === "final") {
