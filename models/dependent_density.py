@@ -1,11 +1,16 @@
 """Dependent density added to a real series: a check of what gravity-dependent lung does to the case rule.
 
-In a supine patient the posterior (dependent) lung is less aerated: a subpleural band of ground-glass density
-along the back of both lungs, densest at the pleura and fading within a few millimetres (dependent atelectasis).
-It is common on normal scans and goes away when the patient is turned prone. This module adds such a band to
-each HU slice of a series — `amplitude` HU at the pleura, fading with `decay_mm` (exp(-depth/decay)) — in the
-posterior 35 % of the aerated lung, on slices from `z_from` of the series on (head to feet), and writes the
-result as a new DICOM series (the appliance's own CT writer: uncompressed, same positions and spacing).
+In a supine patient the posterior (dependent) lung is less aerated: ground-glass density at the back of both
+lungs, densest at the pleura (a subpleural band: dependent atelectasis) and often as a haze through the dependent
+lung. It is common on normal scans and goes away when the patient is turned prone. This module adds it to each HU
+slice of a series — `amplitude` HU at a border, fading with `decay_mm` (exp(-depth/decay)) — in the posterior 35 %
+of the aerated lung, on slices from `z_from` of the series on (head to feet), and writes the result as a new DICOM
+series (the appliance's own CT writer: uncompressed, same positions and spacing). Two shapes (`subpleural`):
+
+- haze (default): depth from any tissue — the pleura *and* the vessels and bronchi inside the lung (the aerated
+  mask is not hole-filled), so the dependent parenchyma hazes around every structure;
+- subpleural band: depth from the lung's outer border only (the mask with its holes filled): a band along the
+  pleura, the rest of the dependent lung untouched.
 
     python -m models.probe_foci --only dependent        # verdicts and foci with the band at several amplitudes
 
@@ -18,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 from scipy import ndimage as ndi
+
+from appliance.pipeline.solid import fill_holes
 
 POSTERIOR_SHARE = 0.35  # the band lies in this share of the lung's anterior-posterior extent, posteriorly
 AIR_HU = -500.0  # aerated lung is below this
@@ -38,14 +45,14 @@ def aerated_lung(hu: np.ndarray, px_mm: float) -> np.ndarray:
 
 
 def add_dependent(hu: np.ndarray, px_mm: float, amplitude: float, decay_mm: float = 4.0,
-                  seed: int = 0) -> np.ndarray:
+                  seed: int = 0, subpleural: bool = False) -> np.ndarray:
     """`hu` (display orientation: posterior at the bottom) with a dependent band added; unchanged without lung
     or at amplitude 0. The band carries 30 % multiplicative texture (smoothed), as real parenchyma does, and stays
     inside the aerated lung."""
     lung = aerated_lung(hu, px_mm)
     if amplitude == 0 or not lung.any():
         return hu.copy()
-    depth = ndi.distance_transform_edt(lung, sampling=px_mm)
+    depth = ndi.distance_transform_edt(fill_holes(lung) if subpleural else lung, sampling=px_mm)
     rows = np.flatnonzero(lung.any(axis=1))
     cut = int(rows[-1] - POSTERIOR_SHARE * (rows[-1] - rows[0]))
     weight = np.exp(-depth / decay_mm) * lung
@@ -55,7 +62,8 @@ def add_dependent(hu: np.ndarray, px_mm: float, amplitude: float, decay_mm: floa
     return hu + amplitude * weight.astype(hu.dtype)
 
 
-def write_dependent(src: Path, out: Path, amplitude: float, decay_mm: float = 4.0, z_from: float = 0.3) -> int:
+def write_dependent(src: Path, out: Path, amplitude: float, decay_mm: float = 4.0, z_from: float = 0.3,
+                    subpleural: bool = False) -> int:
     """The axial CT series in `src` (its largest one) with the band on slices from `z_from` of it (head to feet)
     on, as a new series in `out`; returns the slice count."""
     import pydicom
@@ -82,9 +90,9 @@ def write_dependent(src: Path, out: Path, amplitude: float, decay_mm: float = 4.
         hu = ds.pixel_array.astype(np.float32) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
         sy, sx = (float(v) for v in ds.PixelSpacing)
         if k >= z_from * len(slices):
-            hu = add_dependent(hu, float(np.sqrt(sy * sx)), amplitude, decay_mm, seed=k)
+            hu = add_dependent(hu, float(np.sqrt(sy * sx)), amplitude, decay_mm, seed=k, subpleural=subpleural)
         new = ct_slice_dataset(hu, study_uid=study, series_uid=series, instance=k + 1, z_mm=-negz,
                                spacing_mm=(sy, sx), thickness_mm=float(getattr(ds, "SliceThickness", 0) or 0) or 1.0,
-                               description=f"dependent band {amplitude:g} HU")
+                               description=f"dependent {'band' if subpleural else 'haze'} {amplitude:g} HU")
         new.save_as(out / f"IM{k + 1:04d}.dcm", enforce_file_format=True)
     return len(slices)

@@ -12,9 +12,10 @@ models/LESION2.md come from here.
 - dicom: the real HU series — COVID-CT-MD P001 and cap001, Lung-PET-CT-Dx A0001, the TB Portals volumes and the
   TotalSegmentator chest crop (NIfTI volumes written as DICOM to a temporary folder; needs nibabel).
 - pseudo: the pseudo-labelled COVID-19 patients of COVID-SemiSeg as image series (per-image rule).
-- dependent: A0001 (lung cancer) and P001 (COVID-19) with a dependent band of ground-glass density added along the
-  posterior pleura of both lungs (models.dependent_density; `--amplitudes` HU at the pleura, 0 = as read through
-  the same writer): what gravity-dependent lung on a supine scan does to the case rule.
+- dependent: A0001 (lung cancer) and P001 (COVID-19) with dependent ground-glass density added at the back of both
+  lungs (models.dependent_density: a haze around every structure there, then a band along the pleura only;
+  `--amplitudes` HU at the border, 0 = as read through the same writer): what gravity-dependent lung on a supine
+  scan does to the case rule.
 
 Research data is read in place from ../shared/data (or $CTRIAGE_DATA); what is absent is skipped with a reason.
 """
@@ -136,10 +137,12 @@ def series(only: set[str], seeds: list[int], amplitudes: tuple[float, ...] = (0.
             if not (DATA / DICOM[name]).exists():
                 print(f"SKIP {name} with a dependent band: {DATA / DICOM[name]} is absent", file=sys.stderr)
                 continue
-            for amp in amplitudes:
-                with tempfile.TemporaryDirectory(prefix="ctriage-probe-") as d:
-                    write_dependent(DATA / DICOM[name], Path(d), amp)
-                    yield f"{name} + dependent band {amp:g} HU", "dicom", Path(d)
+            for subpleural in (False, True):
+                for amp in amplitudes:
+                    with tempfile.TemporaryDirectory(prefix="ctriage-probe-") as d:
+                        write_dependent(DATA / DICOM[name], Path(d), amp, subpleural=subpleural)
+                        shape = "subpleural band" if subpleural else "dependent haze"
+                        yield f"{name} + {shape} {amp:g} HU", "dicom", Path(d)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -62,3 +62,17 @@ def test_a_folder_without_ct_slices_is_a_clear_error(tmp_path):
     (tmp_path / "notes.txt").write_text("no slices here")
     with pytest.raises(ValueError, match="no CT slices with a position"):
         write_dependent(tmp_path, tmp_path / "out", 300.0)
+
+
+def test_the_haze_wraps_vessels_and_the_subpleural_band_only_the_pleura():
+    hu = chest()
+    yy, xx = np.mgrid[:200, :200]
+    vessel = (yy - 140) ** 2 + (xx - 55) ** 2 <= 4  # a vessel cut across in the posterior right lung
+    hu[vessel] = 40.0
+    ring = ((yy - 140) ** 2 + (xx - 55) ** 2 <= 16) & ~((yy - 140) ** 2 + (xx - 55) ** 2 <= 6)  # 1-2 mm around it
+    haze = add_dependent(hu, 1.0, 300.0) - hu
+    band = add_dependent(hu, 1.0, 300.0, subpleural=True) - hu
+    assert haze[ring].mean() > 100.0 and band[ring].mean() < 20.0  # only the haze wraps the vessel
+    col = np.flatnonzero(aerated_lung(hu, 1.0)[:, 55])[-1]  # the posterior pleura in that column
+    assert band[col - 1, 55] > 120.0  # both are densest at the pleura
+    assert haze[col - 1, 55] > 120.0
