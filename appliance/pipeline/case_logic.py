@@ -303,9 +303,9 @@ def study_verdict(series: Sequence[SeriesSummary]) -> tuple[SeriesVerdict, Serie
 
     Positive when any series is; negative when none is and at least one is negative; else indeterminate. Final
     when every series is final. A positive whose grade advises prone images also says what the study's prone
-    series show (`prone_note`), as one more reason of its grade. The lead series (whose evidence, counts and key are reported) is the positive one
-    with the longest run; for a negative, the one naming the longest single focal lesion, else the most recently
-    updated one with the study's result."""
+    series show (`prone_note`), as one more reason of its grade. The lead series (whose evidence, counts and key
+    are reported) is the positive one with the longest run; for a negative, the one naming the longest single
+    focal lesion, else the most recently updated one with the study's result."""
     if not series:
         raise ValueError("a study verdict needs at least one series")
     result = max((s.verdict.result for s in series), key=RESULT_RANK.__getitem__)

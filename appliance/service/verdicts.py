@@ -36,6 +36,11 @@ def fingerprint(payload: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(core, sort_keys=True).encode()).hexdigest()
 
 
+def prone_notes(grade: dict[str, Any] | None) -> list[str]:
+    """The notes on prone images (case_logic.prone_note) among a grade's reasons."""
+    return [r for r in (grade or {}).get("reasons") or [] if r in PRONE_NOTES]
+
+
 class Verdicts:
     """Turns tracker updates into published study verdicts (worker thread; also at start, for recovered series).
 
@@ -128,31 +133,21 @@ class Verdicts:
         """(publish?, correction) for a study verdict. A study's final verdict is published once. After it, the
         study's verdicts (late slices, another series) go out only when a final result differs from the one
         published: as a correction naming what it replaces; or, with the same result, once when its grade gains
-        what prone images show (`prone_news`), as a correction saying so. Provisional states after a final, and
+        what prone images show (`prone_notes`), as a correction saying so. Provisional states after a final, and
         finals that agree with it, are stored and not published (no provisional after a final, no second final)."""
         if prev is None or prev["state"] not in ("final", "corrected"):
             return True, None
-        if sv.state != "final" or (sv.result == prev["result"] and self.prone_news(sv) is None):
+        news = prone_notes(sv.grade) if sv.result == prev["result"] else []
+        if sv.state != "final" or (sv.result == prev["result"] and not news):
             return False, None
         published = self.store.verdicts(study_key)
         last = published[-1] if published else {"result": prev["result"], "state": prev["state"], "created": None}
         if sv.result != prev["result"]:
             return True, msg.correction(last, sv.result)
-        note = self.prone_news(sv, last)  # the same result: published again only with news from prone images
-        if note is None:
+        if news[-1] in prone_notes(last.get("grade")):  # the same result, and prone images said nothing new
             return False, None
-        return True, msg.correction(last, sv.result, f"prone images arrived after the final verdict — {note}")
+        return True, msg.correction(last, sv.result, f"prone images arrived after the final verdict — {news[-1]}")
 
-    @staticmethod
-    def prone_news(sv: Any, last: dict[str, Any] | None = None) -> str | None:
-        """The study verdict's note on prone images (case_logic.prone_note) when the last published verdict
-        (`last`; None: any note) did not say it: prone images taken after a positive's final — as its grade advises
-        — reach the reader as an update of the same result."""
-        notes = [r for r in (sv.grade or {}).get("reasons") or [] if r in PRONE_NOTES]
-        if not notes:
-            return None
-        said = ((last or {}).get("grade") or {}).get("reasons") or []
-        return None if notes[-1] in said else notes[-1]
 
     def overlay_payload(self, row: Any, state: str, result: str, findings: list[SliceFinding],
                         lead: Evidence | None = None) -> dict[str, Any]:
