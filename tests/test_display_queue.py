@@ -13,7 +13,7 @@ import shutil
 from appliance.domain import Evidence
 from appliance.publish import messages
 
-from .test_display import ART, ago, browser, bus, display, tile  # noqa: F401 - fixtures
+from .test_display import ART, ago, assert_nothing_clipped, browser, bus, display, tile  # noqa: F401 - fixtures
 from .test_display_server import iso, overlay, status, verdict
 
 HD = {"width": 1280, "height": 720}
@@ -363,11 +363,17 @@ def test_an_update_of_the_same_result_says_so_and_keeps_its_seen_mark(browser, d
     bus.publish(f"ctriage/ct-room-2/ack/{k}", ack_payload(k))
     t = tile(page, k)
     expect(t).to_have_attribute("data-acked", "true")
-    what = f"prone images arrived after the final verdict — {PRONE_CLEAR}"
+    what = f"{PRONE_CLEAR} — images taken after the final verdict"
     bus.publish(f"ctriage/ct-room-2/verdict/{k}", corrected("ct-room-2", k, "positive", "positive", what=what))
     expect(t.locator(".strip-text")).to_have_text("FINAL · UPDATED", timeout=3000)
     expect(t.locator(".flag-word")).to_have_text("POSITIVE")
-    expect(t.locator(".corr-note")).to_contain_text("prone images arrived after the final verdict")
+    expect(t.locator(".corr-note")).to_contain_text("prone images: no lesion run")  # the news leads the line
     expect(t).to_have_attribute("data-acked", "true")  # the same flag: seen stays seen
     expect(page.locator("#unseen")).to_be_hidden()
+    page.wait_for_timeout(1300)  # the arrival highlight has settled
+    ART.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ART / "prone-update-1280.png"))
+    # the note fits the tile's facts (beside a where-line the detail line gives way to it)
+    assert t.locator(".corr-note").evaluate("e => e.getBoundingClientRect().bottom"
+                                            " <= e.parentElement.getBoundingClientRect().bottom + 0.5")
     page.close()

@@ -211,7 +211,7 @@ def test_prone_images_after_a_positive_final_go_out_once_as_an_update_of_the_sam
     assert upd["grade"]["reasons"] == ["bilateral", advice, PRONE_CLEAR]
     c = upd["correction"]
     assert c["previous_result"] == "positive" and c["previous_created"] == final["created"]
-    assert c["what"] == f"prone images arrived after the final verdict — {PRONE_CLEAR}"
+    assert c["what"] == f"{PRONE_CLEAR} — images taken after the final verdict"
     assert len(pacs.pending()) == 1  # the final's SR only: the SR carries no reasons, the update adds nothing there
     # the same again (a late prone slice): nothing new to say
     v.on_update(Update("P", "final", graded("indeterminate", 9, 0, "HFP", []), "quiet"), 1102.0)

@@ -146,7 +146,8 @@ class Verdicts:
             return True, msg.correction(last, sv.result)
         if news[-1] in prone_notes(last.get("grade")):  # the same result, and prone images said nothing new
             return False, None
-        return True, msg.correction(last, sv.result, f"prone images arrived after the final verdict — {news[-1]}")
+        # the news first: the tile shows the start of `what`
+        return True, msg.correction(last, sv.result, f"{news[-1]} — images taken after the final verdict")
 
 
     def overlay_payload(self, row: Any, state: str, result: str, findings: list[SliceFinding],
