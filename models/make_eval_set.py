@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 from models.data import DATA, SEMI, VAL_PSEUDO_PATIENTS, doctor_files, held_out, noncovid_files
-from models.make_series import write_volumes
+from models.make_series import VOLUMES, write_volumes
 
 A0001 = DATA / "lung-pet-ct-dx-A0001" / "Lung-PET-CT-Dx"
 
@@ -58,7 +58,7 @@ def build_patients(out: Path) -> dict[str, int]:
     for p in series:
         _link(p, out / "control" / "lpcd-A0001" / p.name)
     counts["lpcd-A0001"] = len(series)
-    counts.update(write_volumes(out / "control"))
+    counts.update(write_volumes(out / "control", tuple(VOLUMES)))  # the card's controls: not the TB volumes
     return counts
 
 

@@ -2,11 +2,12 @@
 
     python -m models.make_series /tmp/ctriage-val-series
 
-Real HU data, never written into the project. The series carry no patient identifiers.
+The TotalSegmentator chest crop and abdomen, and the TB Portals volumes (tb1-tb3, 128×128×64). Real HU data,
+never written into the project (licences: research use only). The series carry no patient identifiers.
 """
 from __future__ import annotations
 
-import sys
+import argparse
 from pathlib import Path
 
 import numpy as np
@@ -40,14 +41,32 @@ VOLUMES = {  # folder name -> (NIfTI volume, series description)
 }
 
 
-def write_volumes(out: Path) -> dict[str, int]:
-    """Every research volume as a DICOM series in out/<name>/; returns the slice count of each."""
-    return {name: write_volume(path, out / name, desc) for name, (path, desc) in VOLUMES.items()}
+TB = DATA / "tb-portal-volumes" / "data"
+
+
+def volumes() -> dict[str, tuple[Path, str]]:
+    """Folder name -> (NIfTI volume, series description) of every research volume present."""
+    tb = {f"tb{k + 1}": (p, "tuberculosis, 128×128×64") for k, p in enumerate(sorted(TB.glob("*x64.nii.gz")))}
+    return {**{k: v for k, v in VOLUMES.items() if v[0].exists()}, **tb}
+
+
+def write_volumes(out: Path, names: tuple[str, ...] | None = None) -> dict[str, int]:
+    """Every research volume present (or those `names`) as a DICOM series in out/<name>/; returns the slice count
+    of each."""
+    return {name: write_volume(path, out / name, desc) for name, (path, desc) in volumes().items()
+            if names is None or name in names}
 
 
 def main(argv: list[str] | None = None) -> None:
-    out = Path((argv or sys.argv[1:])[0])
-    print(f"{out}:", ", ".join(f"{k} {n} slices" for k, n in write_volumes(out).items()))
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("out", type=Path, help="scratch folder to write the series into (outside the project)")
+    out = ap.parse_args(argv).out.resolve()
+    if Path(__file__).resolve().parents[1] in [out, *out.parents]:
+        ap.error(f"{out} is inside the project: the research data must not be copied into it")
+    written = write_volumes(out)
+    if not written:
+        ap.error(f"no research volumes found under {DATA}")
+    print(f"{out}:", ", ".join(f"{k} {n} slices" for k, n in written.items()))
 
 
 if __name__ == "__main__":

@@ -72,6 +72,19 @@ def test_make_eval_set_builds_evaluate_layout_outside_the_project(tmp_path):
     assert not (project / "eval-here").exists()
 
 
+def test_make_series_refuses_the_project_and_answers_help(capsys):
+    from models.make_series import main
+
+    project = Path(__file__).resolve().parents[1]
+    with pytest.raises(SystemExit):
+        main([str(project / "series-here")])
+    assert "inside the project" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as ex:
+        main(["--help"])
+    assert ex.value.code == 0 and "scratch folder" in capsys.readouterr().out
+    assert not (project / "series-here").exists() and not (project / "--help").exists()
+
+
 def test_rebundle_keeps_the_model_files_and_records_new_thresholds(tmp_path):
     train_extra("torch")
     import json
