@@ -66,33 +66,12 @@ def write_dependent(src: Path, out: Path, amplitude: float, decay_mm: float = 4.
                     subpleural: bool = False) -> int:
     """The axial CT series in `src` (its largest one) with the band on slices from `z_from` of it (head to feet)
     on, as a new series in `out`; returns the slice count."""
-    import pydicom
-    from pydicom.uid import generate_uid
+    from models.series_rewrite import rewrite_series
 
-    from appliance.phantom import ct_slice_dataset
+    def change(hu: np.ndarray, spacing: tuple[float, float], k: int, n: int) -> tuple[np.ndarray, tuple[float, float]]:
+        if k >= z_from * n:
+            hu = add_dependent(hu, float(np.sqrt(spacing[0] * spacing[1])), amplitude, decay_mm, seed=k,
+                               subpleural=subpleural)
+        return hu, spacing
 
-    heads = []
-    for f in sorted(p for p in src.rglob("*") if p.is_file()):
-        try:
-            ds = pydicom.dcmread(f)
-            z = float(ds.ImagePositionPatient[2])
-        except Exception:  # not a CT slice (annotations, licences): not part of the series
-            continue
-        heads.append((str(ds.SeriesInstanceUID), -z, f, ds))
-    if not heads:
-        raise ValueError(f"{src}: no CT slices with a position")
-    uids = [h[0] for h in heads]
-    main = max(set(uids), key=uids.count)
-    slices = sorted((h for h in heads if h[0] == main), key=lambda h: h[1])
-    out.mkdir(parents=True, exist_ok=True)
-    study, series = generate_uid(), generate_uid()
-    for k, (_, negz, _, ds) in enumerate(slices):
-        hu = ds.pixel_array.astype(np.float32) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
-        sy, sx = (float(v) for v in ds.PixelSpacing)
-        if k >= z_from * len(slices):
-            hu = add_dependent(hu, float(np.sqrt(sy * sx)), amplitude, decay_mm, seed=k, subpleural=subpleural)
-        new = ct_slice_dataset(hu, study_uid=study, series_uid=series, instance=k + 1, z_mm=-negz,
-                               spacing_mm=(sy, sx), thickness_mm=float(getattr(ds, "SliceThickness", 0) or 0) or 1.0,
-                               description=f"dependent {'band' if subpleural else 'haze'} {amplitude:g} HU")
-        new.save_as(out / f"IM{k + 1:04d}.dcm", enforce_file_format=True)
-    return len(slices)
+    return rewrite_series(src, out, change, f"dependent {'band' if subpleural else 'haze'} {amplitude:g} HU")

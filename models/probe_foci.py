@@ -1,7 +1,8 @@
 """Probe: a bundle set's lesion foci per series — what a second, stray focus would do to the case rule.
 
-    .venv/bin/python -m models.probe_foci [--bundles DIR] [--only phantom,dicom,pseudo,dependent] [--seeds 1-10]
-                                          [--amplitudes 0,150,300,450] [--json]
+    .venv/bin/python -m models.probe_foci [--bundles DIR] [--only phantom,dicom,pseudo,dependent,noise]
+                                          [--seeds 1-10] [--amplitudes 0,150,300,450] [--noise-hu 0,50,100,150]
+                                          [--json]
 
 For each series: the shipped case rule's verdict and, for every focus spanning a qualifying run (after solid
 lesions explained theirs), its span, boxed slices, peak score and largest box side (px at 512). The foci tables of
@@ -16,6 +17,9 @@ models/LESION2.md come from here.
   lungs (models.dependent_density: a haze around every structure there, then a band along the pleura only;
   `--amplitudes` HU at the border, 0 = as read through the same writer): what gravity-dependent lung on a supine
   scan does to the case rule.
+- noise: A0001, P001 and the TotalSegmentator chest crop (1.5 mm, enlarged 2× to 0.75 mm pixels, as a clinical
+  512² slice has) with CT noise added (models.scan_noise: `--noise-hu` SD in HU, correlated over about a pixel):
+  what a noisier acquisition does, and the noise the appliance measures (`noise` in each row).
 
 Research data is read in place from ../shared/data (or $CTRIAGE_DATA); what is absent is skipped with a reason.
 """
@@ -42,7 +46,7 @@ TS_CHEST = DATA / "totalsegmentator-ct-nifti/tests/reference_files/pulmonary_rep
 PSEUDO = DATA / "covid-semiseg/TrainingSet/LungInfection-Train/Pseudo-label/Imgs"
 
 
-KINDS = ("phantom", "dicom", "pseudo", "dependent")
+KINDS = ("phantom", "dicom", "pseudo", "dependent", "noise")
 
 
 def _kinds(text: str) -> set[str]:
@@ -78,7 +82,7 @@ def foci(findings: list[SliceFinding], rule: CaseRule) -> dict:
         rows.append({"first": sl[0], "last": sl[-1], "boxed": len(sl),
                      "peak": round(max(b.score for b, _ in boxes), 2),
                      "side": round(max(max(b.rect.height, b.rect.width) * 512 / max(shape) for b, shape in boxes))})
-    return {"result": v.result, "foci": v.foci, "rows": rows}
+    return {"result": v.result, "foci": v.foci, "noise": (v.acquisition or {}).get("noise"), "rows": rows}
 
 
 def _amplitudes(text: str) -> list[float]:
@@ -91,7 +95,8 @@ def _amplitudes(text: str) -> list[float]:
     return out
 
 
-def series(only: set[str], seeds: list[int], amplitudes: tuple[float, ...] = (0.0, 150.0, 300.0, 450.0)):
+def series(only: set[str], seeds: list[int], amplitudes: tuple[float, ...] = (0.0, 150.0, 300.0, 450.0),
+           noise_hu: tuple[float, ...] = (0.0, 50.0, 100.0, 150.0)):
     """(name, kind, files or folder) of every series to probe (a written one lives until the next is asked for);
     prints why one is skipped."""
     if "phantom" in only:
@@ -143,6 +148,33 @@ def series(only: set[str], seeds: list[int], amplitudes: tuple[float, ...] = (0.
                         write_dependent(DATA / DICOM[name], Path(d), amp, subpleural=subpleural)
                         shape = "subpleural band" if subpleural else "dependent haze"
                         yield f"{name} + {shape} {amp:g} HU", "dicom", Path(d)
+    if "noise" in only:
+        yield from noisy_series(noise_hu)
+
+
+def noisy_series(levels: tuple[float, ...]):
+    """A0001, P001 and the TotalSegmentator chest crop (enlarged to 0.75 mm pixels) with CT noise of each SD."""
+    from models.scan_noise import write_noisy
+
+    sources = [(n, DATA / DICOM[n], 1) for n in ("A0001", "P001")] + [("TS chest", TS_CHEST, 2)]
+    for name, src, enlarge in sources:
+        if not src.exists():
+            print(f"SKIP {name} with noise: {src} is absent", file=sys.stderr)
+            continue
+        with tempfile.TemporaryDirectory(prefix="ctriage-probe-") as base:
+            if src.suffix == ".gz":  # a NIfTI volume: written as DICOM first
+                try:
+                    import nibabel  # noqa: F401
+                    from models.make_series import write_volume
+                except ImportError:
+                    print(f"SKIP {name} with noise: nibabel is not installed", file=sys.stderr)
+                    continue
+                write_volume(src, Path(base) / "plain", name)
+                src = Path(base) / "plain"
+            for sd in levels:
+                out = Path(base) / f"noise-{sd:g}"
+                write_noisy(src, out, sd, enlarge=enlarge)
+                yield f"{name} + noise {sd:g} HU" + (f" (×{enlarge})" if enlarge > 1 else ""), "dicom", out
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -152,6 +184,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seeds", type=_seeds, default="1-10", help="phantom seeds, FIRST-LAST (default 1-10)")
     ap.add_argument("--amplitudes", type=_amplitudes, default="0,150,300,450",
                     help="dependent band: HU added at the pleura, comma-separated (default 0,150,300,450)")
+    ap.add_argument("--noise-hu", type=_amplitudes, default="0,50,100,150",
+                    help="noise: SD in HU added to each series, comma-separated (default 0,50,100,150)")
     ap.add_argument("--json", action="store_true", help="one JSON object per series")
     a = ap.parse_args(argv)
     from appliance.ingest.image_reader import image_series
@@ -160,7 +194,7 @@ def main(argv: list[str] | None = None) -> None:
     analyzer = Analyzer.load(AnalysisConfig(backend="openvino", workers=1), bundle_dir=a.bundles)
     rule = analyzer.rule  # the case rule the daemon, analyze and evaluate share
     print("# " + " · ".join(f"{b['name']} {b['version']}" for b in analyzer.bundles), file=sys.stderr)
-    for name, kind, src in series(a.only, a.seeds, tuple(a.amplitudes)):
+    for name, kind, src in series(a.only, a.seeds, tuple(a.amplitudes), tuple(a.noise_hu)):
         if kind == "images":
             slices, _ = image_series(src[0].parent, src)
             r = foci(analyzer.findings(slices), rule.for_images())
@@ -175,7 +209,8 @@ def main(argv: list[str] | None = None) -> None:
             continue
         stray = ", ".join(f"{x['first']}–{x['last']} ({x['boxed']} boxed, peak {x['peak']}, {x['side']} px)"
                           for x in r["rows"])
-        print(f"{name:44s} {r['result']:13s} foci {r['foci']:2d}: {stray or '-'}", flush=True)
+        noise = f" noise {r['noise']:.4f}" if r["noise"] is not None else ""
+        print(f"{name:44s} {r['result']:13s}{noise} foci {r['foci']:2d}: {stray or '-'}", flush=True)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ def test_one_patch_phantom_is_one_focus_and_absent_data_is_skipped(tmp_path, mon
     r = rows[0]
     # one ground-glass patch: one focus spanning a run, the single-lesion negative
     assert r["result"] == "negative" and r["foci"] == 1 and len(r["rows"]) == 1, r
+    assert 0.0 < r["noise"] < 0.016  # the appliance's own noise figure: a clean phantom
     focus = r["rows"][0]
     assert 3 <= focus["boxed"] <= focus["last"] - focus["first"] + 1
     assert 0.5 <= focus["peak"] <= 1.0 and focus["side"] > 25
@@ -27,7 +28,8 @@ def test_one_patch_phantom_is_one_focus_and_absent_data_is_skipped(tmp_path, mon
 
 def test_mistyped_options_are_one_line_errors(capsys):
     for argv, said in ((["--only", "phantoms"], "give some of phantom, dicom, pseudo"),
-                       (["--seeds", "10-1"], "give FIRST-LAST"), (["--seeds", "x"], "give FIRST-LAST")):
+                       (["--seeds", "10-1"], "give FIRST-LAST"), (["--seeds", "x"], "give FIRST-LAST"),
+                       (["--noise-hu", "-50"], "give HU amplitudes ≥ 0")):
         with pytest.raises(SystemExit) as e:
             probe_foci.main(argv)
         assert e.value.code == 2 and said in capsys.readouterr().err
