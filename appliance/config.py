@@ -45,6 +45,7 @@ class AnalysisConfig:
     denoise: bool = True  # DICOM crops noisier than noise_target are smoothed down to it (appliance.pipeline.noise)
     noise_target: float = 0.010  # ... on the noise scale of appliance.pipeline.noise
     noise_limit: float = 0.016  # a series noisier than this gets the "noisy acquisition" note
+    density_check: bool = True  # lesion boxes no denser than the aerated lung are dropped (appliance.pipeline.opacity)
     bundle_dir: str = ""  # empty: <state_dir>/bundles when it has bundles, else the shipped ones
 
     def validate(self, where: str) -> None:

@@ -190,6 +190,7 @@ class SliceFinding:
     measures: SliceMeasures | None = None  # lung and lesion pixel counts for the grade (HU slices)
     noise: float | None = None  # noise at the lesion model's input (appliance.pipeline.noise; HU slices)
     smoothed: float = 0.0  # Gaussian sigma applied to the crop before the lesion model (0: none)
+    flat_boxes: int = 0  # lesion boxes dropped as no denser than the aerated lung (appliance.pipeline.opacity)
     pixel_mm: float | None = None  # in-plane pixel size (mm) of a DICOM slice; None for crop images
     patient_position: str = ""  # the slice's DICOM PatientPosition (prone: ends in P); "" unknown or an image
 

@@ -102,7 +102,8 @@ def finding_to_dict(f: SliceFinding) -> dict[str, Any]:
             "max_prob": f.max_prob, "lesion_fraction": f.lesion_fraction, "timings_ms": f.timings_ms,
             "solids": [x.to_dict() for x in f.solids], "cores": [x.to_dict() for x in f.cores],
             "measures": f.measures.to_dict() if f.measures else None,
-            "noise": f.noise, "smoothed": f.smoothed, "pixel_mm": f.pixel_mm, "patient_position": f.patient_position}
+            "noise": f.noise, "smoothed": f.smoothed, "flat_boxes": f.flat_boxes, "pixel_mm": f.pixel_mm,
+            "patient_position": f.patient_position}
 
 
 def finding_from_dict(d: dict[str, Any]) -> SliceFinding:
@@ -116,7 +117,7 @@ def finding_from_dict(d: dict[str, Any]) -> SliceFinding:
                         cores=[Core.from_dict(x) for x in d.get("cores") or []],
                         measures=SliceMeasures.from_dict(d["measures"]) if d.get("measures") else None,
                         noise=float(d["noise"]) if d.get("noise") is not None else None,
-                        smoothed=float(d.get("smoothed") or 0.0),
+                        smoothed=float(d.get("smoothed") or 0.0), flat_boxes=int(d.get("flat_boxes") or 0),
                         pixel_mm=float(d["pixel_mm"]) if d.get("pixel_mm") else None,
                         patient_position=str(d.get("patient_position") or ""))
 

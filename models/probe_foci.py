@@ -1,6 +1,6 @@
 """Probe: a bundle set's lesion foci per series — what a second, stray focus would do to the case rule.
 
-    .venv/bin/python -m models.probe_foci [--bundles DIR] [--only phantom,dicom,pseudo,dependent,noise]
+    .venv/bin/python -m models.probe_foci [--bundles DIR] [--only phantom,dicom,pseudo,dependent,noise,emphysema]
                                           [--seeds 1-10] [--amplitudes 0,150,300,450] [--noise-hu 0,50,100,150]
                                           [--json]
 
@@ -20,6 +20,8 @@ models/LESION2.md come from here.
 - noise: A0001, P001 and the TotalSegmentator chest crop (1.5 mm, enlarged 2× to 0.75 mm pixels, as a clinical
   512² slice has) with CT noise added (models.scan_noise: `--noise-hu` SD in HU, correlated over about a pixel):
   what a noisier acquisition does, and the noise the appliance measures (`noise` in each row).
+- emphysema: the same three series with centrilobular emphysema added (models.emphysema: lucent spheres of 2-6 mm
+  radius filling `--emphysema` shares; 0.25 ≈ 10 % of the lung below −950 HU): what a smoker's lungs do.
 
 Research data is read in place from ../shared/data (or $CTRIAGE_DATA); what is absent is skipped with a reason.
 """
@@ -46,7 +48,7 @@ TS_CHEST = DATA / "totalsegmentator-ct-nifti/tests/reference_files/pulmonary_rep
 PSEUDO = DATA / "covid-semiseg/TrainingSet/LungInfection-Train/Pseudo-label/Imgs"
 
 
-KINDS = ("phantom", "dicom", "pseudo", "dependent", "noise")
+KINDS = ("phantom", "dicom", "pseudo", "dependent", "noise", "emphysema")
 
 
 def _kinds(text: str) -> set[str]:
@@ -85,18 +87,26 @@ def foci(findings: list[SliceFinding], rule: CaseRule) -> dict:
     return {"result": v.result, "foci": v.foci, "noise": (v.acquisition or {}).get("noise"), "rows": rows}
 
 
-def _amplitudes(text: str) -> list[float]:
-    try:
-        out = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        out = []
-    if not out or any(v < 0 for v in out):
-        raise argparse.ArgumentTypeError(f"{text!r}: give HU amplitudes ≥ 0, comma-separated (e.g. 0,150,300)")
-    return out
+def _levels(what: str, example: str, most: float = float("inf")):
+    """An argparse type: comma-separated numbers from 0 to `most`."""
+    def parse(text: str) -> list[float]:
+        try:
+            out = [float(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            out = []
+        if not out or any(not 0 <= v <= most for v in out):
+            raise argparse.ArgumentTypeError(f"{text!r}: give {what}, comma-separated (e.g. {example})")
+        return out
+    return parse
+
+
+_amplitudes = _levels("HU amplitudes ≥ 0", "0,150,300")
+_shares = _levels("shares from 0 to 2", "0,0.25,0.5", 2.0)
 
 
 def series(only: set[str], seeds: list[int], amplitudes: tuple[float, ...] = (0.0, 150.0, 300.0, 450.0),
-           noise_hu: tuple[float, ...] = (0.0, 50.0, 100.0, 150.0)):
+           noise_hu: tuple[float, ...] = (0.0, 50.0, 100.0, 150.0),
+           emphysema: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0)):
     """(name, kind, files or folder) of every series to probe (a written one lives until the next is asked for);
     prints why one is skipped."""
     if "phantom" in only:
@@ -149,17 +159,21 @@ def series(only: set[str], seeds: list[int], amplitudes: tuple[float, ...] = (0.
                         shape = "subpleural band" if subpleural else "dependent haze"
                         yield f"{name} + {shape} {amp:g} HU", "dicom", Path(d)
     if "noise" in only:
-        yield from noisy_series(noise_hu)
+        yield from rewritten_series("noise", noise_hu)
+    if "emphysema" in only:
+        yield from rewritten_series("emphysema", emphysema)
 
 
-def noisy_series(levels: tuple[float, ...]):
-    """A0001, P001 and the TotalSegmentator chest crop (enlarged to 0.75 mm pixels) with CT noise of each SD."""
+def rewritten_series(kind: str, levels: tuple[float, ...]):
+    """A0001, P001 and the TotalSegmentator chest crop (enlarged to 0.75 mm pixels) with CT noise of each SD in HU
+    (kind "noise") or emphysema of each share ("emphysema")."""
+    from models.emphysema import write_emphysema
     from models.scan_noise import write_noisy
 
     sources = [(n, DATA / DICOM[n], 1) for n in ("A0001", "P001")] + [("TS chest", TS_CHEST, 2)]
     for name, src, enlarge in sources:
         if not src.exists():
-            print(f"SKIP {name} with noise: {src} is absent", file=sys.stderr)
+            print(f"SKIP {name} with {kind}: {src} is absent", file=sys.stderr)
             continue
         with tempfile.TemporaryDirectory(prefix="ctriage-probe-") as base:
             if src.suffix == ".gz":  # a NIfTI volume: written as DICOM first
@@ -167,14 +181,34 @@ def noisy_series(levels: tuple[float, ...]):
                     import nibabel  # noqa: F401
                     from models.make_series import write_volume
                 except ImportError:
-                    print(f"SKIP {name} with noise: nibabel is not installed", file=sys.stderr)
+                    print(f"SKIP {name} with {kind}: nibabel is not installed", file=sys.stderr)
                     continue
                 write_volume(src, Path(base) / "plain", name)
                 src = Path(base) / "plain"
-            for sd in levels:
-                out = Path(base) / f"noise-{sd:g}"
-                write_noisy(src, out, sd, enlarge=enlarge)
-                yield f"{name} + noise {sd:g} HU" + (f" (×{enlarge})" if enlarge > 1 else ""), "dicom", out
+            for level in levels:
+                out = Path(base) / f"{kind}-{level:g}"
+                if kind == "noise":
+                    write_noisy(src, out, level, enlarge=enlarge)
+                    what = f"noise {level:g} HU"
+                else:
+                    write_emphysema(src, out, level, spacing_z_mm=_spacing_z(src), enlarge=enlarge)
+                    what = f"emphysema {level:g}"
+                yield f"{name} + {what}" + (f" (×{enlarge})" if enlarge > 1 else ""), "dicom", out
+
+
+def _spacing_z(folder: Path) -> float:
+    """Median distance between slice positions of the DICOM files in `folder` (mm)."""
+    import numpy as np
+    import pydicom
+
+    zs = []
+    for p in sorted(x for x in folder.rglob("*") if x.is_file()):
+        try:
+            zs.append(float(pydicom.dcmread(p, stop_before_pixels=True).ImagePositionPatient[2]))
+        except Exception:  # annotations, licences: not slices
+            continue
+    d = np.diff(np.unique(zs))
+    return float(np.median(d)) if d.size else 1.0
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -186,6 +220,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="dependent band: HU added at the pleura, comma-separated (default 0,150,300,450)")
     ap.add_argument("--noise-hu", type=_amplitudes, default="0,50,100,150",
                     help="noise: SD in HU added to each series, comma-separated (default 0,50,100,150)")
+    ap.add_argument("--emphysema", type=_shares, default="0,0.25,0.5,1",
+                    help="emphysema: shares filled with lucent spheres, comma-separated (default 0,0.25,0.5,1)")
     ap.add_argument("--json", action="store_true", help="one JSON object per series")
     a = ap.parse_args(argv)
     from appliance.ingest.image_reader import image_series
@@ -194,7 +230,7 @@ def main(argv: list[str] | None = None) -> None:
     analyzer = Analyzer.load(AnalysisConfig(backend="openvino", workers=1), bundle_dir=a.bundles)
     rule = analyzer.rule  # the case rule the daemon, analyze and evaluate share
     print("# " + " · ".join(f"{b['name']} {b['version']}" for b in analyzer.bundles), file=sys.stderr)
-    for name, kind, src in series(a.only, a.seeds, tuple(a.amplitudes), tuple(a.noise_hu)):
+    for name, kind, src in series(a.only, a.seeds, tuple(a.amplitudes), tuple(a.noise_hu), tuple(a.emphysema)):
         if kind == "images":
             slices, _ = image_series(src[0].parent, src)
             r = foci(analyzer.findings(slices), rule.for_images())

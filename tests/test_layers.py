@@ -17,7 +17,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
                        "appliance.pipeline.solid", "appliance.pipeline.solid_lesions", "appliance.pipeline.grading",
                        "appliance.pipeline.foci", "appliance.pipeline.crop_window", "appliance.pipeline.classic_lung",
                        "appliance.pipeline.noise", "appliance.pipeline.coverage", "appliance.pipeline.halo_core",
-                       "appliance.pipeline.mass_foci", "appliance.pipeline.grade_text",
+                       "appliance.pipeline.mass_foci", "appliance.pipeline.grade_text", "appliance.pipeline.opacity",
                        "appliance.pipeline.__init__")),
     ("inputs and runtimes", ("appliance.ingest", "appliance.inference", "appliance.resample", "appliance.phantom")),
     ("models", ("appliance.pipeline",)),

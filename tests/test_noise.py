@@ -54,8 +54,9 @@ def test_smooth_to_reaches_the_target_with_the_least_smoothing_and_leaves_clean_
 
 
 def test_acquisition_is_the_median_of_measured_slices_and_flags_a_noisy_series():
-    a = acquisition([0.006, None, 0.008, 0.030], smoothed=1)
-    assert a == {"noise": 0.008, "noisy": False, "limit": NOISY, "smoothed_slices": 1, "slices_measured": 3}
+    a = acquisition([0.006, None, 0.008, 0.030], smoothed=1, flat_boxes=4)
+    assert a == {"noise": 0.008, "noisy": False, "limit": NOISY, "smoothed_slices": 1, "slices_measured": 3,
+                 "flat_boxes": 4}
     b = acquisition([0.02, 0.021, None], limit=0.016)
     assert b["noisy"] is True and b["noise"] == pytest.approx(0.0205)
     assert acquisition([None, None]) is None and acquisition([]) is None

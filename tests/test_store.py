@@ -35,12 +35,14 @@ def test_finding_and_verdict_round_trip():
     assert verdict_from_dict(old) == v
     # the image noise survives a restart: a series finished after one reports the whole series' figure
     # ... and so does the pixel size (a focal lesion's size in mm, after a restart)
-    noisy = SliceFinding("n", 2.5, (512, 512), Rect(60, 40, 420, 470), noise=0.0213, smoothed=0.9, pixel_mm=0.7031)
+    # ... and so do the boxes left out as no opacity (counted on the verdict after a restart)
+    noisy = SliceFinding("n", 2.5, (512, 512), Rect(60, 40, 420, 470), noise=0.0213, smoothed=0.9, pixel_mm=0.7031,
+                         flat_boxes=3)
     assert finding_from_dict(finding_to_dict(noisy)) == noisy
     old_f = finding_to_dict(f)
-    del old_f["noise"], old_f["smoothed"], old_f["pixel_mm"]  # a slice stored before these were measured
+    del old_f["noise"], old_f["smoothed"], old_f["pixel_mm"], old_f["flat_boxes"]  # stored before these were measured
     back = finding_from_dict(old_f)
-    assert back.noise is None and back.smoothed == 0.0 and back.pixel_mm is None
+    assert back.noise is None and back.smoothed == 0.0 and back.pixel_mm is None and back.flat_boxes == 0
     acq = SeriesVerdict("negative", "final", None, 60, 50, 0, acquisition={"noise": 0.0213, "noisy": True,
                         "limit": 0.016, "smoothed_slices": 50, "slices_measured": 50})
     assert verdict_from_dict(verdict_to_dict(acq)) == acq

@@ -40,7 +40,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def finding_lines(name: str, v) -> list[str]:
     """What a series shows besides its result: the grade of a positive, solid nodules and masses named, a noisy
-    scan."""
+    scan, lesion boxes left out as no opacity."""
     out = []
     g = v.grade
     if not g and v.result == "positive":
@@ -56,6 +56,9 @@ def finding_lines(name: str, v) -> list[str]:
         smoothed = f"; {a['smoothed_slices']} slices smoothed before analysis" if a.get("smoothed_slices") else ""
         out.append(f"{name}: noisy scan (noise {a['noise']:.3f}, validated up to {a['limit']:.3f}: sharp kernel or "
                    f"low dose) — lesion boxes are less reliable, read with care{smoothed}")
+    if a and a.get("flat_boxes"):
+        out.append(f"{name}: {a['flat_boxes']} lesion box(es) left out: no denser than the aerated lung around them "
+                   "(noise or emphysema texture, not an opacity)")
     return out
 
 

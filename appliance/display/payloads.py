@@ -118,7 +118,8 @@ ACQUISITION_SCHEMA: dict[str, Any] = {
     "type": ["object", "null"], "required": ["noisy"],
     "properties": {"noise": {"type": "number", "minimum": 0}, "noisy": {"type": "boolean"},
                    "limit": {"type": "number", "minimum": 0}, "smoothed_slices": {"type": "integer", "minimum": 0},
-                   "slices_measured": {"type": "integer", "minimum": 0}}}
+                   "slices_measured": {"type": "integer", "minimum": 0},
+                   "flat_boxes": {"type": "integer", "minimum": 0}}}
 
 def allow_corrections(schema: dict[str, Any], correction: bool = True) -> dict[str, Any]:
     """The payload schema, widened (in memory) to state "corrected" and, for verdicts, the `correction` object, the

@@ -20,6 +20,7 @@ from appliance.pipeline.grading import lesion_at_slice, lung_at_slice, measure_s
 from appliance.pipeline.halo_core import wrapped_cores
 from appliance.pipeline.lesions import LesionDetector
 from appliance.pipeline.noise import crop_noise, smooth_to
+from appliance.pipeline.opacity import opaque_boxes
 from appliance.pipeline.solid import solid_components
 from appliance.pipeline.valid_area import ValidArea
 
@@ -175,6 +176,12 @@ class Analyzer:
                 tm = time.perf_counter()
                 lung = lung_at_slice(area.lung, area.offset, area.scale, s.shape)
                 lesion = lesion_at_slice(prob, self.lesion.threshold, crop, [b.rect for b in boxes], s.shape)
+                if self.config.density_check and boxes:
+                    kept, flat = opaque_boxes(s.hu, lung, lesion, boxes)
+                    if flat:  # boxes on lung of normal density: texture, not an opacity
+                        boxes = found[i].boxes = kept
+                        found[i].flat_boxes = flat
+                        lesion = lesion_at_slice(prob, self.lesion.threshold, crop, [b.rect for b in boxes], s.shape)
                 found[i].solids = solid_components(s.hu, rect, s.pixel_spacing, lung)
                 found[i].cores = wrapped_cores(s.hu, lesion, [b.rect for b in boxes], s.pixel_spacing)
                 found[i].measures = measure_slice(s.hu, lung, lesion, s.pixel_spacing)

@@ -248,7 +248,8 @@ def decide(findings: Sequence[SliceFinding], rule: CaseRule, *, final: bool = Tr
         # one beside many foci is named (others) but does not make the pattern atypical
         shaping = named if n_foci == 0 or any(s.kind == "mass" for s in named) else []
         graded = grade([f.measures for f in findings], n_foci, [f.position for f in findings], shaping).to_dict()
-    acq = acquisition([f.noise for f in findings], sum(1 for f in findings if f.smoothed > 0), rule.noise_limit)
+    acq = acquisition([f.noise for f in findings], sum(1 for f in findings if f.smoothed > 0), rule.noise_limit,
+                      sum(f.flat_boxes for f in findings))
     positions = Counter(f.patient_position for f in findings if f.patient_position)
     return SeriesVerdict(result=result, state="final" if final else "provisional", evidence=ev, slices=n,
                          lung_slices=lung, lesion_slices=lesion, reason=reason, gaps=gaps, focal=focal,

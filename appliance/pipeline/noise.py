@@ -59,12 +59,14 @@ def smooth_to(crop: np.ndarray, target: float, noise: float | None = None) -> tu
     return out.astype(np.float32, copy=False), float(used)
 
 
-def acquisition(noise: Sequence[float | None], smoothed: int = 0, limit: float = NOISY) -> dict | None:
-    """The series' noise (median over slices with an estimate), whether it is above `limit`, and how many slices
-    were smoothed; None when no slice had an estimate (crop images, no lung)."""
+def acquisition(noise: Sequence[float | None], smoothed: int = 0, limit: float = NOISY,
+                flat_boxes: int = 0) -> dict | None:
+    """The series' noise (median over slices with an estimate), whether it is above `limit`, how many slices
+    were smoothed and how many lesion boxes were dropped as no denser than the lung (appliance.pipeline.opacity);
+    None when no slice had an estimate (crop images, no lung)."""
     vals = [float(v) for v in noise if v is not None]
     if not vals:
         return None
     med = float(np.median(vals))
     return {"noise": round(med, 4), "noisy": bool(med > limit), "limit": limit, "smoothed_slices": int(smoothed),
-            "slices_measured": len(vals)}
+            "slices_measured": len(vals), "flat_boxes": int(flat_boxes)}
