@@ -2,7 +2,7 @@
 
     .venv/bin/python -m models.probe_foci [--bundles DIR] [--only phantom,dicom,pseudo,dependent,noise,emphysema]
                                           [--seeds 1-10] [--amplitudes 0,150,300,450] [--noise-hu 0,50,100,150]
-                                          [--json]
+                                          [--no-density-check] [--json]
 
 For each series: the shipped case rule's verdict and, for every focus spanning a qualifying run (after solid
 lesions explained theirs), its span, boxed slices, peak score and largest box side (px at 512). The foci tables of
@@ -222,12 +222,16 @@ def main(argv: list[str] | None = None) -> None:
                     help="noise: SD in HU added to each series, comma-separated (default 0,50,100,150)")
     ap.add_argument("--emphysema", type=_shares, default="0,0.25,0.5,1",
                     help="emphysema: shares filled with lucent spheres, comma-separated (default 0,0.25,0.5,1)")
+    ap.add_argument("--no-density-check", action="store_true",
+                    help="keep lesion boxes no denser than the aerated lung (appliance.pipeline.opacity), to see what "
+                         "the check changes")
     ap.add_argument("--json", action="store_true", help="one JSON object per series")
     a = ap.parse_args(argv)
     from appliance.ingest.image_reader import image_series
     from appliance.oneshot import analyze_files, walk_files
 
-    analyzer = Analyzer.load(AnalysisConfig(backend="openvino", workers=1), bundle_dir=a.bundles)
+    analyzer = Analyzer.load(AnalysisConfig(backend="openvino", workers=1, density_check=not a.no_density_check),
+                             bundle_dir=a.bundles)
     rule = analyzer.rule  # the case rule the daemon, analyze and evaluate share
     print("# " + " · ".join(f"{b['name']} {b['version']}" for b in analyzer.bundles), file=sys.stderr)
     for name, kind, src in series(a.only, a.seeds, tuple(a.amplitudes), tuple(a.noise_hu), tuple(a.emphysema)):
