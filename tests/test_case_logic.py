@@ -371,3 +371,33 @@ def test_the_verdict_carries_the_series_patient_position():
     for k, f in enumerate(fs):
         f.patient_position = "HFS" if k == 3 else "HFP"
     assert decide(fs, rule()).patient_position == "HFP"  # most slices'
+
+
+def test_a_positive_whose_boxes_were_mostly_left_out_as_texture_says_so():
+    from appliance.domain import SliceMeasures
+    from appliance.pipeline.case_logic import texture_note
+
+    def slice_(i: int, flat: int) -> SliceFinding:
+        boxes = []
+        if 8 <= i <= 13:
+            boxes.append(Box(Rect(140, 140, 190, 190), 300.0, 0.9, UL))
+        if 16 <= i <= 20:
+            boxes.append(Box(Rect(330, 330, 380, 380), 300.0, 0.9, LR))
+        m = SliceMeasures(0.49, lung_right=20000, lung_left=20000, lesion_right=900 if boxes else 0, ggo=800,
+                          peripheral=700, central=100)
+        return SliceFinding(f"s{i}", -5.0 * i, (512, 512), Rect(50, 50, 460, 460), boxes, measures=m,
+                            flat_boxes=flat)
+
+    appliance = rule(min_slices=20, min_foci=2, min_run_mm=5.0)
+    kept = 11  # boxes on slices 8-13 and 16-20
+    for flat_per_slice, said in ((0, False), (1, True)):  # 0 or 30 boxes left out beside 11 kept
+        v = decide([slice_(i, flat_per_slice) for i in range(30)], appliance)
+        assert v.result == "positive" and v.grade is not None
+        notes = [r for r in v.grade["reasons"] if r.startswith("boxes mostly on lung of normal density")]
+        assert bool(notes) is said, v.grade["reasons"]
+        assert v.acquisition is None  # no noise measured on these slices: no acquisition block either
+    assert texture_note(30, kept) == ("boxes mostly on lung of normal density (30 of 41 left out: emphysema or noise "
+                                      "texture — read with care)")
+    assert texture_note(kept, kept) is None  # as many left out as kept: not "mostly"
+    negative = [dataclasses.replace(slice_(i, 5), boxes=[]) for i in range(30)]
+    assert decide(negative, appliance).result == "negative"  # a negative has no grade to carry it

@@ -119,6 +119,9 @@ def test_views_take_what_older_or_partial_payloads_have():
     # the prone-images advice (appliance.pipeline.grading) reads "posterior" on the tile, whole on tap
     from appliance.pipeline.grading import DEPENDENT_ADVICE
     assert short_reason(f"posterior 82 % ({DEPENDENT_ADVICE})") == "posterior"
+    # a positive whose boxes were mostly left out as texture (appliance.pipeline.case_logic.texture_note)
+    from appliance.pipeline.case_logic import texture_note
+    assert short_reason(texture_note(776, 84)) == "boxes mostly on lung of normal density"
 
 
 # ---- in the browser ------------------------------------------------------------------------------------------------

@@ -189,6 +189,16 @@ def partial_note(findings: Sequence[SliceFinding], gap_factor: float = GAP_FACTO
             "this series, for a radiologist")
 
 
+def texture_note(flat: int, kept: int) -> str | None:
+    """A positive's grade reason when most of the series' lesion boxes were left out as no denser than the lung
+    (appliance.pipeline.opacity): the lung is textured (emphysema, noise) where the model saw lesion, and the boxes
+    that remain may be more of the same. None when the boxes left out are fewer than those kept."""
+    if flat <= kept:
+        return None
+    return (f"boxes mostly on lung of normal density ({flat} of {flat + kept} left out: emphysema or noise texture"
+            " — read with care)")
+
+
 def decide(findings: Sequence[SliceFinding], rule: CaseRule, *, final: bool = True) -> SeriesVerdict:
     """Verdict for findings sorted in series order, under `rule`.
 
@@ -248,8 +258,12 @@ def decide(findings: Sequence[SliceFinding], rule: CaseRule, *, final: bool = Tr
         # one beside many foci is named (others) but does not make the pattern atypical
         shaping = named if n_foci == 0 or any(s.kind == "mass" for s in named) else []
         graded = grade([f.measures for f in findings], n_foci, [f.position for f in findings], shaping).to_dict()
+    flat = sum(f.flat_boxes for f in findings)
     acq = acquisition([f.noise for f in findings], sum(1 for f in findings if f.smoothed > 0), rule.noise_limit,
-                      sum(f.flat_boxes for f in findings))
+                      flat)
+    note = texture_note(flat, sum(len(f.boxes) for f in findings)) if result == "positive" else None
+    if graded is not None and note:
+        graded = {**graded, "reasons": [*graded.get("reasons", []), note]}
     positions = Counter(f.patient_position for f in findings if f.patient_position)
     return SeriesVerdict(result=result, state="final" if final else "provisional", evidence=ev, slices=n,
                          lung_slices=lung, lesion_slices=lesion, reason=reason, gaps=gaps, focal=focal,
