@@ -66,8 +66,10 @@ def pixel_codec(path: str) -> str:
 
 
 def bench_backend(path: Path, backend: str, precision: str, threads: int | None, streaming_slices: int,
-                  bundles: Path | None = None, workers: int | None = None, batch: int | None = None) -> dict:
-    """Run in the child: the whole series once (batch mode), then a streaming tail."""
+                  bundles: Path | None = None, workers: int | None = None, batch: int | None = None,
+                  analysis: dict | None = None) -> dict:
+    """Run in the child: the whole series once (batch mode), then a streaming tail. `analysis`: the analysis
+    settings of a configuration (`AnalysisConfig` fields; the arguments above override theirs)."""
     from appliance.oneshot import analyze_files, discover
     from appliance.config import AnalysisConfig
     from appliance.inference.deferred import DeferredAdapter
@@ -77,9 +79,10 @@ def bench_backend(path: Path, backend: str, precision: str, threads: int | None,
     from appliance.pipeline.case_logic import decide
 
     t_load = time.perf_counter()
-    cfg = AnalysisConfig(backend=backend, precision=precision, threads=threads or 0, workers=workers or 0)
-    if batch:
-        cfg.batch = batch
+    cfg = AnalysisConfig(**{**(analysis or {}), "backend": backend, "precision": precision})
+    for name, value in (("threads", threads), ("workers", workers), ("batch", batch)):
+        if value:
+            setattr(cfg, name, value)
     analyzer = Analyzer.load(cfg, bundles)
     load_s = time.perf_counter() - t_load
     files, _ = discover(path)
@@ -164,14 +167,27 @@ def bench_backend(path: Path, backend: str, precision: str, threads: int | None,
         "batch": analyzer.config.batch,
         "bundles": analyzer.bundles,
         "rejected": len(rejected) + len(bad),
+        "settings": changed_settings(analyzer.config),
     }
+
+
+def changed_settings(cfg) -> dict:
+    """The pipeline settings of `cfg` that differ from the defaults (runtime choices left out: reported apart)."""
+    from dataclasses import asdict
+
+    from appliance.config import AnalysisConfig
+
+    skip = {"backend", "precision", "threads", "workers", "batch", "bundle_dir"}
+    default = asdict(AnalysisConfig())
+    return {k: v for k, v in asdict(cfg).items() if k not in skip and v != default[k]}
 
 
 def run_bench(path: Path | None, backends: list[str], precision: str = "int8", slices: int = 120,
               syntax: str = "explicit", threads: int | None = None, streaming_slices: int = 8,
               bundles: Path | None = None, workers: int | None = None, batch: int | None = None,
-              resample_mm: float | None = None) -> dict:
-    """Parent: generate (or resample) a series if asked, run each backend in a child process, collect the results."""
+              resample_mm: float | None = None, analysis: dict | None = None) -> dict:
+    """Parent: generate (or resample) a series if asked, run each backend in a child process, collect the results.
+    `analysis`: a configuration's analysis settings, for every child."""
     tmp = None
     if path is None:
         tmp = tempfile.TemporaryDirectory(prefix="ctriage-bench-")
@@ -196,6 +212,8 @@ def run_bench(path: Path | None, backends: list[str], precision: str = "int8", s
                     cmd += [flag, str(value)]
             if bundles:
                 cmd += ["--bundles", str(bundles)]
+            if analysis:
+                cmd += ["--analysis", json.dumps(analysis)]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:
                 out["backends"][be] = {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
@@ -220,9 +238,10 @@ def _child(argv: list[str]) -> int:
     ap.add_argument("--batch", type=int)
     ap.add_argument("--streaming-slices", type=int, default=8)
     ap.add_argument("--bundles", type=Path)
+    ap.add_argument("--analysis", type=json.loads, help="analysis settings (JSON object of AnalysisConfig fields)")
     a = ap.parse_args(argv)
     res = bench_backend(Path(a.child), a.backend, a.precision, a.threads, a.streaming_slices, a.bundles,
-                        a.workers, a.batch)
+                        a.workers, a.batch, a.analysis)
     print(json.dumps(res))
     return 0
 

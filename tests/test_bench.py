@@ -67,6 +67,24 @@ def test_bench_workers_and_batch_reach_the_pipeline(capsys):
     assert "--workers must be between 1 and 256" in capsys.readouterr().err
 
 
+def test_bench_runs_with_the_configuration_it_is_given(tmp_path, capsys):
+    backend = available_backends()[0]
+    cfg = tmp_path / "site.toml"
+    cfg.write_text("[analysis]\ndensity_check = false\nnoise_target = 0.012\n")
+    assert main(["bench", "--json", "--slices", "8", "--backend", backend, "--config", str(cfg)]) == 0
+    r = json.loads(capsys.readouterr().out)["backends"][backend]
+    assert r["settings"] == {"density_check": False, "noise_target": 0.012}  # what the child ran with
+    assert main(["bench", "--json", "--slices", "8", "--backend", backend]) == 0
+    assert json.loads(capsys.readouterr().out)["backends"][backend]["settings"] == {}
+    assert main(["bench", "--slices", "8", "--backend", backend, "--config", str(cfg)]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("settings from the configuration"))
+    assert "density_check = false" in line and "noise_target = 0.012" in line
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[analysis]\nnoise_target = 5\n")
+    assert main(["bench", "--slices", "8", "--backend", backend, "--config", str(bad)]) == 2
+    assert "noise_target" in capsys.readouterr().err
+
+
 def test_bench_table_and_bad_path(tmp_path, capsys):
     assert main(["bench", str(tmp_path / "missing")]) == 2
     assert "no such folder" in capsys.readouterr().err

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from appliance.errors import UsageError
-from appliance.commands.common import table
+from appliance.commands.common import add_config_argument, table
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -31,6 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resample", type=float, metavar="MM",
                    help="run PATH's series rewritten at MM between slices (a thin-slice series from a thick one: "
                         "real headers, pixels interpolated; for speed and memory only)")
+    add_config_argument(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -53,18 +54,32 @@ def run(args: argparse.Namespace) -> int:
         v = getattr(args, name)
         if v is not None and not 1 <= v <= 256:
             raise UsageError(f"--{name} must be between 1 and 256")
+    from dataclasses import asdict
+
+    from appliance import config as config_mod
     from appliance.resample import ResampleError
 
     try:
+        analysis = asdict(config_mod.load(args.config).analysis)
+    except config_mod.ConfigError as e:
+        raise UsageError(str(e)) from None
+    if bundles is None and analysis.get("bundle_dir"):
+        bundles = Path(analysis["bundle_dir"])
+    try:
         res = run_bench(path, backends, args.precision, args.slices, args.syntax, args.threads, bundles=bundles,
-                        workers=args.workers, batch=args.batch, resample_mm=args.resample)
+                        workers=args.workers, batch=args.batch, resample_mm=args.resample, analysis=analysis)
     except ResampleError as e:
         raise UsageError(f"--resample: {e}") from None
     if args.json:
         print(json.dumps(res))
         return 0 if all("error" not in v for v in res["backends"].values()) else 1
     m = res["machine"]
-    print(f"{res['source']} on {m['cpu']} ({m['cores']} cores)\n")
+    print(f"{res['source']} on {m['cpu']} ({m['cores']} cores)")
+    changed = next((r["settings"] for r in res["backends"].values() if r.get("settings")), None)
+    if changed:
+        print("settings from the configuration, not the defaults: "
+              + ", ".join(f"{k} = {json.dumps(v)}" for k, v in changed.items()))
+    print()
     rows = []
     stages = ["headers", "decode", *STAGES, "case_logic"]
     for be, r in res["backends"].items():
