@@ -1,7 +1,9 @@
 """Probe: a bundle set's lesion foci per series — what a second, stray focus would do to the case rule.
 
-    .venv/bin/python -m models.probe_foci [--bundles DIR] [--only phantom,dicom,pseudo,dependent,noise,emphysema]
+    .venv/bin/python -m models.probe_foci [--bundles DIR]
+                                          [--only phantom,dicom,pseudo,dependent,noise,emphysema,expiration]
                                           [--seeds 1-10] [--amplitudes 0,150,300,450] [--noise-hu 0,50,100,150]
+                                          [--emphysema 0,0.25,0.5,1] [--expiration 1,1.4,1.8]
                                           [--no-density-check] [--json]
 
 For each series: the shipped case rule's verdict and, for every focus spanning a qualifying run (after solid
@@ -22,6 +24,8 @@ models/LESION2.md come from here.
   what a noisier acquisition does, and the noise the appliance measures (`noise` in each row).
 - emphysema: the same three series with centrilobular emphysema added (models.emphysema: lucent spheres of 2-6 mm
   radius filling `--emphysema` shares; 0.25 ≈ 10 % of the lung below −950 HU): what a smoker's lungs do.
+- expiration: the same three series with the aerated lung scaled towards water (models.expiration: `--expiration`
+  factors; 1.4 takes normal lung from −850 to −790 HU, 1.8 to −730): what a scan in expiration does.
 
 Research data is read in place from ../shared/data (or $CTRIAGE_DATA); what is absent is skipped with a reason.
 """
@@ -48,7 +52,7 @@ TS_CHEST = DATA / "totalsegmentator-ct-nifti/tests/reference_files/pulmonary_rep
 PSEUDO = DATA / "covid-semiseg/TrainingSet/LungInfection-Train/Pseudo-label/Imgs"
 
 
-KINDS = ("phantom", "dicom", "pseudo", "dependent", "noise", "emphysema")
+KINDS = ("phantom", "dicom", "pseudo", "dependent", "noise", "emphysema", "expiration")
 
 
 def _kinds(text: str) -> set[str]:
@@ -87,14 +91,14 @@ def foci(findings: list[SliceFinding], rule: CaseRule) -> dict:
     return {"result": v.result, "foci": v.foci, "noise": (v.acquisition or {}).get("noise"), "rows": rows}
 
 
-def _levels(what: str, example: str, most: float = float("inf")):
-    """An argparse type: comma-separated numbers from 0 to `most`."""
+def _levels(what: str, example: str, most: float = float("inf"), least: float = 0.0):
+    """An argparse type: comma-separated numbers from `least` to `most`."""
     def parse(text: str) -> list[float]:
         try:
             out = [float(v) for v in text.split(",") if v.strip()]
         except ValueError:
             out = []
-        if not out or any(not 0 <= v <= most for v in out):
+        if not out or any(not least <= v <= most for v in out):
             raise argparse.ArgumentTypeError(f"{text!r}: give {what}, comma-separated (e.g. {example})")
         return out
     return parse
@@ -102,11 +106,12 @@ def _levels(what: str, example: str, most: float = float("inf")):
 
 _amplitudes = _levels("HU amplitudes ≥ 0", "0,150,300")
 _shares = _levels("shares from 0 to 2", "0,0.25,0.5", 2.0)
+_factors = _levels("factors from 1 to 2", "1,1.4,1.8", 2.0, 1.0)
 
 
 def series(only: set[str], seeds: list[int], amplitudes: tuple[float, ...] = (0.0, 150.0, 300.0, 450.0),
            noise_hu: tuple[float, ...] = (0.0, 50.0, 100.0, 150.0),
-           emphysema: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0)):
+           emphysema: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0), expiration: tuple[float, ...] = (1.0, 1.4, 1.8)):
     """(name, kind, files or folder) of every series to probe (a written one lives until the next is asked for);
     prints why one is skipped."""
     if "phantom" in only:
@@ -162,12 +167,16 @@ def series(only: set[str], seeds: list[int], amplitudes: tuple[float, ...] = (0.
         yield from rewritten_series("noise", noise_hu)
     if "emphysema" in only:
         yield from rewritten_series("emphysema", emphysema)
+    if "expiration" in only:
+        yield from rewritten_series("expiration", expiration)
 
 
 def rewritten_series(kind: str, levels: tuple[float, ...]):
     """A0001, P001 and the TotalSegmentator chest crop (enlarged to 0.75 mm pixels) with CT noise of each SD in HU
-    (kind "noise") or emphysema of each share ("emphysema")."""
+    (kind "noise"), emphysema of each share ("emphysema") or the aerated lung scaled by each factor
+    ("expiration")."""
     from models.emphysema import write_emphysema
+    from models.expiration import write_expiration
     from models.scan_noise import write_noisy
 
     sources = [(n, DATA / DICOM[n], 1) for n in ("A0001", "P001")] + [("TS chest", TS_CHEST, 2)]
@@ -190,9 +199,12 @@ def rewritten_series(kind: str, levels: tuple[float, ...]):
                 if kind == "noise":
                     write_noisy(src, out, level, enlarge=enlarge)
                     what = f"noise {level:g} HU"
-                else:
+                elif kind == "emphysema":
                     write_emphysema(src, out, level, spacing_z_mm=_spacing_z(src), enlarge=enlarge)
                     what = f"emphysema {level:g}"
+                else:
+                    write_expiration(src, out, level, enlarge=enlarge)
+                    what = f"expiration ×{level:g}"
                 yield f"{name} + {what}" + (f" (×{enlarge})" if enlarge > 1 else ""), "dicom", out
 
 
@@ -225,6 +237,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-density-check", action="store_true",
                     help="keep lesion boxes no denser than the aerated lung (appliance.pipeline.opacity), to see what "
                          "the check changes")
+    ap.add_argument("--expiration", type=_factors, default="1,1.4,1.8",
+                    help="expiration: factors scaling the aerated lung towards water, 1 to 2 (default 1,1.4,1.8)")
     ap.add_argument("--json", action="store_true", help="one JSON object per series")
     a = ap.parse_args(argv)
     from appliance.ingest.image_reader import image_series
@@ -234,7 +248,8 @@ def main(argv: list[str] | None = None) -> None:
                              bundle_dir=a.bundles)
     rule = analyzer.rule  # the case rule the daemon, analyze and evaluate share
     print("# " + " · ".join(f"{b['name']} {b['version']}" for b in analyzer.bundles), file=sys.stderr)
-    for name, kind, src in series(a.only, a.seeds, tuple(a.amplitudes), tuple(a.noise_hu), tuple(a.emphysema)):
+    for name, kind, src in series(a.only, a.seeds, tuple(a.amplitudes), tuple(a.noise_hu), tuple(a.emphysema),
+                                  tuple(a.expiration)):
         if kind == "images":
             slices, _ = image_series(src[0].parent, src)
             r = foci(analyzer.findings(slices), rule.for_images())

@@ -27,10 +27,11 @@ def test_one_patch_phantom_is_one_focus_and_absent_data_is_skipped(tmp_path, mon
 
 
 def test_mistyped_options_are_one_line_errors(capsys):
-    for argv, said in ((["--only", "phantoms"], "give some of phantom, dicom, pseudo, dependent, noise, emphysema"),
+    for argv, said in ((["--only", "phantoms"], "give some of phantom, dicom, pseudo, dependent, noise, emphysema, expiration"),
                        (["--seeds", "10-1"], "give FIRST-LAST"), (["--seeds", "x"], "give FIRST-LAST"),
                        (["--noise-hu", "-50"], "give HU amplitudes ≥ 0"),
-                       (["--emphysema", "3"], "give shares from 0 to 2")):
+                       (["--emphysema", "3"], "give shares from 0 to 2"),
+                       (["--expiration", "0.5"], "give factors from 1 to 2")):
         with pytest.raises(SystemExit) as e:
             probe_foci.main(argv)
         assert e.value.code == 2 and said in capsys.readouterr().err
