@@ -19,7 +19,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from scipy import ndimage as ndi
 
 from models.series_rewrite import rewrite_series
 
@@ -67,18 +66,13 @@ def write_emphysema(src: Path, out: Path, share: float, spacing_z_mm: float, enl
     """The axial CT series in `src` (its largest one) with emphysema of `share` (spheres of 2-6 mm radius, slices
     `spacing_z_mm` apart), each slice first enlarged `enlarge` times in-plane, as a new series in `out`; returns the
     slice count."""
-    if enlarge < 1:
-        raise ValueError(f"enlarge must be a whole factor ≥ 1, got {enlarge}")
     state: dict[str, np.ndarray] = {}
 
     def change(hu: np.ndarray, spacing: tuple[float, float], k: int, n: int) -> tuple[np.ndarray, tuple[float, float]]:
-        if enlarge > 1:
-            hu = ndi.zoom(hu, enlarge, order=3, mode="nearest")
-            spacing = (spacing[0] / enlarge, spacing[1] / enlarge)
         if "balls" not in state:
             state["balls"] = spheres((hu.shape[0] * spacing[0], hu.shape[1] * spacing[1], n * spacing_z_mm), share,
                                      seed=seed)
         return add_lucencies(hu, spacing, k * spacing_z_mm, state["balls"], seed=k), spacing
 
     label = f"emphysema {share:g}" + (f", enlarged {enlarge}×" if enlarge > 1 else "")
-    return rewrite_series(src, out, change, label)
+    return rewrite_series(src, out, change, label, enlarge)

@@ -16,7 +16,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from scipy import ndimage as ndi
 
 from models.series_rewrite import rewrite_series
 
@@ -39,14 +38,8 @@ def expire(hu: np.ndarray, factor: float) -> np.ndarray:
 def write_expiration(src: Path, out: Path, factor: float, enlarge: int = 1) -> int:
     """The axial CT series in `src` (its largest one), each slice enlarged `enlarge` times and its aerated lung
     scaled by `factor`, as a new series in `out`; returns the slice count."""
-    if enlarge < 1:
-        raise ValueError(f"enlarge must be a whole factor ≥ 1, got {enlarge}")
-
     def change(hu: np.ndarray, spacing: tuple[float, float], k: int, n: int) -> tuple[np.ndarray, tuple[float, float]]:
-        if enlarge > 1:
-            hu = ndi.zoom(hu, enlarge, order=3, mode="nearest")
-            spacing = (spacing[0] / enlarge, spacing[1] / enlarge)
         return expire(hu, factor), spacing
 
     label = f"expiration ×{factor:g}" + (f", enlarged {enlarge}×" if enlarge > 1 else "")
-    return rewrite_series(src, out, change, label)
+    return rewrite_series(src, out, change, label, enlarge)

@@ -40,14 +40,8 @@ def write_noisy(src: Path, out: Path, sd_hu: float, enlarge: int = 1, corr_px: f
     """The axial CT series in `src` (its largest one), each slice enlarged `enlarge` times and with noise of
     `sd_hu` added (seeded per slice: the same series every time), as a new series in `out`; returns the slice
     count."""
-    if enlarge < 1:
-        raise ValueError(f"enlarge must be a whole factor ≥ 1, got {enlarge}")
-
     def change(hu: np.ndarray, spacing: tuple[float, float], k: int, n: int) -> tuple[np.ndarray, tuple[float, float]]:
-        if enlarge > 1:
-            hu = ndi.zoom(hu, enlarge, order=3, mode="nearest")
-            spacing = (spacing[0] / enlarge, spacing[1] / enlarge)
         return add_noise(hu, sd_hu, corr_px, seed=k), spacing
 
     label = f"noise {sd_hu:g} HU" + (f", enlarged {enlarge}×" if enlarge > 1 else "")
-    return rewrite_series(src, out, change, label)
+    return rewrite_series(src, out, change, label, enlarge)

@@ -10,14 +10,19 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from scipy import ndimage as ndi
 
 # change(hu, pixel_mm, k, n) -> (hu, pixel spacing (row, col) mm): slice k of n, head to feet, display orientation
 Change = Callable[[np.ndarray, tuple[float, float], int, int], tuple[np.ndarray, tuple[float, float]]]
 
 
-def rewrite_series(src: Path, out: Path, change: Change, description: str) -> int:
+def rewrite_series(src: Path, out: Path, change: Change, description: str, enlarge: int = 1) -> int:
     """The axial CT series in `src` with `change` applied to each slice, written to `out`; returns the slice
-    count. A folder without CT slices that carry a position is a clear error."""
+    count. `enlarge`: each slice is first enlarged that many times in-plane (cubic; the pixel spacing divided), so
+    that a change lands at a clinical pixel size on a coarse research volume. A folder without CT slices that
+    carry a position is a clear error."""
+    if enlarge < 1:
+        raise ValueError(f"enlarge must be a whole factor ≥ 1, got {enlarge}")
     import pydicom
     from pydicom.uid import generate_uid
 
@@ -40,7 +45,9 @@ def rewrite_series(src: Path, out: Path, change: Change, description: str) -> in
     study, series = generate_uid(), generate_uid()
     for k, (_, negz, ds) in enumerate(slices):
         hu = ds.pixel_array.astype(np.float32) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
-        spacing = tuple(float(v) for v in ds.PixelSpacing)
+        spacing = tuple(float(v) / enlarge for v in ds.PixelSpacing)
+        if enlarge > 1:
+            hu = ndi.zoom(hu, enlarge, order=3, mode="nearest")
         hu, spacing = change(hu, spacing, k, len(slices))  # type: ignore[arg-type]
         new = ct_slice_dataset(hu, study_uid=study, series_uid=series, instance=k + 1, z_mm=-negz,
                                spacing_mm=spacing, thickness_mm=float(getattr(ds, "SliceThickness", 0) or 0) or 1.0,
