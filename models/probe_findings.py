@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -20,8 +19,8 @@ from appliance.pipeline.analyzer import Analyzer
 from appliance.pipeline.case_logic import slices_needed
 from appliance.pipeline.grading import Grade, grade
 from appliance.pipeline.solid_lesions import SolidLesion, explain, focus_members, link_solids
+from models.data import DATA  # noqa: F401 - the research data root, re-exported for the probes
 
-DATA = Path(os.environ.get("CTRIAGE_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 SERIES = {
     "P001 (COVID-19)": "covid-ct-md/P001",
     "cap001 (CAP)": "covid-ct-md/cap001",

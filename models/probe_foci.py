@@ -44,11 +44,11 @@ from appliance.pipeline.analyzer import Analyzer
 from appliance.pipeline.case_logic import CaseRule, decide, slices_needed
 from appliance.pipeline.foci import focus_members
 from appliance.pipeline.solid_lesions import explain_foci
-from models.probe_findings import DATA
+from models.data import DATA
+from models.make_series import TB, VOLUMES
 
 DICOM = {"P001": "covid-ct-md/P001", "cap001": "covid-ct-md/cap001", "A0001": "lung-pet-ct-dx-A0001"}
-TB = DATA / "tb-portal-volumes" / "data"
-TS_CHEST = DATA / "totalsegmentator-ct-nifti/tests/reference_files/pulmonary_report/models/ct_cropped.nii.gz"
+TS_CHEST = VOLUMES["ts-chest"][0]
 PSEUDO = DATA / "covid-semiseg/TrainingSet/LungInfection-Train/Pseudo-label/Imgs"
 
 
