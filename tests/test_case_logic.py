@@ -393,11 +393,11 @@ def test_a_positive_whose_boxes_were_mostly_left_out_as_texture_says_so():
     for flat_per_slice, said in ((0, False), (1, True)):  # 0 or 30 boxes left out beside 11 kept
         v = decide([slice_(i, flat_per_slice) for i in range(30)], appliance)
         assert v.result == "positive" and v.grade is not None
-        notes = [r for r in v.grade["reasons"] if r.startswith("boxes mostly on lung of normal density")]
+        notes = [r for r in v.grade["reasons"] if r.startswith("mostly on normal lung (")]
         assert bool(notes) is said, v.grade["reasons"]
         assert v.acquisition is None  # no noise measured on these slices: no acquisition block either
-    assert texture_note(30, kept) == ("boxes mostly on lung of normal density (30 of 41 left out: emphysema or noise "
-                                      "texture — read with care)")
+    assert texture_note(30, kept) == ("mostly on normal lung (30 of 41 lesion boxes left out as no denser than the "
+                                      "lung: emphysema or noise texture — read with care)")
     assert texture_note(kept, kept) is None  # as many left out as kept: not "mostly"
     negative = [dataclasses.replace(slice_(i, 5), boxes=[]) for i in range(30)]
     assert decide(negative, appliance).result == "negative"  # a negative has no grade to carry it

@@ -121,7 +121,7 @@ def test_views_take_what_older_or_partial_payloads_have():
     assert short_reason(f"posterior 82 % ({DEPENDENT_ADVICE})") == "posterior"
     # a positive whose boxes were mostly left out as texture (appliance.pipeline.case_logic.texture_note)
     from appliance.pipeline.case_logic import texture_note
-    assert short_reason(texture_note(776, 84)) == "boxes mostly on lung of normal density"
+    assert short_reason(texture_note(776, 84)) == "mostly on normal lung"
 
 
 # ---- in the browser ------------------------------------------------------------------------------------------------
@@ -403,4 +403,38 @@ def test_a_noisy_scan_is_marked_on_the_tile_and_explained_on_tap(browser, displa
     assert tp.locator(".info .info-acquisition").evaluate("e => getComputedStyle(e).color") == "rgb(255, 194, 10)"
     assert_fully_shown(tp.locator(".info"))
     page.screenshot(path=str(ART / "noisy-open-1280.png"))
+    page.close()
+
+
+# ---- a positive whose boxes were mostly left out as texture (appliance.pipeline.case_logic.texture_note) ----------
+
+def test_a_positive_mostly_on_normal_density_lung_says_so_on_the_tile_and_whole_on_tap(browser, display, bus):  # noqa: F811
+    from playwright.sync_api import expect
+
+    from appliance.pipeline.case_logic import texture_note
+
+    page = open_at(browser, display.url, HD)
+    k_ = key("texture-pos")
+    reasons = [texture_note(776, 84), "bilateral", "peripheral and central (41 % peripheral)", "ground glass 97 %",
+               "multifocal (4 foci)"]  # as decide() writes them: the caution first
+    p = v2("ct-room-1", k_, minutes=2, grade_=grade("indeterminate", severity=5, reasons=reasons))
+    p["acquisition"] = {"noise": 0.007, "noisy": False, "limit": 0.016, "smoothed_slices": 0,
+                        "slices_measured": 103, "flat_boxes": 776}
+    bus.publish(f"ctriage/ct-room-1/verdict/{k_}", p)
+    bus.publish(f"ctriage/ct-room-1/overlay/{k_}", overlay("ct-room-1", k_))
+    t = tile(page, k_)
+    why = t.locator(".grade-why")
+    expect(why).to_have_text("mostly on normal lung, bilateral, peripheral and central, ground glass, multifocal")
+    expect(t.locator(".strip-noisy")).to_be_hidden()  # not a noisy scan: the count alone adds no mark
+    page.screenshot(path=str(ART / "texture-1280.png"))
+    assert_nothing_clipped(page)  # flag, strip, facts, button; the reason line is cut at the tile's width ...
+    shown = why.evaluate("e => e.offsetWidth / e.scrollWidth")  # ... and the caution, first, is within what shows
+    assert shown * len("mostly on normal lung, bilateral, peripheral and central, ground glass, multifocal") > len(
+        "mostly on normal lung, ")
+    t.locator(".grade-why").click()
+    expect(t.locator(".info .info-grade")).to_contain_text(
+        "mostly on normal lung (776 of 860 lesion boxes left out as no denser than the lung: emphysema or noise "
+        "texture — read with care)")
+    assert_fully_shown(t.locator(".info"))
+    page.screenshot(path=str(ART / "texture-open-1280.png"))
     page.close()

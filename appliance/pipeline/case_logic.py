@@ -195,8 +195,8 @@ def texture_note(flat: int, kept: int) -> str | None:
     that remain may be more of the same. None when the boxes left out are fewer than those kept."""
     if flat <= kept:
         return None
-    return (f"boxes mostly on lung of normal density ({flat} of {flat + kept} left out: emphysema or noise texture"
-            " — read with care)")
+    return (f"mostly on normal lung ({flat} of {flat + kept} lesion boxes left out as no denser than the lung:"
+            " emphysema or noise texture — read with care)")
 
 
 def decide(findings: Sequence[SliceFinding], rule: CaseRule, *, final: bool = True) -> SeriesVerdict:
@@ -262,8 +262,8 @@ def decide(findings: Sequence[SliceFinding], rule: CaseRule, *, final: bool = Tr
     acq = acquisition([f.noise for f in findings], sum(1 for f in findings if f.smoothed > 0), rule.noise_limit,
                       flat)
     note = texture_note(flat, sum(len(f.boxes) for f in findings)) if result == "positive" else None
-    if graded is not None and note:
-        graded = {**graded, "reasons": [*graded.get("reasons", []), note]}
+    if graded is not None and note:  # a caution leads: the tile's reason line is cut at its width
+        graded = {**graded, "reasons": [note, *graded.get("reasons", [])]}
     positions = Counter(f.patient_position for f in findings if f.patient_position)
     return SeriesVerdict(result=result, state="final" if final else "provisional", evidence=ev, slices=n,
                          lung_slices=lung, lesion_slices=lesion, reason=reason, gaps=gaps, focal=focal,
