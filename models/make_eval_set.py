@@ -3,6 +3,7 @@
     python -m models.make_eval_set /tmp/ctriage-eval
     ctriage evaluate /tmp/ctriage-eval/images   --json --report /tmp/ctriage-eval/report-images
     ctriage evaluate /tmp/ctriage-eval/patients --json --report /tmp/ctriage-eval/report-patients
+    ctriage evaluate /tmp/ctriage-eval/pseudo-patients
 
 images/    per-image protocol on what training never saw: the 10 held-back radiologist-labelled crops (covid/, with
            their masks: Dice) and the 140 held-back non-COVID crops (control/, specificity)
@@ -11,12 +12,18 @@ patients/  per-patient protocol on whole series: the 2 held-back pseudo-label CO
            the two TotalSegmentator volumes written as DICOM (normal chest crop, abdomen with lung bases).
            A0001 and the TotalSegmentator volumes were also *training negatives* (hu-neg): they test that the
            case rule holds on real series, not generalisation.
+pseudo-patients/  every pseudo-labelled COVID-19 series (all 14: 12 of them were training data), grouped by patient
+           (covid/<patient>/<series>/): a patient is positive when any of its series is, as the appliance's study
+           verdict is. Two Radiopaedia cases have two series each (case 10: a 19-slice excerpt beside its full
+           207-slice series; case 29: 19 slices with clear lungs beside 22 with lesion). A check that the case
+           rule finds every COVID-19 patient of the set, not generalisation.
 
 Everything is written outside the project (links to ../shared/data, or DICOM made from its volumes): the data is
 licensed for non-commercial research only and must not be copied into the repository.
 """
 from __future__ import annotations
 
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -62,6 +69,30 @@ def build_patients(out: Path) -> dict[str, int]:
     return counts
 
 
+def pseudo_patient(series: str) -> str:
+    """The patient a pseudo-labelled series belongs to: `coronacases_org_004` → `coronacases-004`,
+    `radiopaedia_org_covid-19-pneumonia-29_86490_1-dcm` → `radiopaedia-29` (the Radiopaedia case number; a case's
+    studies and series share it)."""
+    m = re.fullmatch(r"coronacases_org_(\d+)", series)
+    if m:
+        return f"coronacases-{m.group(1)}"
+    m = re.fullmatch(r"radiopaedia_org_.*?-(\d+)_\d+_\d+(-dcm)?", series)
+    if m:
+        return f"radiopaedia-{m.group(1)}"
+    raise ValueError(f"not a pseudo-labelled series name this set knows: {series!r}")
+
+
+def build_pseudo_patients(out: Path) -> dict[str, int]:
+    """covid/<patient>/<series>/ links to every pseudo-labelled slice; returns slices per patient."""
+    counts: dict[str, int] = {}
+    for p in sorted((SEMI / "Pseudo-label" / "Imgs").glob("Data-1_*.jpg")):
+        series = p.stem[len("Data-1_"):].rsplit("_", 1)[0]
+        patient = pseudo_patient(series)
+        _link(p, out / "covid" / patient / series / p.name)
+        counts[patient] = counts.get(patient, 0) + 1
+    return counts
+
+
 def main(argv: list[str] | None = None) -> None:
     args = argv if argv is not None else sys.argv[1:]
     if len(args) != 1:
@@ -73,6 +104,7 @@ def main(argv: list[str] | None = None) -> None:
         shutil.rmtree(out)
     print(f"{out}/images:", build_images(out / "images"))
     print(f"{out}/patients:", build_patients(out / "patients"))
+    print(f"{out}/pseudo-patients:", build_pseudo_patients(out / "pseudo-patients"))
 
 
 if __name__ == "__main__":

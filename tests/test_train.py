@@ -72,6 +72,32 @@ def test_make_eval_set_builds_evaluate_layout_outside_the_project(tmp_path):
     assert not (project / "eval-here").exists()
 
 
+def test_pseudo_patients_group_a_cases_series():
+    from models.make_eval_set import pseudo_patient
+
+    assert pseudo_patient("coronacases_org_004") == "coronacases-004"
+    assert pseudo_patient("radiopaedia_org_covid-19-pneumonia-29_86490_1-dcm") == "radiopaedia-29"
+    assert pseudo_patient("radiopaedia_org_covid-19-pneumonia-29_86491_1-dcm") == "radiopaedia-29"
+    assert pseudo_patient("radiopaedia_org_covid-19-pneumonia-7_85703_0-dcm") == "radiopaedia-7"
+    with pytest.raises(ValueError, match="not a pseudo-labelled series"):
+        pseudo_patient("Non-Covid (12)")
+
+
+def test_pseudo_patients_set_has_every_series_under_its_patient(tmp_path):
+    from tests.conftest import shared_data
+
+    shared_data("covid-semiseg")
+    from appliance.evaluate import find_patients
+    from models.make_eval_set import build_pseudo_patients
+
+    counts = build_pseudo_patients(tmp_path)
+    assert sum(counts.values()) == 1189 and len(counts) == 12  # 14 series of 12 patients
+    pats = {p.name: p for p in find_patients(tmp_path)}
+    assert set(pats) == set(counts) and {p.group for p in pats.values()} == {"covid"}
+    assert sorted(d.name[-7:] for d in pats["radiopaedia-29"].folder.iterdir()) == ["0_1-dcm", "1_1-dcm"]
+    assert all(f.is_symlink() for d in pats["radiopaedia-10"].folder.iterdir() for f in d.iterdir())
+
+
 def test_make_series_refuses_the_project_and_answers_help(capsys):
     from models.make_series import main
 
