@@ -122,6 +122,14 @@ def test_views_take_what_older_or_partial_payloads_have():
     # a positive whose boxes were mostly left out as texture (appliance.pipeline.case_logic.texture_note)
     from appliance.pipeline.case_logic import texture_note
     assert short_reason(texture_note(776, 84)) == "mostly on normal lung"
+    # a positive only on noisy series beside a smoother negative one (appliance.pipeline.case_logic.noise_note)
+    from appliance.domain import SeriesVerdict
+    from appliance.pipeline.case_logic import NOISY_ONLY, SeriesSummary, noise_note
+
+    def series(result: str, noise: float, noisy: bool) -> SeriesSummary:
+        return SeriesSummary("k", SeriesVerdict(result, "final", None, 30, 30, 0, acquisition={  # type: ignore[arg-type]
+            "noise": noise, "noisy": noisy}, patient_position="HFS"))
+    assert short_reason(noise_note([series("positive", 0.034, True), series("negative", 0.005, False)])) == NOISY_ONLY
 
 
 # ---- in the browser ------------------------------------------------------------------------------------------------

@@ -217,3 +217,35 @@ def test_prone_images_after_a_positive_final_go_out_once_as_an_update_of_the_sam
     v.on_update(Update("P", "final", graded("indeterminate", 9, 0, "HFP", []), "quiet"), 1102.0)
     assert len(parts.published()) == 2
     assert "not published: the study's final verdict (positive) stands" in caplog.text
+
+
+def test_a_smoother_negative_series_after_a_noisy_positive_final_goes_out_once_as_an_update(parts):
+    """The thin lung-kernel series is positive and final; the soft-kernel series of the same scan arrives later and
+    is negative: the study stays positive and says, once, that only the noisy series is; a later change of the
+    figures alone is not news."""
+    from appliance.pipeline.case_logic import NOISY_ONLY
+
+    store, v = parts.store, parts.verdicts
+
+    def measured(result: str, n: int, run: int, noise: float, noisy: bool) -> SeriesVerdict:
+        sv = verdict(result, "final", n, run)
+        sv.grade, sv.patient_position = {"category": "typical", "reasons": ["bilateral"]}, "HFS"
+        sv.acquisition = {"noise": noise, "noisy": noisy, "limit": 0.016, "smoothed_slices": n,
+                          "slices_measured": n, "flat_boxes": 0}
+        return sv
+
+    store_series(store, "N", 10, range(3, 7))
+    v.on_update(Update("N", "final", measured("positive", 10, 4, 0.034, True), "quiet"), 1001.0)
+    (final,) = parts.published()
+    assert final["grade"]["reasons"] == ["bilateral"]
+
+    store_series(store, "Q", 10, now=1100.0)
+    v.on_update(Update("Q", "final", measured("negative", 10, 0, 0.009, False), "quiet"), 1101.0)
+    upd = parts.published()[-1]
+    assert (upd["state"], upd["result"], upd["series_key"]) == ("corrected", "positive", "key-N")
+    assert upd["grade"]["reasons"][0].startswith(NOISY_ONLY) and upd["grade"]["reasons"][1:] == ["bilateral"]
+    assert upd["correction"]["what"].startswith(NOISY_ONLY) and upd["correction"]["what"].endswith(
+        "— images taken after the final verdict")
+    # the smoother series re-analysed with another figure: the same news, not published again
+    v.on_update(Update("Q", "final", measured("negative", 11, 0, 0.010, False), "quiet"), 1102.0)
+    assert len(parts.published()) == 2

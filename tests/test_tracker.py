@@ -285,3 +285,34 @@ def test_a_supine_positive_advising_prone_images_says_what_the_prone_series_show
                    [supine, _graded("p", "indeterminate", 0, "HFP", [], lung=0)], [supine]):
         v, _ = study_verdict(series)
         assert not any(r.startswith("prone images") for r in v.grade["reasons"]), series
+
+
+def _acq(s: SeriesSummary, noise: float, noisy: bool) -> SeriesSummary:
+    s.verdict.acquisition = {"noise": noise, "noisy": noisy, "limit": 0.016, "smoothed_slices": 0,
+                             "slices_measured": 30, "flat_boxes": 0}
+    return s
+
+
+def test_a_positive_only_on_a_noisy_series_beside_a_smoother_negative_one_says_so_first():
+    """A site exports a scan twice: a thin lung-kernel series (noisy) and a smoother one. When only the noisy one is
+    positive, the study stays positive (a thin series may show what a smooth one blurs away) and the grade's
+    first reason says the boxes may be noise."""
+    from appliance.pipeline.case_logic import NOISY_ONLY, noise_note
+
+    lung_kernel = _acq(_graded("n", "positive", 6, "HFS", ["bilateral"]), 0.034, True)
+    soft = _acq(_graded("q", "negative", 0, "HFS", []), 0.009, False)
+    v, lead = study_verdict([lung_kernel, soft])
+    assert v.result == "positive" and lead.series_key == "n", "information, never a change of result"
+    first = v.grade["reasons"][0]
+    assert first.startswith(NOISY_ONLY) and "0.034" in first and "0.009" in first and "read with care" in first
+    assert v.grade["reasons"][1:] == ["bilateral"] and lung_kernel.verdict.grade["reasons"] == ["bilateral"]
+    # no note: the smoother series is positive too, or is not negative, or is prone, or is noisy itself; or the
+    # positive series is not noisy; or there is no other series
+    both = _acq(_graded("q", "positive", 5, "HFS", ["bilateral"]), 0.009, False)
+    for series in ([lung_kernel, both], [lung_kernel, _acq(_graded("q", "indeterminate", 0, "HFS", []), 0.009, False)],
+                   [lung_kernel, _acq(_graded("q", "negative", 0, "HFP", []), 0.009, False)],
+                   [lung_kernel, _acq(_graded("q", "negative", 0, "HFS", []), 0.020, True)],
+                   [_acq(_graded("n", "positive", 6, "HFS", ["bilateral"]), 0.012, False), soft], [lung_kernel]):
+        assert noise_note(series) is None, series
+        v, _ = study_verdict(series)
+        assert not any(r.startswith(NOISY_ONLY) for r in v.grade["reasons"]), series

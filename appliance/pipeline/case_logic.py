@@ -313,12 +313,40 @@ def prone_note(series: Sequence["SeriesSummary"]) -> str | None:
     return PRONE_PERSISTS if any(v.evidence is not None or v.focal is not None for v in looked) else PRONE_CLEAR
 
 
+NOISY_ONLY = "only the noisy series is positive"
+
+
+def noise_note(series: Sequence["SeriesSummary"]) -> str | None:
+    """A caution when a study is positive only on series the noise check marked noisy (a sharp lung kernel, a thin
+    reconstruction, low dose: the lesion model reads strong noise as ground glass) while a smoother supine series of
+    the same study, one that saw enough lung to be called, is negative — a site that exports both the lung-kernel
+    and the soft-tissue series of one scan. None otherwise. Information for the reader, never a change of result:
+    the thin noisy series may also show a faint lesion the smoother one blurs away."""
+    positives = [s.verdict for s in series if s.verdict.result == "positive"]
+    if not positives or not all((v.acquisition or {}).get("noisy") for v in positives):
+        return None
+    quiet = [s.verdict for s in series if s.verdict.result == "negative" and s.verdict.acquisition
+             and not s.verdict.acquisition.get("noisy") and not prone(s.verdict.patient_position)]
+    if not quiet:
+        return None
+    noisy = max(float(v.acquisition["noise"]) for v in positives)  # type: ignore[index]
+    calm = min(float(v.acquisition["noise"]) for v in quiet)  # type: ignore[index]
+    return (f"{NOISY_ONLY} (noise {noisy:.3f}; a smoother series of the study, {calm:.3f}, is negative: the "
+            "boxes may be noise — read with care)")  # the detail in brackets: the tile shows the words before
+
+
+def reader_notes(grade: dict | None) -> list[str]:
+    """The notes a study's other series add to a positive's grade (`prone_note`, `noise_note`)."""
+    return [r for r in (grade or {}).get("reasons") or [] if r in PRONE_NOTES or r.startswith(NOISY_ONLY)]
+
+
 def study_verdict(series: Sequence[SeriesSummary]) -> tuple[SeriesVerdict, SeriesSummary]:
     """(study verdict, lead series): what the appliance publishes and `evaluate` counts per patient.
 
     Positive when any series is; negative when none is and at least one is negative; else indeterminate. Final
     when every series is final. A positive whose grade advises prone images also says what the study's prone
-    series show (`prone_note`), as one more reason of its grade. The lead series (whose evidence, counts and key
+    series show (`prone_note`), as one more reason of its grade; one positive only on noisy series beside a smoother
+    negative series of the study says so first (`noise_note`). The lead series (whose evidence, counts and key
     are reported) is the positive one with the longest run; for a negative, the one naming the longest single
     focal lesion, else the most recently updated one with the study's result."""
     if not series:
@@ -334,6 +362,8 @@ def study_verdict(series: Sequence[SeriesSummary]) -> tuple[SeriesVerdict, Serie
     graded = lv.grade
     if graded and result == "positive" and (note := prone_note(series)):
         graded = {**graded, "reasons": [*graded.get("reasons", []), note]}
+    if graded and result == "positive" and (note := noise_note(series)):  # a caution leads (the tile cuts the line)
+        graded = {**graded, "reasons": [note, *graded.get("reasons", [])]}
     v = SeriesVerdict(result=result, state=state, evidence=lv.evidence, slices=lv.slices,  # type: ignore[arg-type]
                       lung_slices=lv.lung_slices, lesion_slices=lv.lesion_slices, reason=lv.reason, gaps=lv.gaps,
                       focal=lv.focal, foci=lv.foci, others=lv.others, grade=graded, acquisition=lv.acquisition,

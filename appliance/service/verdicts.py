@@ -2,9 +2,9 @@
 (with its key image) → the durable outbox, and final verdicts on to the PACS hand-over, all in one store transaction.
 
 A study's final verdict is published once; after it only a final result that differs goes out, as a correction
-(`after_final`), and one update of the same result when prone images arrive after a positive's final (what they
-show is the reader's to see). A verdict identical to the last published one (fingerprint, times excluded) is not
-re-published.
+(`after_final`), and one update of the same result when prone images, or a smoother series beside a noisy
+positive, arrive after a positive's final (what they show is the reader's to see). A verdict identical to the last
+published one (fingerprint, times excluded) is not re-published.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from appliance.domain import Evidence, SliceFinding
-from appliance.pipeline.case_logic import PRONE_NOTES, SeriesSummary, study_verdict
+from appliance.pipeline.case_logic import NOISY_ONLY, SeriesSummary, reader_notes, study_verdict
 from appliance.pipeline.tracker import Update
 from appliance.publish import messages as msg
 from appliance.publish.key_slices import key_slices, lead_run
@@ -36,9 +36,9 @@ def fingerprint(payload: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(core, sort_keys=True).encode()).hexdigest()
 
 
-def prone_notes(grade: dict[str, Any] | None) -> list[str]:
-    """The notes on prone images (case_logic.prone_note) among a grade's reasons."""
-    return [r for r in (grade or {}).get("reasons") or [] if r in PRONE_NOTES]
+def note_kind(note: str) -> str:
+    """A reader note without its figures: the noise note's numbers may move as series arrive, its news does not."""
+    return NOISY_ONLY if note.startswith(NOISY_ONLY) else note
 
 
 class Verdicts:
@@ -133,21 +133,24 @@ class Verdicts:
         """(publish?, correction) for a study verdict. A study's final verdict is published once. After it, the
         study's verdicts (late slices, another series) go out only when a final result differs from the one
         published: as a correction naming what it replaces; or, with the same result, once when its grade gains
-        what prone images show (`prone_notes`), as a correction saying so. Provisional states after a final, and
-        finals that agree with it, are stored and not published (no provisional after a final, no second final)."""
+        what the study's later series show (`reader_notes`: prone images, a smoother series beside a noisy
+        positive), as a correction saying so. Provisional states after a final, and finals that agree with it, are
+        stored and not published (no provisional after a final, no second final)."""
         if prev is None or prev["state"] not in ("final", "corrected"):
             return True, None
-        news = prone_notes(sv.grade) if sv.result == prev["result"] else []
+        news = reader_notes(sv.grade) if sv.result == prev["result"] else []
         if sv.state != "final" or (sv.result == prev["result"] and not news):
             return False, None
         published = self.store.verdicts(study_key)
         last = published[-1] if published else {"result": prev["result"], "state": prev["state"], "created": None}
         if sv.result != prev["result"]:
             return True, msg.correction(last, sv.result)
-        if news[-1] in prone_notes(last.get("grade")):  # the same result, and prone images said nothing new
+        said = {note_kind(n) for n in reader_notes(last.get("grade"))}
+        fresh = [n for n in news if note_kind(n) not in said]
+        if not fresh:  # the same result, and the later series said nothing new
             return False, None
         # the news first: the tile shows the start of `what`
-        return True, msg.correction(last, sv.result, f"{news[-1]} — images taken after the final verdict")
+        return True, msg.correction(last, sv.result, f"{fresh[-1]} — images taken after the final verdict")
 
 
     def overlay_payload(self, row: Any, state: str, result: str, findings: list[SliceFinding],
