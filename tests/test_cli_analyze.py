@@ -310,3 +310,27 @@ def test_real_series_a0001_with_dependent_density_is_never_a_plain_covid_positiv
         assert g["posterior_pct"] >= 75 and any("prone images" in r for r in g["reasons"]), g
     else:
         assert o["result"] == "negative" and o["reason"].startswith("a solid mass, about"), o["reason"]
+
+
+def test_two_series_of_one_study_get_the_studys_call(tmp_path, capsys):
+    """A folder with a positive and a negative series of one study: each series keeps its own result, and the study's
+    call — what the appliance publishes — is positive, led by the positive series; a lone series has no study line."""
+    from appliance.phantom import PhantomSpec, write_phantom
+
+    base = dict(slices=24, size=256, spacing_mm=1.4, seed=7)
+    write_phantom(tmp_path / "study" / "a", PhantomSpec(**base, lesion=True), study_uid="1.2.3.4", series_number=1)
+    write_phantom(tmp_path / "study" / "b", PhantomSpec(**base, lesion=False), study_uid="1.2.3.4", series_number=2)
+    _, objs = run_json(capsys, tmp_path / "study")
+    by = {o["result"]: o for o in objs}
+    assert set(by) == {"positive", "negative"}, [o["result"] for o in objs]
+    assert by["positive"]["study_key"] == by["negative"]["study_key"]
+    for o in objs:
+        assert o["study"] == {"result": "positive", "series": 2, "lead_series_key": by["positive"]["series_key"],
+                              "notes": []}
+    assert main(["analyze", str(tmp_path / "study")]) == 0
+    out = capsys.readouterr().out
+    assert f"study {by['positive']['study_key'][:10]} (2 series): POSITIVE, the study's call (lead series " \
+           f"{by['positive']['series_key'][:10]})" in out
+    _, (lone,) = run_json(capsys, tmp_path / "study" / "a")
+    assert "study" not in lone
+    assert main(["analyze", str(tmp_path / "study" / "a")]) == 0 and "the study's call" not in capsys.readouterr().out

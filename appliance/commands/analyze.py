@@ -2,7 +2,9 @@
 
 Exit status: 0 when at least one series was analysed, 2 when nothing usable was found (one line says why).
 --json prints one JSON object per series (JSON Lines); slice numbers there are 0-based positions in series order
-(head to feet), the table's are 1-based. Quadrants are image quadrants (display orientation); the table adds the
+(head to feet), the table's are 1-based. Where the folder holds several series of one study, each of them also
+carries `study`: the study's call as the appliance publishes it (positive when any series is), and the table ends
+with a line for it. Quadrants are image quadrants (display orientation); the table adds the
 patient's side.
 """
 from __future__ import annotations
@@ -18,6 +20,7 @@ from appliance.commands.common import (add_backend_arguments, add_config_argumen
 from appliance.errors import UsageError
 from appliance.ingest.dicom_file import document_kinds, is_document
 from appliance.pipeline.anatomy import run_text
+from appliance.pipeline.case_logic import SeriesSummary, reader_notes, study_verdict
 from appliance.pipeline.grade_text import UNGRADED, pattern_text
 
 
@@ -62,6 +65,28 @@ def finding_lines(name: str, v) -> list[str]:
     return out
 
 
+def studies(reports) -> dict[str, dict]:
+    """For each study with two or more series here: the call the appliance publishes for it (its study verdict: positive
+    when any series is), the lead series and the notes its other series add to a positive's grade (prone images, a
+    smoother series beside a noisy positive). {study_key: {"result", "series", "lead_series_key", "notes"}}."""
+    by: dict[str, list] = {}
+    for rep in reports:
+        by.setdefault(rep.study_key, []).append(rep)
+    out = {}
+    for key, reps in by.items():
+        if len(reps) > 1:
+            v, lead = study_verdict([SeriesSummary(r.series_key, r.verdict, r.description) for r in reps])
+            out[key] = {"result": v.result, "series": len(reps), "lead_series_key": lead.series_key,
+                        "notes": reader_notes(v.grade)}
+    return out
+
+
+def study_lines(calls: dict[str, dict]) -> list[str]:
+    """The study calls for people, one line each."""
+    return [f"study {key[:10]} ({c['series']} series): {c['result'].upper()}, the study's call (lead series "
+            f"{c['lead_series_key'][:10]})" + "".join(f"; {n}" for n in c["notes"]) for key, c in calls.items()]
+
+
 def run(args: argparse.Namespace) -> int:
     from appliance.oneshot import analyze_path
     from appliance.privacy import load_secret
@@ -86,9 +111,13 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(msg)
     if loose:  # files tied to no series: listed with the first report so nothing goes unmentioned
         reports[0].rejected.extend(loose)
+    calls = studies(reports)
     if args.json:
         for rep in reports:
-            print(json.dumps(rep.as_dict(analyzer)))
+            d = rep.as_dict(analyzer)
+            if rep.study_key in calls:
+                d["study"] = calls[rep.study_key]
+            print(json.dumps(d))
         return 0
     rows = []
     for rep in reports:
@@ -100,6 +129,7 @@ def run(args: argparse.Namespace) -> int:
                      str(v.lung_slices), str(v.lesion_slices), v.result.upper(), pattern, evtxt])
     print(table(rows, ["series", "description", "slices", "lung", "lesion", "result", "pattern", "evidence"]))
     notes = [line for rep in reports for line in finding_lines(rep.series_key[:10], rep.verdict)]
+    notes += study_lines(calls)
     if notes:
         print("\n" + "\n".join(notes))
     print(f"\nbackend {analyzer.backend} ({analyzer.precision}) on {analyzer.device}; models "
