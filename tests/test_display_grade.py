@@ -446,3 +446,53 @@ def test_a_positive_mostly_on_normal_density_lung_says_so_on_the_tile_and_whole_
     assert_fully_shown(t.locator(".info"))
     page.screenshot(path=str(ART / "texture-open-1280.png"))
     page.close()
+
+
+# ---- a positive only on noisy series beside a smoother negative one (appliance.pipeline.case_logic.noise_note) ---
+
+def test_a_positive_only_on_the_noisy_series_says_so_first_on_the_tile(browser, display, bus):  # noqa: F811
+    from playwright.sync_api import expect
+
+    from appliance.domain import SeriesVerdict
+    from appliance.pipeline.case_logic import SeriesSummary, noise_note
+
+    def series(result: str, noise: float, noisy: bool) -> SeriesSummary:
+        return SeriesSummary("k", SeriesVerdict(result, "final", None, 112, 104, 0, acquisition={  # type: ignore[arg-type]
+            "noise": noise, "noisy": noisy}, patient_position="HFS"))
+
+    note = noise_note([series("positive", 0.034, True), series("negative", 0.005, False)])
+    page = open_at(browser, display.url, HD)
+    k_ = key("noisy-only")
+    reasons = [note, "bilateral", "peripheral and central (54 % peripheral)", "ground glass 51 %",
+               "multifocal (7 foci)"]  # as study_verdict writes them: the caution first
+    p = v2("ct-room-1", k_, minutes=2, grade_=grade("indeterminate", severity=12, reasons=reasons))
+    p["acquisition"] = {**NOISY_SCAN, "noise": 0.034, "smoothed_slices": 104, "slices_measured": 104}
+    bus.publish(f"ctriage/ct-room-1/verdict/{k_}", p)
+    bus.publish(f"ctriage/ct-room-1/overlay/{k_}", overlay("ct-room-1", k_))
+    t = tile(page, k_)
+    why = t.locator(".grade-why")
+    line = "only the noisy series is positive, bilateral, peripheral and central, ground glass, multifocal"
+    expect(why).to_have_text(line)
+    expect(t.locator(".strip-noisy")).to_have_text("⚠ NOISY")
+    page.screenshot(path=str(ART / "noisy-only-1280.png"))
+    assert_nothing_clipped(page)
+    shown = why.evaluate("e => e.offsetWidth / e.scrollWidth")  # the caution, first, is within what shows
+    assert shown * len(line) > len("only the noisy series is positive, ")
+    why.click()
+    expect(t.locator(".info .info-grade")).to_contain_text(
+        "only the noisy series is positive (the study's smoother series, noise 0.005, is negative: the boxes may be "
+        "noise — read with care)")
+    page.screenshot(path=str(ART / "noisy-only-open-1280.png"))
+    # a grade's detail with a noisy-scan note is more than the panel holds: the grade, with the caution, shows whole
+    # at the top, and the panel scrolls to the rest (the where-line last)
+    info = t.locator(".info")
+    fit = info.evaluate("""e => { const g = e.querySelector('.info-grade');
+        return {grade: g.offsetTop + g.offsetHeight, view: e.clientHeight, all: e.scrollHeight,
+                scrolls: getComputedStyle(e).overflowY}; }""")
+    assert fit["grade"] <= fit["view"] + 1 and fit["scrolls"] == "auto", fit
+    info.evaluate("e => { e.scrollTop = e.scrollHeight; }")
+    last = info.evaluate("e => { const l = e.lastElementChild; return l.offsetTop + l.offsetHeight - e.scrollTop <= "
+                         "e.clientHeight + 1; }")
+    assert last, "the panel scrolls to its last line"
+    page.screenshot(path=str(ART / "noisy-only-open-scrolled-1280.png"))
+    page.close()

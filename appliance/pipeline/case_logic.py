@@ -329,10 +329,10 @@ def noise_note(series: Sequence["SeriesSummary"]) -> str | None:
              and not s.verdict.acquisition.get("noisy") and not prone(s.verdict.patient_position)]
     if not quiet:
         return None
-    noisy = max(float(v.acquisition["noise"]) for v in positives)  # type: ignore[index]
     calm = min(float(v.acquisition["noise"]) for v in quiet)  # type: ignore[index]
-    return (f"{NOISY_ONLY} (noise {noisy:.3f}; a smoother series of the study, {calm:.3f}, is negative: the "
-            "boxes may be noise — read with care)")  # the detail in brackets: the tile shows the words before
+    # the detail in brackets (the tile shows the words before); the noisy series' own figure is in its noisy-scan note
+    return (f"{NOISY_ONLY} (the study's smoother series, noise {calm:.3f}, is negative: the boxes may be noise — "
+            "read with care)")
 
 
 def reader_notes(grade: dict | None) -> list[str]:
