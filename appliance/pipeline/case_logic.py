@@ -340,6 +340,11 @@ def reader_notes(grade: dict | None) -> list[str]:
     return [r for r in (grade or {}).get("reasons") or [] if r in PRONE_NOTES or r.startswith(NOISY_ONLY)]
 
 
+def note_kind(note: str) -> str:
+    """A reader note without its figures: the noise note's figure may move as series arrive, its news does not."""
+    return NOISY_ONLY if note.startswith(NOISY_ONLY) else note
+
+
 def study_verdict(series: Sequence[SeriesSummary]) -> tuple[SeriesVerdict, SeriesSummary]:
     """(study verdict, lead series): what the appliance publishes and `evaluate` counts per patient.
 

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from appliance.domain import Evidence, SliceFinding
-from appliance.pipeline.case_logic import NOISY_ONLY, SeriesSummary, reader_notes, study_verdict
+from appliance.pipeline.case_logic import SeriesSummary, note_kind, reader_notes, study_verdict
 from appliance.pipeline.tracker import Update
 from appliance.publish import messages as msg
 from appliance.publish.key_slices import key_slices, lead_run
@@ -34,11 +34,6 @@ def fingerprint(payload: dict[str, Any]) -> str:
     """What makes a verdict different from the last one (times excluded): no duplicate verdicts."""
     core = {k: v for k, v in payload.items() if k not in ("created", "timings")}
     return hashlib.sha256(json.dumps(core, sort_keys=True).encode()).hexdigest()
-
-
-def note_kind(note: str) -> str:
-    """A reader note without its figures: the noise note's numbers may move as series arrive, its news does not."""
-    return NOISY_ONLY if note.startswith(NOISY_ONLY) else note
 
 
 class Verdicts:
