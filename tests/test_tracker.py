@@ -287,7 +287,7 @@ def test_a_supine_positive_advising_prone_images_says_what_the_prone_series_show
         assert not any(r.startswith("prone images") for r in v.grade["reasons"]), series
 
 
-def _acq(s: SeriesSummary, noise: float, noisy: bool) -> SeriesSummary:
+def _acq(s: SeriesSummary, noise: float | None, noisy: bool) -> SeriesSummary:
     s.verdict.acquisition = {"noise": noise, "noisy": noisy, "limit": 0.016, "smoothed_slices": 0,
                              "slices_measured": 30, "flat_boxes": 0}
     return s
@@ -312,7 +312,8 @@ def test_a_positive_only_on_a_noisy_series_beside_a_smoother_negative_one_says_s
     for series in ([lung_kernel, both], [lung_kernel, _acq(_graded("q", "indeterminate", 0, "HFS", []), 0.009, False)],
                    [lung_kernel, _acq(_graded("q", "negative", 0, "HFP", []), 0.009, False)],
                    [lung_kernel, _acq(_graded("q", "negative", 0, "HFS", []), 0.020, True)],
-                   [_acq(_graded("n", "positive", 6, "HFS", ["bilateral"]), 0.012, False), soft], [lung_kernel]):
+                   [_acq(_graded("n", "positive", 6, "HFS", ["bilateral"]), 0.012, False), soft], [lung_kernel],
+                   [lung_kernel, _acq(_graded("q", "negative", 0, "HFS", []), None, False)]):  # no figure: no reference
         assert noise_note(series) is None, series
         v, _ = study_verdict(series)
         assert not any(r.startswith(NOISY_ONLY) for r in v.grade["reasons"]), series

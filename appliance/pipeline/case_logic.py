@@ -325,11 +325,12 @@ def noise_note(series: Sequence["SeriesSummary"]) -> str | None:
     positives = [s.verdict for s in series if s.verdict.result == "positive"]
     if not positives or not all((v.acquisition or {}).get("noisy") for v in positives):
         return None
-    quiet = [s.verdict for s in series if s.verdict.result == "negative" and s.verdict.acquisition
-             and not s.verdict.acquisition.get("noisy") and not prone(s.verdict.patient_position)]
-    if not quiet:
+    quiet = [float(a["noise"]) for s in series
+             if s.verdict.result == "negative" and (a := s.verdict.acquisition) and not a.get("noisy")
+             and isinstance(a.get("noise"), (int, float)) and not prone(s.verdict.patient_position)]
+    if not quiet:  # (a stored verdict without a measured figure is no reference)
         return None
-    calm = min(float(v.acquisition["noise"]) for v in quiet)  # type: ignore[index]
+    calm = min(quiet)
     # the detail in brackets (the tile shows the words before); the noisy series' own figure is in its noisy-scan note
     return (f"{NOISY_ONLY} (the study's smoother series, noise {calm:.3f}, is negative: the boxes may be noise — "
             "read with care)")
