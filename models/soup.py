@@ -3,6 +3,7 @@
     python -m models.train_lesion --name lesion-ft-e --init-onnx models/bundles/lesion-X.Y.Z/model.onnx ...
     python -m models.soup --onnx models/bundles/lesion-X.Y.Z/model.onnx --run lesion-ft-e --name lesion-soup-i
     python -m models.export --run lesion-soup-i --name lesion --version X.Y.Z --threshold 0.3 --min-score 0.9
+    python -m models.soup --run l2e-a@300 --name l2e-a-w50   # lesion model 2: the base is the run's --init-onnx
 
 Both models share the BatchNorm-folded parameterisation (`load_folded_onnx`, and `freeze_bn` in the fine-tune),
 so a convex combination of their weights is a valid model of the same architecture. The averaged checkpoint is
@@ -34,25 +35,46 @@ def average_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], alpha:
     return out
 
 
-def soup(onnx: Path, runs: list[str], name: str, alpha: float = 0.5) -> Path:
-    """The shipped model (weight `alpha`) averaged with one or more fine-tunes of it (sharing 1 − alpha equally)."""
-    from models.train_lesion import load, make_validate
+def _net(cfg: dict) -> torch.nn.Module:
+    """An untrained network of the run config's architecture (lesion model 1's UNet++ or model 2's Lite0 UNet++)."""
+    if cfg.get("extra", {}).get("arch") == "lite0-unetpp":
+        from models.lite_unetpp import LiteUNetPP
 
-    missing = [str(p) for p in [Path(onnx)] + [RUNS / r / "best.pt" for r in runs] if not p.is_file()]
+        return LiteUNetPP()
+    return UNetPP(cfg["width"], cfg["levels"], stem=cfg.get("stem", 1), upsample=cfg.get("upsample", "bilinear"))
+
+
+def soup(onnx: Path | None, runs: list[str], name: str, alpha: float = 0.5) -> Path:
+    """The shipped model (weight `alpha`) averaged with one or more fine-tunes of it (sharing 1 − alpha equally).
+    `onnx` None: the model the first run started from (model 2 runs record it as `init_onnx`). A run given as
+    NAME@STEP uses that evaluation's weights (`--keep-every`) instead of best.pt."""
+    def ckpt(r: str) -> Path:
+        run, _, step = r.partition("@")
+        return RUNS / run / (f"step{step}.pt" if step else "best.pt")
+
+    missing = [str(ckpt(r)) for r in runs if not ckpt(r).is_file()]
     if missing:
         raise SystemExit(f"not found: {', '.join(missing)}")
-    cks = [torch.load(RUNS / r / "best.pt", map_location="cpu", weights_only=False) for r in runs]
+    cks = [torch.load(ckpt(r), map_location="cpu", weights_only=False) for r in runs]
     for r, ck in zip(runs, cks):
         if not ck["config"].get("extra", {}).get("freeze_bn"):
             raise SystemExit(f"{r} was not fine-tuned with frozen BatchNorm from a shipped model: its weights do "
                              "not live in the same parameterisation")
     cfg = dict(cks[0]["config"])
-    base = UNetPP(cfg["width"], cfg["levels"], stem=cfg.get("stem", 1), upsample=cfg.get("upsample", "bilinear"))
-    load_folded_onnx(base, Path(onnx))
+    onnx = Path(onnx or cfg.get("extra", {}).get("init_onnx") or "")
+    if not onnx.is_file():
+        raise SystemExit(f"not found: the model the fine-tune started from ({onnx}); give --onnx")
+    lite = cfg.get("extra", {}).get("arch") == "lite0-unetpp"
+    if lite:
+        from models.train_lesion2 import load, make_validate
+    else:
+        from models.train_lesion import load, make_validate
+    base = _net(cfg)
+    load_folded_onnx(base, onnx)
     tuned = cks[0]["state_dict"]
     for k, ck in enumerate(cks[1:], start=2):  # running mean of the fine-tunes
         tuned = average_state(tuned, ck["state_dict"], (k - 1) / k)
-    model = UNetPP(cfg["width"], cfg["levels"], stem=cfg.get("stem", 1), upsample=cfg.get("upsample", "bilinear"))
+    model = _net(cfg)
     model.load_state_dict(average_state(base.state_dict(), tuned, alpha))
     model.eval()
     cfg["name"] = name
@@ -73,14 +95,14 @@ def soup(onnx: Path, runs: list[str], name: str, alpha: float = 0.5) -> Path:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--onnx", required=True, help="the shipped model.onnx the fine-tune started from")
+    ap.add_argument("--onnx", help="the shipped model.onnx the fine-tune started from (default: the run's init_onnx)")
     ap.add_argument("--run", required=True, action="append",
-                    help="a fine-tune run (trained with --init-onnx from --onnx); repeat for several")
+                    help="a fine-tune run (trained with --init-onnx from --onnx), NAME or NAME@STEP; repeat for several")
     ap.add_argument("--name", required=True, help="run name for the averaged checkpoint")
     ap.add_argument("--alpha", type=float, default=0.5,
                     help="weight of the shipped model; the runs share the rest equally (default 0.5)")
     a = ap.parse_args(argv)
-    soup(Path(a.onnx), a.run, a.name, a.alpha)
+    soup(Path(a.onnx) if a.onnx else None, a.run, a.name, a.alpha)
 
 
 if __name__ == "__main__":

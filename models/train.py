@@ -125,6 +125,60 @@ def paste_dots(x: torch.Tensor, y: torch.Tensor, g: torch.Generator, p: float) -
     return out.clamp(0, 1)
 
 
+LUNG_WINDOW_HU = (-1350.0, 150.0)  # the lesion model's input window: x = (HU + 1350) / 1500
+
+
+def _window(hu: float) -> float:
+    lo, hi = LUNG_WINDOW_HU
+    return (hu - lo) / (hi - lo)
+
+
+def paste_emphysema(x: torch.Tensor, y: torch.Tensor, g: torch.Generator, p: float,
+                    mm_per_px: float = 1.4, lesion_free_only: bool = False) -> torch.Tensor:
+    """Centrilobular emphysema on a share `p` of samples: round lucencies (−970 HU, cuts through spheres of 2–6 mm
+    radius) covering 5–35 % of the aerated lung (−945 … −600 HU), away from the lesion target (which is left as
+    it is); vessels and soft tissue inside a lucency stay. Teaches that normal-density lung between dark spaces
+    is not ground glass: the model read that texture as lesion (models/LESION2.md, stop 45). `lesion_free_only`:
+    samples with a lesion target are left alone (when a teacher's map replaces their targets, it would be read on
+    the lucencies too)."""
+    B, _, H, W = x.shape
+    u = lambda *s: torch.rand(*s, generator=g)  # noqa: E731
+    lucent, aerated_lo, aerated_hi = _window(-970.0), _window(-945.0), _window(-600.0)
+    out = x.clone()
+    for i in range(B):
+        if float(u(1)) >= p or (lesion_free_only and float(y[i].max()) > 0.02):
+            continue
+        lesion = F.max_pool2d(y[i : i + 1], 7, 1, 3)[0, 0] > 0.02
+        free = (x[i, 0] > aerated_lo) & (x[i, 0] < aerated_hi) & ~lesion
+        area = int(free.sum())
+        if area < 200:
+            continue
+        share = 0.05 + 0.30 * float(u(1))
+        r_mm = 2.0 + 4.0 * u(4000)
+        cut = r_mm * torch.sqrt(1 - u(4000) ** 2)  # a slice through a sphere at a random height
+        r_px = (cut / mm_per_px).clamp(0.7, 4.5)
+        n = int(torch.searchsorted(torch.cumsum(math.pi * r_px ** 2, 0), share * area))
+        idx = free.flatten().nonzero()[:, 0]
+        centres = idx[(u(n) * len(idx)).long()]
+        holes = torch.zeros(H * W)
+        for lo, hi in ((0.0, 1.5), (1.5, 2.5), (2.5, 3.5), (3.5, 5.0)):
+            sel = (r_px[:n] >= lo) & (r_px[:n] < hi)
+            if not bool(sel.any()):
+                continue
+            seeds = torch.zeros(H * W)
+            seeds[centres[sel]] = 1.0
+            r = (lo + hi) / 2
+            k = int(math.ceil(r)) * 2 + 1
+            ky, kx = torch.meshgrid(torch.arange(k) - k // 2, torch.arange(k) - k // 2, indexing="ij")
+            disc = torch.clamp(r + 0.5 - torch.sqrt((ky ** 2 + kx ** 2).float()), 0, 1)  # soft edge
+            spread = F.conv2d(seeds.view(1, 1, H, W), disc.view(1, 1, k, k), padding=k // 2).flatten()
+            holes = torch.maximum(holes, spread.clamp(0, 1))
+        holes = holes.view(H, W) * (x[i, 0] < aerated_hi) * ~lesion  # vessels and the lesion keep their pixels
+        tex = lucent + 0.01 * torch.randn(H, W, generator=g)
+        out[i, 0] = x[i, 0] * (1 - holes) + torch.minimum(tex, x[i, 0]) * holes
+    return out.clamp(0, 1)
+
+
 def paste_consolidation(x: torch.Tensor, y: torch.Tensor, g: torch.Generator, p: float) -> torch.Tensor:
     """Synthetic diseased lung for the valid-area model: on a share `p` of samples with lung, part of one lung —
     its dependent (posterior) part below a random level, a patch, or the whole lung — turns to consolidation or
@@ -194,6 +248,9 @@ def augment(x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, g: torch.Generat
         x = paste_masses(x, y, g, float(cfg.extra["masses"]))
     if cfg.extra.get("dots", 0.0):
         x = paste_dots(x, y, g, float(cfg.extra["dots"]))
+    if cfg.extra.get("emphysema", 0.0):
+        x = paste_emphysema(x, y, g, float(cfg.extra["emphysema"]),
+                            lesion_free_only=bool(cfg.extra.get("emphysema_lesion_free")))
     if cfg.extra.get("consolidate", 0.0):
         x = paste_consolidation(x, y, g, float(cfg.extra["consolidate"]))
     if cfg.dihedral:
@@ -311,9 +368,45 @@ def predict(model: torch.nn.Module, x: np.ndarray, batch: int = 16) -> np.ndarra
     return np.concatenate(out) if out else np.zeros((0,) + x.shape[1:], np.float32)
 
 
+def _scope_module(scope: list[str], names: list[str]) -> str | None:
+    """The module an ONNX node's scope names ("/encoder/_blocks.0/_depthwise_conv/Conv" →
+    "encoder._blocks.0._depthwise_conv"; "/x0_0/x0_0.3/Conv" → "nodes.x0_0.3"): the one name ending in the
+    scope's last part, taking more of the scope while several do."""
+    for k in range(1, len(scope) + 1):
+        tail = ".".join(scope[-k:])
+        hits = [n for n in names if n == tail or n.endswith("." + tail)]
+        if k == 1 and len(hits) > 1 and "." in scope[-1]:  # "x0_0.3" already carries its parent
+            hits = [n for n in hits if n.endswith(scope[-1])]
+        if len(hits) <= 1:
+            return hits[0] if hits else None
+    return None
+
+
+def _batchnorm_after(model: torch.nn.Module, size: int = 64) -> dict[str, torch.nn.BatchNorm2d]:
+    """Each bias-free convolution's BatchNorm: the one that runs next after it (one forward pass, in order)."""
+    order: list[tuple[str, torch.nn.Module]] = []
+    hooks = [m.register_forward_hook(lambda mod, i, o, n=n: order.append((n, mod)))
+             for n, m in model.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.BatchNorm2d))]
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 1, size, size))
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was)
+    out = {}
+    for (n, m), (_, nxt) in zip(order, order[1:]):
+        if isinstance(m, torch.nn.Conv2d) and m.bias is None and isinstance(nxt, torch.nn.BatchNorm2d):
+            out[n] = nxt
+    return out
+
+
 def load_folded_onnx(model: torch.nn.Module, path: Path) -> None:
-    """Initialise `model` from an exported FP32 ONNX file (a shipped bundle's model.onnx), where export folded each
-    BatchNorm into the convolution before it: the convolution takes the folded weight and its BatchNorm becomes the
+    """Initialise `model` from an exported FP32 ONNX file (a shipped bundle's model.onnx, or one member taken out of
+    an ensemble with `models.ensemble.extract_member`), where export folded each BatchNorm into the convolution
+    before it: the convolution takes the folded weight and its BatchNorm (the one that runs next) becomes the
     identity plus the folded bias (mean 0, variance 1 − eps, scale 1). Fine-tune with `freeze_bn` so those
     statistics stay. Lets a shipped model be fine-tuned when its training checkpoint is gone."""
     import onnx
@@ -322,15 +415,16 @@ def load_folded_onnx(model: torch.nn.Module, path: Path) -> None:
     g = onnx.load(str(path)).graph
     inits = {i.name: numpy_helper.to_array(i) for i in g.initializer}
     modules = dict(model.named_modules())
-    done = 0
+    convs = [n for n, m in modules.items() if isinstance(m, torch.nn.Conv2d)]
+    bns = _batchnorm_after(model)
+    done: set[str] = set()
     for node in g.node:
         if node.op_type != "Conv":
             continue
-        local = node.name.strip("/").split("/")[-2]  # "/x0_0/x0_0.3/Conv" -> "x0_0.3"; "/head/Conv" -> "head"
-        names = [n for n, m in modules.items() if isinstance(m, torch.nn.Conv2d) and (n == local or n.endswith("." + local))]
-        if len(names) != 1:
-            raise ValueError(f"{path}: cannot place ONNX node {node.name} in the model ({names or 'no match'})")
-        conv = modules[names[0]]
+        name = _scope_module(node.name.strip("/").split("/")[:-1], convs)
+        if name is None or name in done:
+            raise ValueError(f"{path}: cannot place ONNX node {node.name} in the model ({name or 'no match'})")
+        conv = modules[name]
         w, b = torch.from_numpy(inits[node.input[1]].copy()), torch.from_numpy(inits[node.input[2]].copy())
         if conv.weight.shape != w.shape:
             raise ValueError(f"{path}: {node.name} weight {tuple(w.shape)} != model {tuple(conv.weight.shape)}")
@@ -338,15 +432,15 @@ def load_folded_onnx(model: torch.nn.Module, path: Path) -> None:
             conv.weight.copy_(w)
             if conv.bias is not None:
                 conv.bias.copy_(b)
-            else:
-                parent, idx = names[0].rsplit(".", 1)
-                bn = modules[parent][int(idx) + 1]
+            elif name in bns:
+                bn = bns[name]
                 bn.weight.fill_(1.0), bn.bias.copy_(b)
                 bn.running_mean.zero_(), bn.running_var.fill_(1.0 - bn.eps)
-        done += 1
-    n_conv = sum(isinstance(m, torch.nn.Conv2d) for m in modules.values())
-    if done != n_conv:
-        raise ValueError(f"{path}: {done} convolutions loaded, the model has {n_conv}")
+            else:
+                raise ValueError(f"{path}: {node.name} has a folded bias but {name} has no bias and no BatchNorm")
+        done.add(name)
+    if len(done) != len(convs):
+        raise ValueError(f"{path}: {len(done)} convolutions loaded, the model has {len(convs)}")
 
 
 def _teachers(paths: list[str]) -> list:

@@ -129,6 +129,28 @@ def share(text: str) -> float:
     return v
 
 
+def init_onnx(spec: str, name: str) -> str:
+    """The FP32 ONNX file a fine-tune starts from: `spec` itself, or for `BUNDLE#I` member I taken out of the
+    bundle's graph and written into the run's folder (so the run records what it started from)."""
+    if not spec or "#" not in spec:
+        if spec and not Path(spec).is_file():
+            raise SystemExit(f"--init-onnx: {spec} is not a file")
+        return spec
+    import onnx
+
+    from models.ensemble import extract_member
+    from models.train import RUNS
+
+    bundle, _, index = spec.rpartition("#")
+    src = Path(bundle) / "model.onnx"
+    if not src.is_file() or not index.isdigit():
+        raise SystemExit(f"--init-onnx: expected BUNDLE#I with BUNDLE/model.onnx, got {spec}")
+    out = RUNS / name / "init.onnx"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(extract_member(onnx.load(str(src)), int(index)), str(out))
+    return str(out)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--name", default="lesion2")
@@ -147,6 +169,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--pseudo-weight", type=float, default=0.5, help="BCE and Dice weight of the pseudo labels")
     ap.add_argument("--keep-every", action="store_true", help="also keep each evaluation's weights (stepN.pt)")
     ap.add_argument("--init", default="", help="start from this run's best checkpoint (fine-tuning)")
+    ap.add_argument("--init-onnx", default="", metavar="MODEL_ONNX|BUNDLE#I",
+                    help="start from an exported model 2 (fine-tuning, BatchNorm frozen): an FP32 model.onnx, or "
+                         "member I of an ensemble bundle, e.g. models/bundles/lesion-2.0.0#1")
     ap.add_argument("--blob-weight", type=float, default=0.3)
     ap.add_argument("--blob-start", type=int, default=300)
     ap.add_argument("--no-pretrained", action="store_true", help="random encoder (for the ablation)")
@@ -154,6 +179,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--corr-noise", type=share, default=0.0, metavar="P",
                     help="share of slices given CT-like (correlated) noise, SD 0.01 to --corr-noise-max")
     ap.add_argument("--corr-noise-max", type=float, default=0.06)
+    ap.add_argument("--emphysema", type=share, default=0.0, metavar="P",
+                    help="share of slices given centrilobular emphysema (lucencies in the aerated lung; target kept)")
+    ap.add_argument("--emphysema-lesion-free", action="store_true",
+                    help="emphysema on lesion-free slices only (with --teacher on the lesion slices)")
     ap.add_argument("--dots", type=share, default=0.0, metavar="P",
                     help="share of lesion-free slices given a cluster of small dense dots (target stays empty)")
     ap.add_argument("--teacher", action="append", default=[], metavar="MODEL_ONNX",
@@ -176,6 +205,9 @@ def main(argv: list[str] | None = None) -> None:
                              "blob_full": a.blob_start + 500, "noncovid_weight": a.noncovid_weight,
                              "pseudo_weight": a.pseudo_weight, "init": a.init,
                              "corr_noise": a.corr_noise, "corr_noise_max": a.corr_noise_max, "dots": a.dots,
+                             "emphysema": a.emphysema, "emphysema_lesion_free": a.emphysema_lesion_free,
+                             "init_onnx": init_onnx(a.init_onnx, a.name),
+                             "freeze_bn": bool(a.init_onnx),
                              "keep_every": a.keep_every, "teachers": a.teacher,
                              "teach_groups": a.teach.split(","), "teach_floor": a.teach_floor,
                              "max_minutes": a.max_minutes})

@@ -374,6 +374,65 @@ def test_dot_clusters_go_on_lesion_free_lung_only_and_only_brighten():
     assert torch.equal(paste_dots(x, y, g, 0.0), x)
 
 
+def test_emphysema_darkens_aerated_lung_only_and_keeps_the_lesion():
+    """`train_lesion2 --emphysema P`: round lucencies at about −970 HU in the aerated lung, covering a part of it;
+    the lesion target and the lung next to it, vessels, soft tissue and the target itself stay as they were."""
+    torch = train_extra("torch")
+    from models.train import paste_emphysema
+
+    H = 128
+    x = torch.full((2, 1, H, H), 0.92)  # soft tissue ...
+    x[:, :, 20:108, 10:60] = 0.333  # ... around two lungs of normal density (−850 HU)
+    x[:, :, 20:108, 68:118] = 0.333
+    x[:, :, 60:62, 10:60] = 0.7  # a vessel
+    y = torch.zeros_like(x)
+    y[1, 0, 40:60, 80:100] = 1.0  # sample 1 has a lesion
+    x[1, 0, 40:60, 80:100] = 0.5
+    out = paste_emphysema(x, y, torch.Generator().manual_seed(2), 1.0)
+    lung = (x[0, 0] - 0.333).abs() < 1e-6
+    for i in (0, 1):
+        d = out[i, 0] - x[i, 0]
+        assert (d <= 1e-6).all()  # only darkens
+        dark = d < -0.05
+        assert 0.03 < float(dark[lung].float().mean()) < 0.5  # a share of the lung, not all of it
+        assert float(out[i, 0][dark].median()) < (-950 + 1350) / 1500  # lucent: below −950 HU
+        assert d[~lung & (x[i, 0] > 0.6)].abs().max() == 0  # vessels and soft tissue untouched
+    assert torch.equal(out[1, 0, 37:63, 77:103], x[1, 0, 37:63, 77:103])  # the lesion and its rim
+    assert torch.equal(paste_emphysema(x, y, torch.Generator().manual_seed(2), 0.0), x)
+    only = paste_emphysema(x, y, torch.Generator().manual_seed(2), 1.0, lesion_free_only=True)
+    assert not torch.equal(only[0], x[0]) and torch.equal(only[1], x[1])  # the lesion slice left alone
+
+
+def test_fine_tune_starts_from_a_member_of_the_shipped_lesion_ensemble(tmp_path):
+    """`train_lesion2 --init-onnx BUNDLE#I`: lesion model 2 (pretrained encoder, BatchNorms outside any Sequential)
+    is rebuilt from its folded FP32 graph inside the shipped ensemble, to the same map."""
+    torch = train_extra("torch")
+    train_extra("onnx")
+    import onnx
+    import onnxruntime as ort
+
+    from models.ensemble import extract_member
+    from models.lite_unetpp import LiteUNetPP
+    from models.train import load_folded_onnx
+
+    src = Path(__file__).resolve().parents[1] / "models" / "bundles" / "lesion-2.0.0" / "model.onnx"
+    if not src.is_file():
+        pytest.skip(f"{src} is absent")
+    member = tmp_path / "m1.onnx"
+    onnx.save(extract_member(onnx.load(str(src)), 1), str(member))
+    model = LiteUNetPP(with_sigmoid=True)
+    before = model.head.weight.detach().clone()
+    load_folded_onnx(model, member)
+    assert not torch.equal(before, model.head.weight)
+    model.eval()
+    x = np.random.default_rng(0).random((2, 1, 224, 224), dtype=np.float32)  # the graph's fixed size
+    with torch.no_grad():
+        mine = model(torch.from_numpy(x)).numpy()
+    sess = ort.InferenceSession(str(member), providers=["CPUExecutionProvider"])
+    ref = sess.run(None, {sess.get_inputs()[0].name: x})[0]
+    assert np.abs(mine - ref).max() < 1e-4
+
+
 def test_synthetic_masses_go_on_lesion_free_lung_with_soft_tissue_density():
     """`--masses P` (lesion 1.x's recipe): round or spiculated soft-tissue masses pasted into the aerated lung of
     lesion-free samples, target left empty; a sample with a lesion is left alone. Non-square slices too."""
