@@ -4,7 +4,7 @@
                                           [--only phantom,dicom,pseudo,dependent,noise,emphysema,expiration]
                                           [--seeds 1-10] [--amplitudes 0,150,300,450] [--noise-hu 0,50,100,150]
                                           [--emphysema 0,0.25,0.5,1] [--expiration 1,1.4,1.8]
-                                          [--no-density-check] [--json]
+                                          [--no-density-check] [--precision int8|fp32] [--json]
 
 For each series: the shipped case rule's verdict and, for every focus spanning a qualifying run (after solid
 lesions explained theirs), its span, boxed slices, peak score and largest box side (px at 512). The foci tables of
@@ -240,11 +240,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--expiration", type=_factors, default="1,1.4,1.8",
                     help="expiration: factors scaling the aerated lung towards water, 1 to 2 (default 1,1.4,1.8)")
     ap.add_argument("--json", action="store_true", help="one JSON object per series")
+    ap.add_argument("--precision", choices=("int8", "fp32"), default="int8",
+                    help="the lesion bundle's INT8 graph (shipped path, default) or its FP32 one: is a focus the model's "
+                         "or the quantization's?")
     a = ap.parse_args(argv)
     from appliance.ingest.image_reader import image_series
     from appliance.oneshot import analyze_files, walk_files
 
-    analyzer = Analyzer.load(AnalysisConfig(backend="openvino", workers=1, density_check=not a.no_density_check),
+    analyzer = Analyzer.load(AnalysisConfig(backend="openvino", workers=1, density_check=not a.no_density_check,
+                                             precision=a.precision),
                              bundle_dir=a.bundles)
     rule = analyzer.rule  # the case rule the daemon, analyze and evaluate share
     print("# " + " · ".join(f"{b['name']} {b['version']}" for b in analyzer.bundles), file=sys.stderr)

@@ -240,8 +240,10 @@ def correlated_noise(x: torch.Tensor, g: torch.Generator, p: float, max_sd: floa
     return torch.stack(out)
 
 
-def augment(x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """x, y: (B, 1, H, W) in [0, 1]. Geometry applies to both, intensity to x only."""
+def augment(x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, g: torch.Generator,
+            report: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x, y: (B, 1, H, W) in [0, 1]. Geometry applies to both, intensity to x only. `report` (a dict) gets
+    "emphysema": which samples were given emphysema (their targets must stay as they are)."""
     B = x.shape[0]
     u = lambda *s: torch.rand(*s, generator=g)  # noqa: E731
     if cfg.extra.get("masses", 0.0):
@@ -249,8 +251,11 @@ def augment(x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, g: torch.Generat
     if cfg.extra.get("dots", 0.0):
         x = paste_dots(x, y, g, float(cfg.extra["dots"]))
     if cfg.extra.get("emphysema", 0.0):
+        before = x
         x = paste_emphysema(x, y, g, float(cfg.extra["emphysema"]),
                             lesion_free_only=bool(cfg.extra.get("emphysema_lesion_free")))
+        if report is not None:
+            report["emphysema"] = (x != before).flatten(1).any(1)
     if cfg.extra.get("consolidate", 0.0):
         x = paste_consolidation(x, y, g, float(cfg.extra["consolidate"]))
     if cfg.dihedral:
@@ -549,9 +554,11 @@ def run(
             kinds += [k] * n
         xb = torch.from_numpy(np.concatenate(xs).astype(np.float32) / 255.0)[:, None]
         yb = torch.from_numpy(np.concatenate(ys).astype(np.float32) / 255.0)[:, None]
-        xb, yb = augment(xb, yb, cfg, g)
+        changed: dict = {}
+        xb, yb = augment(xb, yb, cfg, g, changed)
         if teachers:  # distillation: the taught groups learn the teachers' mean map on the augmented slice
-            sel = [i for i, k in enumerate(kinds) if k in taught]
+            own = changed.get("emphysema", torch.zeros(len(kinds), dtype=torch.bool))  # keep their own targets
+            sel = [i for i, k in enumerate(kinds) if k in taught and not bool(own[i])]
             if sel:
                 yb[sel] = torch.from_numpy(_teach(teachers, xb[sel].numpy(), float(cfg.extra.get("teach_floor", 0.0))))
         lr = cfg.lr * min(1.0, step / cfg.warmup) * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))

@@ -403,6 +403,27 @@ def test_emphysema_darkens_aerated_lung_only_and_keeps_the_lesion():
     assert not torch.equal(only[0], x[0]) and torch.equal(only[1], x[1])  # the lesion slice left alone
 
 
+def test_augment_reports_the_emphysema_slices_so_a_teacher_leaves_their_targets():
+    """With a teacher, samples given emphysema keep their own (empty) target: `augment` says which they are."""
+    torch = train_extra("torch")
+    from models.train import TrainConfig, augment
+
+    H = 96
+    x = torch.full((3, 1, H, H), 0.92)
+    x[:, :, 10:86, 8:44] = 0.333
+    x[:, :, 10:86, 52:88] = 0.333
+    y = torch.zeros_like(x)
+    y[2, 0, 30:50, 20:30] = 1.0
+    cfg = TrainConfig(name="t", task="lesion", size=H, intensity=0.0,
+                      extra={"emphysema": 1.0, "emphysema_lesion_free": True})
+    report: dict = {}
+    augment(x, y, cfg, torch.Generator().manual_seed(0), report)
+    assert report["emphysema"].tolist() == [True, True, False]
+    report = {}
+    augment(x, y, TrainConfig(name="t", task="lesion", size=H), torch.Generator().manual_seed(0), report)
+    assert "emphysema" not in report
+
+
 def test_fine_tune_starts_from_a_member_of_the_shipped_lesion_ensemble(tmp_path):
     """`train_lesion2 --init-onnx BUNDLE#I`: lesion model 2 (pretrained encoder, BatchNorms outside any Sequential)
     is rebuilt from its folded FP32 graph inside the shipped ensemble, to the same map."""
