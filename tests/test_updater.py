@@ -219,9 +219,23 @@ def test_transfer_over_http_url_and_a_tampered_mirror(env):
     www = env.tmp / "www"
     www.mkdir()
 
+    tampered = f"/lesion-{v2}.tar"
+
     class Quiet(http.server.SimpleHTTPRequestHandler):
         def log_message(self, *a) -> None:
             pass
+
+        def do_GET(self) -> None:
+            if self.path != tampered:
+                return super().do_GET()
+            # the mirror serves other bytes from the first request on (rewriting the file after the release
+            # raced the device's download: it could read a half-written file and fail as truncated instead)
+            data = bytearray((www / tampered.lstrip("/")).read_bytes())
+            data[len(data) // 2] ^= 0xFF
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(bytes(data))
 
     srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(www)))
     threading.Thread(target=srv.serve_forever, daemon=True).start()
@@ -233,8 +247,7 @@ def test_transfer_over_http_url_and_a_tampered_mirror(env):
         assert msg["outcome"] == "installed", msg
         assert app.updater.state.history()[0]["detail"]["via"] == "url"
         b2 = env.variant(v2)
-        env.release(b2, "--archive-out", str(www), url=f"{base}/lesion-{v2}.tar", inline=False)
-        flip_byte(www / f"lesion-{v2}.tar")  # the mirror serves other bytes
+        env.release(b2, "--archive-out", str(www), url=f"{base}{tampered}", inline=False)
         msg = env.watcher.outcome(v2)
     finally:
         srv.shutdown()
