@@ -147,7 +147,11 @@ def init_onnx(spec: str, name: str) -> str:
         raise SystemExit(f"--init-onnx: expected BUNDLE#I with BUNDLE/model.onnx, got {spec}")
     out = RUNS / name / "init.onnx"
     out.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(extract_member(onnx.load(str(src)), int(index)), str(out))
+    try:
+        member = extract_member(onnx.load(str(src)), int(index))
+    except ValueError as e:
+        raise SystemExit(f"--init-onnx {spec}: {e}") from None
+    onnx.save(member, str(out))
     return str(out)
 
 
