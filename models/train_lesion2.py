@@ -145,12 +145,12 @@ def init_onnx(spec: str, name: str) -> str:
     src = Path(bundle) / "model.onnx"
     if not src.is_file() or not index.isdigit():
         raise SystemExit(f"--init-onnx: expected BUNDLE#I with BUNDLE/model.onnx, got {spec}")
-    out = RUNS / name / "init.onnx"
-    out.parent.mkdir(parents=True, exist_ok=True)
     try:
         member = extract_member(onnx.load(str(src)), int(index))
     except ValueError as e:
         raise SystemExit(f"--init-onnx {spec}: {e}") from None
+    out = RUNS / name / "init.onnx"
+    out.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(member, str(out))
     return str(out)
 
