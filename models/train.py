@@ -380,8 +380,6 @@ def _scope_module(scope: list[str], names: list[str]) -> str | None:
     for k in range(1, len(scope) + 1):
         tail = ".".join(scope[-k:])
         hits = [n for n in names if n == tail or n.endswith("." + tail)]
-        if k == 1 and len(hits) > 1 and "." in scope[-1]:  # "x0_0.3" already carries its parent
-            hits = [n for n in hits if n.endswith(scope[-1])]
         if len(hits) <= 1:
             return hits[0] if hits else None
     return None
