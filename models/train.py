@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from appliance.imaging import LUNG_WINDOW
 from models.unetpp import UNetPP, count_params
 
 RUNS = Path(__file__).resolve().parent / "runs"
@@ -125,11 +126,9 @@ def paste_dots(x: torch.Tensor, y: torch.Tensor, g: torch.Generator, p: float) -
     return out.clamp(0, 1)
 
 
-LUNG_WINDOW_HU = (-1350.0, 150.0)  # the lesion model's input window: x = (HU + 1350) / 1500
-
-
 def _window(hu: float) -> float:
-    lo, hi = LUNG_WINDOW_HU
+    """An HU value as the lesion model's input sees it (appliance.imaging.LUNG_WINDOW scaled to [0, 1])."""
+    lo, hi = LUNG_WINDOW
     return (hu - lo) / (hi - lo)
 
 
