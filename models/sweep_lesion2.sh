@@ -11,6 +11,7 @@
 # OUTDIR gets, per seed, l2e-sN/step{250,500,750,1000,...}.pt and the run's log.
 set -euo pipefail
 out=${1:?OUTDIR}; minutes=${2:-8}; seeds=${3:-"0 1 2 3"}
+mkdir -p "$out"
 export PYTHONUNBUFFERED=1 CTRIAGE_LITE0_WEIGHTS=.carry/lite0-encoder.pth
 recipe=(--steps 4000 --batch 8 --lr 1e-3 --encoder-lr 0.5 --mix "doctor=4,pseudo=3,noncovid=2,hu-neg=1"
         --blob-weight 0.2 --emphysema 0.3 --keep-every --eval-every 250)
